@@ -1,0 +1,238 @@
+"""The MoE-LoRA feed-forward block and the plain LoRA linear (SPEC.md section 1).
+
+Both wrap a frozen base module rather than subclassing it. LoRA ``B`` matrices start at zero, so
+right after injection the model computes exactly what the base model computes.
+
+The block computes the frozen ``W_gate h`` and ``W_up h`` once for all tokens; only the LoRA deltas
+are per expert, and only the tokens routed to an expert pass through it. Because the down projection
+is linear, ``sum_i g_i W_down h_i = W_down (sum_i g_i h_i)``: the frozen down projection also runs
+once, on the routing-weighted sum of the experts' intermediate activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphlora.config import MoELoRAConfig
+from graphlora.losses import normal_balance_loss, poisson_distinction_loss, switch_balance_loss
+from graphlora.routers import GraphRouter, Routing, SoftmaxRouter, route
+
+
+class RoutingContext:
+    """Per-forward state shared by the blocks of one model: the padding mask of the batch."""
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+
+    def token_mask(self, batch_shape: torch.Size) -> torch.Tensor | None:
+        """(T,) bool mask of real tokens for hidden states of shape ``batch_shape`` = (B, S)."""
+        mask = self.attention_mask
+        if mask is None or mask.dim() != 2 or len(batch_shape) != 2:
+            return None
+        if mask.shape[0] != batch_shape[0] or mask.shape[1] < batch_shape[1]:
+            return None
+        # With a KV cache the mask covers past tokens too: the current ones are the last S.
+        return mask[:, -batch_shape[1] :].reshape(-1).bool()
+
+
+def _kaiming_(t: torch.Tensor) -> torch.Tensor:
+    # PEFT's LoRA A init, applied per expert slice so fan_in is the slice's input size.
+    for piece in t.reshape(-1, *t.shape[-2:]):
+        nn.init.kaiming_uniform_(piece, a=math.sqrt(5))
+    return t
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + s * B A dropout(x)`` around a frozen ``nn.Linear``."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(_kaiming_(torch.empty(rank, base_layer.in_features)))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(dt)), self.lora_B.to(dt))
+        return self.base_layer(x) + delta * self.scaling
+
+
+class MoELoRAMLP(nn.Module):
+    """Mixture of LoRA experts over a frozen gated MLP (gate_proj, up_proj, down_proj).
+
+    Expert i is the base MLP with its own LoRA deltas on all three projections (MixLoRA style); the
+    output is ``sum_{i in S(h)} g_hat_i E_i(h)`` (paper eq. 5). During training the block keeps its
+    unweighted auxiliary losses in ``self.aux`` for ``graphlora.inject`` to collect.
+    """
+
+    def __init__(
+        self,
+        base_mlp: nn.Module,
+        config: MoELoRAConfig,
+        *,
+        num_experts: int,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        context: RoutingContext,
+        layer_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.act = act
+        self.context = context
+        self.num_experts = n = num_experts
+        self.top_k = config.top_k_for(n)
+        self.scaling = config.scaling
+        r = config.rank
+        d = base_mlp.gate_proj.in_features
+        inter = base_mlp.gate_proj.out_features
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Stacked expert weights: one parameter per projection, experts along dim 0.
+        self.lora_A_gate_up = nn.Parameter(_kaiming_(torch.empty(n, 2 * r, d)))
+        self.lora_B_gate = nn.Parameter(torch.zeros(n, inter, r))
+        self.lora_B_up = nn.Parameter(torch.zeros(n, inter, r))
+        self.lora_A_down = nn.Parameter(_kaiming_(torch.empty(n, r, inter)))
+        self.lora_B_down = nn.Parameter(torch.zeros(n, d, r))
+
+        if config.router == "graph":
+            self.router: nn.Module | None = GraphRouter(
+                d,
+                n,
+                gcn_hidden=config.gcn_hidden,
+                gcn_layers=config.gcn_layers,
+                edge_density=config.edge_density,
+                graph_seed=config.graph_seed + layer_seed,
+                act=act,
+            )
+        elif config.router in ("softmax", "dense"):
+            self.router = SoftmaxRouter(d, n, init_std=config.router_init_std)
+        else:
+            self.router = None
+
+        self.use_poisson = config.poisson_coef > 0 and self.router is not None
+        self.use_normal = config.normal_coef > 0 and self.router is not None
+        self.use_balance = config.balance_coef > 0 and self.router is not None
+        self.lambda_range = tuple(config.lambda_range)
+        if self.use_poisson:
+            self.coord_lambda = nn.Parameter(torch.tensor(float(config.lambda_init)))
+        if self.use_normal:
+            sigma0 = config.sigma_init if config.sigma_init is not None else n / 2
+            # sigma = softplus(raw) keeps sigma positive; raw is set so sigma starts at sigma0.
+            self.coord_sigma_raw = nn.Parameter(
+                torch.tensor(sigma0 + math.log(-math.expm1(-sigma0)))
+            )
+        # c of the Normal loss: cumulative top-k weight per expert this training run.
+        self.register_buffer("coord_load", torch.zeros(n), persistent=False)
+        # Detached diagnostics: (token, slot) assignments per expert since the last reset.
+        self.register_buffer("routing_counts", torch.zeros(n), persistent=False)
+        self.aux: dict[str, torch.Tensor] = {}
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """Poisson rate lambda, clamped into its configured range."""
+        return self.coord_lambda.clamp(*self.lambda_range)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """Normal sigma (> 0)."""
+        return F.softplus(self.coord_sigma_raw)
+
+    def reset_load(self) -> None:
+        """Forget the cumulative load c (start of a training run) and the diagnostics."""
+        self.coord_load.zero_()
+        self.routing_counts.zero_()
+
+    def _route(self, x: torch.Tensor) -> Routing:
+        if self.router is None:
+            ones = torch.ones(x.shape[0], 1, device=x.device, dtype=torch.float32)
+            zeros = torch.zeros(x.shape[0], 1, device=x.device, dtype=torch.long)
+            return Routing(probs=ones, topk_probs=ones, weights=ones, indices=zeros)
+        return route(self.router(x), self.top_k)
+
+    def _update_stats(self, routing: Routing, mask: torch.Tensor | None) -> None:
+        idx = routing.indices if mask is None else routing.indices[mask]
+        topk = routing.topk_probs if mask is None else routing.topk_probs[mask]
+        with torch.no_grad():
+            counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+            self.routing_counts += counts.to(self.routing_counts.dtype)
+        if not self.training:
+            self.aux = {}
+            return
+        aux: dict[str, torch.Tensor] = {}
+        if self.use_poisson:
+            aux["poisson"] = poisson_distinction_loss(routing.probs, self.lam, mask)
+        if self.use_normal:
+            contrib = torch.zeros(self.num_experts, device=topk.device, dtype=torch.float32)
+            contrib = contrib.index_add(0, idx.reshape(-1), topk.reshape(-1).float())
+            load = self.coord_load.detach() + contrib  # c_now = c_prev.detach() + this batch
+            self.coord_load.copy_(load.detach())
+            aux["normal"] = normal_balance_loss(load, self.sigma)
+        if self.use_balance:
+            aux["balance"] = switch_balance_loss(routing.probs, routing.indices, mask)
+        self.aux = aux
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])  # (T, d)
+        t, dt, s = x.shape[0], x.dtype, self.scaling
+        mask = self.context.token_mask(shape[:-1])
+        gate = self.base_mlp.gate_proj(x)  # (T, I), shared by all experts
+        up = self.base_mlp.up_proj(x)  # (T, I)
+        routing = self._route(x)
+        self._update_stats(routing, mask)
+        weights = routing.weights.to(dt)  # (T, K)
+        xd = self.lora_dropout(x)
+        r = self.lora_B_gate.shape[-1]
+        n, k = self.num_experts, routing.indices.shape[1]
+
+        dense = k == n  # every expert sees every token, in order: no dispatch needed
+        if not dense:
+            flat = routing.indices.reshape(-1)  # (T*K,)
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=n).tolist()
+            tok = order // k  # token of each sorted (token, slot) assignment
+            slot_w = weights.reshape(-1)[order]
+            # split (not slicing) so backward is one concatenation, not N zero-filled copies.
+            parts = [
+                t_.split(counts)
+                for t_ in (xd[tok], gate[tok], up[tok], slot_w)  # (T*K, d|I|I), (T*K,)
+            ]
+        hs, downs = [], []
+        for e in range(n):
+            if dense:
+                xe, ge, ue, we = xd, gate, up, weights[:, e]
+            else:
+                if counts[e] == 0:
+                    continue
+                xe, ge, ue, we = (part[e] for part in parts)
+            z = F.linear(xe, self.lora_A_gate_up[e].to(dt))  # (n_e, 2r)
+            ge = ge + F.linear(z[:, :r], self.lora_B_gate[e].to(dt)) * s
+            ue = ue + F.linear(z[:, r:], self.lora_B_up[e].to(dt)) * s
+            he = self.act(ge) * ue  # (n_e, I)
+            de = (
+                F.linear(
+                    F.linear(self.lora_dropout(he), self.lora_A_down[e].to(dt)),
+                    self.lora_B_down[e].to(dt),
+                )
+                * s
+            )  # (n_e, d)
+            hs.append(he * we[:, None])
+            downs.append(de * we[:, None])
+        if dense:
+            h_mix, down = torch.stack(hs).sum(0), torch.stack(downs).sum(0)
+        else:
+            h_mix = gate.new_zeros(gate.shape).index_add(0, tok, torch.cat(hs))  # (T, I)
+            down = x.new_zeros(t, x.shape[-1]).index_add(0, tok, torch.cat(downs))  # (T, d)
+        # Weights sum to 1 per token, so a down_proj bias is still added exactly once.
+        out = self.base_mlp.down_proj(h_mix) + down
+        return out.reshape(shape)

@@ -1,0 +1,526 @@
+"""One fine-tuning run: dataset + base model + adapter -> accuracy (works alone and under DDP).
+
+``run_training`` is what every Ray Train worker of a search calls. Under ``torch.distributed``
+(initialised by Ray Train, torchrun or the caller) each rank trains on its shard of every batch,
+adapter gradients are averaged with one all-reduce per step (the adapter is small, and top-k
+routing can leave an expert unused on one rank, which DDP's bucketed reducer does not allow), and
+evaluation counts are all-reduced so every rank reports the same metrics.
+
+Command line (no Ray)::
+
+    python -m graphlora.train --model tiny-qwen2 --dataset synthetic --method graphlora
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from graphlora.config import MoELoRAConfig
+from graphlora.data import DatasetSplits, Example, load_task
+from graphlora.evaluate import EvalResult, encode_pair, evaluate_examples, pad_batch
+from graphlora.inject import (
+    count_trainable_parameters,
+    inject_adapter,
+    reset_load_state,
+    routing_stats,
+    save_adapter,
+)
+from graphlora.models import load_model_and_tokenizer
+
+OnEval = Callable[[int, dict[str, float]], "bool | None"]
+OnStep = Callable[[int, torch.nn.Module], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one fine-tuning run (everything but the adapter)."""
+
+    model: str = "tiny-qwen2"
+    """Hub id, local checkpoint folder, or offline preset (tiny-qwen2, tiny-llama)."""
+    model_revision: str | None = None
+    """Hub revision (branch, tag or commit) of ``model``."""
+    dataset: str = "synthetic"
+    """Task name (arc-challenge, boolq, openbookqa, siqa, synthetic, ...) or a path to
+    LLM-Adapters JSON files."""
+    data_dir: str | None = None
+    """Folder laid out like shared/datasets/commonsense (else env GRAPHLORA_DATA_DIR, else Hub)."""
+    seed: int = 0
+    """Seed of adapter init, data order and dropout."""
+    max_steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Examples per optimizer step, summed over ranks and accumulation steps."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 3e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.05
+    """Fraction of max_steps spent in linear warm-up."""
+    lr_schedule: str = "cosine"
+    """Decay after warm-up: cosine, linear or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    eval_every: int = 50
+    """Evaluate on validation every N steps (and at the end)."""
+    eval_batch_size: int = 64
+    """Sequences per evaluation forward."""
+    max_eval_examples: int | None = 500
+    """Cap on validation examples per evaluation (None: all)."""
+    max_test_examples: int | None = None
+    """Cap on test examples (None: all)."""
+    eval_test: bool = True
+    """Evaluate the test split at the end."""
+    max_length: int = 512
+    """Longest tokenized prompt + answer; prompts are cut from the left."""
+    train_on_prompt: bool = False
+    """Also train on prompt tokens (default: answer tokens only)."""
+    dtype: str = "auto"
+    """Base model weights: auto (bf16 on CUDA, else fp32), float32, bfloat16, float16."""
+    bf16: bool | None = None
+    """bf16 autocast; None means on for CUDA devices that support it."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    log_every: int = 25
+    """Progress line every N steps (rank 0)."""
+    output_dir: str | None = None
+    """Save the final adapter here (rank 0)."""
+    inject_nan_at_step: int | None = None
+    """Fault injection for tests: the loss becomes NaN at this step (1-based)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
+            (
+                "lr_schedule",
+                self.lr_schedule in ("cosine", "linear", "constant"),
+                "must be cosine, linear or constant",
+            ),
+            ("eval_every", self.eval_every >= 1, "must be >= 1"),
+            ("max_length", self.max_length >= 8, "must be >= 8"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; unknown keys raise a ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown training field; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def training_field_names() -> list[str]:
+    """Names of every TrainConfig field (for search-space validation)."""
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _log(msg: str) -> None:
+    if _world()[0] == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    warm = int(cfg.warmup_ratio * cfg.max_steps)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, cfg.max_steps - warm)
+    if cfg.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def _encode_train(tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa: ANN001, ANN202
+    eos = tokenizer.eos_token or ""
+    out = [encode_pair(tokenizer, ex.prompt, ex.answer + eos, cfg.max_length) for ex in examples]
+    if cfg.train_on_prompt:
+        for e in out:
+            e.n_context = 1
+    return out
+
+
+def _evaluate(model, tokenizer, examples, cfg: TrainConfig, device) -> EvalResult:  # noqa: ANN001
+    rank, world = _world()
+    shard = list(examples)[rank::world]
+    res = evaluate_examples(
+        model,
+        tokenizer,
+        shard,
+        batch_size=cfg.eval_batch_size,
+        max_length=cfg.max_length,
+        device=device,
+    )
+    sums = torch.tensor([res.correct, res.total, res.nll_sum, res.nll_tokens], dtype=torch.float64)
+    sums = _all_reduce_sum(sums.to(device)).cpu().tolist()
+    return EvalResult(int(sums[0]), int(sums[1]), sums[2], int(sums[3]), res.predictions)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_training(
+    train_cfg: TrainConfig,
+    adapter_cfg: MoELoRAConfig,
+    *,
+    on_eval: OnEval | None = None,
+    on_step: OnStep | None = None,
+    data: DatasetSplits | None = None,
+) -> dict[str, float]:
+    """Fine-tune ``train_cfg.model`` with the adapter on ``train_cfg.dataset``; return metrics.
+
+    Args:
+        train_cfg: run settings.
+        adapter_cfg: the adapter.
+        on_eval: called on every rank after each evaluation with ``(step, metrics)``; returning
+            True stops the run (the decision is all-reduced, so ranks stop together).
+        on_step: called on every rank after each optimizer step with ``(step, model)``.
+        data: pre-loaded splits (else loaded from ``train_cfg.dataset``).
+
+    Returns:
+        Final flat metrics: ``val_accuracy``, ``val_loss``, ``best_val_accuracy``,
+        ``test_accuracy``/``test_loss`` (if ``eval_test``), ``train_loss``, aux losses,
+        routing statistics, ``trainable_params``, ``samples_per_sec``, ``peak_memory_mb``,
+        ``steps``, ``stopped_early`` (0/1).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (on every rank at once).
+    """
+    cfg = train_cfg
+    rank, world = _world()
+    device = _pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    data = data if data is not None else load_task(cfg.dataset, data_dir=cfg.data_dir)
+    if not data.train or not data.validation:
+        raise ValueError(f"dataset {cfg.dataset!r}: needs non-empty train and validation splits")
+    model, tokenizer, info = load_model_and_tokenizer(
+        cfg.model, revision=cfg.model_revision, dtype=cfg.dtype
+    )
+    seed_everything(cfg.seed)  # same adapter init on every rank
+    inject_adapter(model, adapter_cfg)
+    model.to(device)
+    reset_load_state(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = count_trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    use_bf16 = (
+        cfg.bf16
+        if cfg.bf16 is not None
+        else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = _encode_train(tokenizer, data.train, cfg)
+    val = data.validation[: cfg.max_eval_examples] if cfg.max_eval_examples else data.validation
+    micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
+    per_step = micro * world * cfg.grad_accum
+    order_rng = random.Random(cfg.seed)
+    order: list[int] = []
+
+    def next_indices(n: int) -> list[int]:
+        nonlocal order
+        while len(order) < n:  # epochs: a fresh seeded permutation each time
+            perm = list(range(len(encoded)))
+            order_rng.shuffle(perm)
+            order += perm
+        taken, order = order[:n], order[n:]
+        return taken
+
+    _log(
+        f"[graphlora] {info.name} ({info.kind}) on {data.source}: {len(data.train)} train / "
+        f"{len(data.validation)} val / {len(data.test)} test; method {adapter_cfg.method}; "
+        f"{n_trainable:,} trainable params; {world} rank(s) x {micro} x {cfg.grad_accum} accum "
+        f"on {device}"
+    )
+    metrics: dict[str, float] = {}
+    best_val = 0.0
+    train_time = 0.0
+    samples = 0
+    loss_acc, aux_acc, loss_n = 0.0, {}, 0
+    stopped_early = False
+    model.train()
+    for step in range(cfg.max_steps):
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = cfg.learning_rate * lr_factor(step, cfg)
+        global_idx = next_indices(per_step)
+        step_loss = 0.0
+        for a in range(cfg.grad_accum):
+            chunk = global_idx[a * micro * world : (a + 1) * micro * world][rank::world]
+            batch = pad_batch([encoded[i] for i in chunk], pad, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(**batch)
+            if cfg.inject_nan_at_step == step + 1:
+                out["loss"] = out.loss * float("nan")
+            (out.loss / cfg.grad_accum).backward()
+            step_loss += out.loss.detach().float() / cfg.grad_accum
+            for k, v in (out.get("aux_losses") or {}).items():
+                aux_acc[k] = aux_acc.get(k, 0.0) + v.item() / cfg.grad_accum
+        # One all-reduce: averaged adapter gradients plus the loss (so every rank sees NaNs).
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [step_loss.reshape(1)])
+        flat = _all_reduce_sum(flat) / world
+        global_loss = flat[-1].item()
+        if not math.isfinite(global_loss):
+            raise NonFiniteLossError(
+                f"step {step + 1}: training loss is {global_loss} (lr {cfg.learning_rate:g}, "
+                f"method {adapter_cfg.method}); lower the learning rate or the loss coefficients"
+            )
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        train_time += time.perf_counter() - t0
+        if on_step is not None:
+            on_step(step + 1, model)
+        samples += per_step
+        loss_acc += global_loss
+        loss_n += 1
+        done = step + 1
+        if cfg.log_every and done % cfg.log_every == 0:
+            _log(
+                f"[graphlora] step {done}/{cfg.max_steps} loss {loss_acc / loss_n:.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {samples / train_time:.1f} samples/s"
+            )
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            t1 = time.perf_counter()
+            res = _evaluate(model, tokenizer, val, cfg, device)
+            model.train()
+            best_val = max(best_val, res.accuracy)
+            metrics = {
+                "step": float(done),
+                "val_accuracy": res.accuracy,
+                "val_loss": res.loss,
+                "best_val_accuracy": best_val,
+                "train_loss": loss_acc / max(1, loss_n),
+                "learning_rate": opt.param_groups[0]["lr"],
+                "trainable_params": float(n_trainable),
+                "samples_per_sec": samples / train_time,
+                "peak_memory_mb": _peak_memory_mb(device),
+                "eval_time_s": time.perf_counter() - t1,
+                "train_time_s": train_time,
+                **{f"aux_{k}": v / max(1, loss_n) for k, v in aux_acc.items()},
+                **routing_stats(model, reset=True),
+            }
+            _log(
+                f"[graphlora] eval @ {done}: val_accuracy {res.accuracy:.4f} "
+                f"val_loss {res.loss:.4f} (best {best_val:.4f})"
+            )
+            loss_acc, aux_acc, loss_n = 0.0, {}, 0
+            stop = bool(on_eval(done, dict(metrics))) if on_eval is not None else False
+            flag = _all_reduce_sum(torch.tensor([float(stop)], device=device))
+            if flag.item() > 0 and done < cfg.max_steps:
+                stopped_early = True
+                _log(f"[graphlora] stopped early at step {done} (asked by the caller)")
+                break
+    metrics["stopped_early"] = float(stopped_early)
+    if cfg.eval_test and data.test:
+        test = data.test[: cfg.max_test_examples] if cfg.max_test_examples else data.test
+        res = _evaluate(model, tokenizer, test, cfg, device)
+        metrics["test_accuracy"] = res.accuracy
+        metrics["test_loss"] = res.loss
+        _log(f"[graphlora] test_accuracy {res.accuracy:.4f} on {res.total} examples")
+    if cfg.output_dir and rank == 0:
+        save_adapter(model, cfg.output_dir, metadata={"base_model": info.to_dict()})
+    return metrics
+
+
+def run_seeds(
+    train_cfg: TrainConfig,
+    adapter_cfg: MoELoRAConfig,
+    seeds: list[int],
+    data: DatasetSplits | None = None,
+) -> dict[str, Any]:
+    """Run one configuration over several seeds (the paper's stability measure).
+
+    Returns:
+        ``{"seeds": [...], "per_seed": [metrics...], "test_accuracy_mean", "test_accuracy_std",
+        "val_accuracy_mean", "val_accuracy_std", "trainable_params"}`` (std is the sample
+        standard deviation; 0 for one seed).
+    """
+    data = data if data is not None else load_task(train_cfg.dataset, data_dir=train_cfg.data_dir)
+    per_seed = []
+    for seed in seeds:
+        cfg = dataclasses.replace(train_cfg, seed=seed)
+        if train_cfg.output_dir:
+            cfg.output_dir = str(Path(train_cfg.output_dir) / f"seed{seed}")
+        _log(f"[graphlora] seed {seed} ({len(per_seed) + 1}/{len(seeds)})")
+        per_seed.append({"seed": seed, **run_training(cfg, adapter_cfg, data=data)})
+    return {"seeds": list(seeds), "per_seed": per_seed, **summarize_seeds(per_seed)}
+
+
+def summarize_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and sample standard deviation of accuracy metrics over seeds."""
+    out: dict[str, float] = {}
+    for key in ("test_accuracy", "val_accuracy", "best_val_accuracy"):
+        values = [m[key] for m in per_seed if key in m]
+        if values:
+            out[f"{key}_mean"] = statistics.fmean(values)
+            out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    if per_seed and "trainable_params" in per_seed[0]:
+        out["trainable_params"] = per_seed[0]["trainable_params"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def load_run_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a YAML/JSON run file with ``adapter:`` and ``training:`` sections."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config: {file} does not exist")
+    try:
+        doc = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config: {file} is not valid YAML/JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"--config: {file} must hold a mapping with adapter: and training:")
+    extra = sorted(set(doc) - {"adapter", "training", "method", "source"})
+    if extra:
+        raise ValueError(
+            f"--config: {file}: unknown top-level key {extra[0]!r}; "
+            "expected adapter:, training: (and optionally method:)"
+        )
+    adapter = dict(doc.get("adapter") or {})
+    if "method" in doc:
+        adapter.setdefault("method", doc["method"])
+    return adapter, dict(doc.get("training") or {})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m graphlora.train",
+        description="Fine-tune one MoE-LoRA configuration (no Ray); prints metrics as JSON last.",
+    )
+    p.add_argument("--model", help="hub id, local path, or preset (tiny-qwen2, tiny-llama)")
+    p.add_argument("--dataset", help="task name or path to LLM-Adapters JSON (file or folder)")
+    p.add_argument("--data-dir", help="folder laid out like shared/datasets/commonsense")
+    p.add_argument("--method", help="lora, mixlora, loramoe, mingmoe, mola, graphlora, ...")
+    p.add_argument("--seeds", type=int, nargs="+", help="one or more seeds (default 0)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float, dest="learning_rate")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--output-dir", help="save each seed's adapter under this folder")
+    p.add_argument("--config", help="YAML/JSON file with adapter: and training: sections")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        adapter, training = load_run_file(args.config) if args.config else ({}, {})
+        for key in (
+            "model",
+            "dataset",
+            "data_dir",
+            "max_steps",
+            "learning_rate",
+            "batch_size",
+            "eval_every",
+            "output_dir",
+        ):
+            if getattr(args, key) is not None:
+                training[key] = getattr(args, key)
+        if args.method:
+            adapter["method"] = args.method
+        train_cfg = TrainConfig.from_dict(training)
+        adapter_cfg = MoELoRAConfig.from_dict(adapter)
+        seeds = args.seeds or [train_cfg.seed]
+        # Load the data once up front: a malformed file fails here, before any model is built.
+        data = load_task(train_cfg.dataset, data_dir=train_cfg.data_dir)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = run_seeds(train_cfg, adapter_cfg, seeds, data=data)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    print(json.dumps({"method": adapter_cfg.method, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
