@@ -97,7 +97,7 @@ class MoELoRAConfig:
     gcn_layers: int = 2
     """GCN layers L of the graph router."""
     gcn_hidden: int = 256
-    """GCN node feature size d_gcn."""
+    """GCN node feature size d_gcn (capped at the model's hidden size)."""
     edge_density: float = 0.1
     """Expert-expert edge density beta in [0, 1]."""
     graph_seed: int = 0

@@ -108,7 +108,8 @@ class MoELoRAMLP(nn.Module):
             self.router: nn.Module | None = GraphRouter(
                 d,
                 n,
-                gcn_hidden=config.gcn_hidden,
+                # A GCN wider than the token's own representation buys nothing: cap it at d.
+                gcn_hidden=min(config.gcn_hidden, d),
                 gcn_layers=config.gcn_layers,
                 edge_density=config.edge_density,
                 graph_seed=config.graph_seed + layer_seed,

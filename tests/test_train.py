@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphlora.config import MoELoRAConfig
+from graphlora.data import make_synthetic_task
+from graphlora.inject import adapter_state_dict
+from graphlora.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    lr_factor,
+    run_training,
+    summarize_seeds,
+)
+
+SHARED = Path(
+    os.environ.get(
+        "GRAPHLORA_DATA_DIR",
+        Path(__file__).resolve().parents[2] / "shared" / "datasets" / "commonsense",
+    )
+)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _quick(**kw) -> TrainConfig:
+    base = dict(
+        max_steps=4,
+        batch_size=4,
+        eval_every=2,
+        max_eval_examples=8,
+        max_test_examples=8,
+        log_every=0,
+        learning_rate=3e-3,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+SMALL_DATA = make_synthetic_task(n_train=64, n_val=8, n_test=8)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="^learning_rate:"):
+        TrainConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="^lr_schedule:"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="^max_stepz: unknown training field"):
+        TrainConfig.from_dict({"max_stepz": 3})
+
+
+def test_lr_schedule_warms_up_and_decays():
+    cfg = TrainConfig(max_steps=100, warmup_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(99, cfg) < 0.01
+
+
+def test_metrics_and_callback_stop():
+    seen = []
+
+    def on_eval(step, metrics):
+        seen.append((step, metrics))
+        return step >= 2  # ask to stop at the first evaluation
+
+    m = run_training(
+        _quick(), MoELoRAConfig(method="graphlora", gcn_hidden=16), on_eval=on_eval, data=SMALL_DATA
+    )
+    assert [s for s, _ in seen] == [2]
+    for key in (
+        "val_accuracy",
+        "val_loss",
+        "train_loss",
+        "trainable_params",
+        "samples_per_sec",
+        "peak_memory_mb",
+        "aux_poisson",
+        "aux_normal",
+        "routing/load_cv",
+    ):
+        assert key in seen[0][1], key
+    assert m["stopped_early"] == 1.0 and 0 <= m["test_accuracy"] <= 1
+
+
+def test_nan_loss_stops_with_clear_error():
+    with pytest.raises(NonFiniteLossError, match=r"step 2: training loss is nan"):
+        run_training(_quick(inject_nan_at_step=2), MoELoRAConfig(method="mixlora"), data=SMALL_DATA)
+
+
+def test_summarize_seeds():
+    s = summarize_seeds(
+        [
+            {"test_accuracy": 0.5, "trainable_params": 10},
+            {"test_accuracy": 0.7, "trainable_params": 10},
+        ]
+    )
+    assert s["test_accuracy_mean"] == pytest.approx(0.6)
+    assert s["test_accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_WORKER = r"""
+import hashlib, json, os, sys
+import torch, torch.distributed as dist
+from graphlora.config import MoELoRAConfig
+from graphlora.data import make_synthetic_task
+from graphlora.inject import adapter_state_dict
+from graphlora.train import TrainConfig, run_training
+dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2)
+hashes, evals = [], []
+def on_step(step, model):
+    h = hashlib.sha256()
+    for k, v in sorted(adapter_state_dict(model).items()):
+        h.update(v.detach().cpu().numpy().tobytes())
+    hashes.append(h.hexdigest())
+def on_eval(step, metrics):
+    evals.append(metrics)
+cfg = TrainConfig(max_steps=4, batch_size=8, eval_every=2, max_eval_examples=10,
+                  max_test_examples=10, log_every=0, seed=3)
+final = run_training(cfg, MoELoRAConfig(method="graphlora", gcn_hidden=16), on_eval=on_eval,
+                     on_step=on_step, data=make_synthetic_task(n_train=64, n_val=10, n_test=10))
+keys = ("val_accuracy", "val_loss", "train_loss", "best_val_accuracy")
+print("RESULT " + json.dumps({"hashes": hashes, "evals": [{k: e[k] for k in keys} for e in evals],
+                              "test": final["test_accuracy"]}))
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_gloo_ddp_ranks_agree(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    results = [
+        json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+        for out, _ in outs
+    ]
+    assert len(results[0]["hashes"]) == 4
+    assert results[0]["hashes"] == results[1]["hashes"], "adapter parameters diverged"
+    assert results[0]["evals"] == results[1]["evals"], "ranks reported different metrics"
+    assert results[0]["test"] == results[1]["test"]
+
+
+@pytest.mark.slow
+def test_tiny_preset_learns_the_synthetic_task():
+    # The quickstart's promise: a good configuration reaches >= 0.8 (chance is 0.25).
+    m = run_training(
+        TrainConfig(
+            max_steps=300, log_every=0, eval_every=100, max_test_examples=0, eval_test=False
+        ),
+        MoELoRAConfig(method="graphlora"),
+    )
+    assert m["best_val_accuracy"] >= 0.8, m
+
+
+@pytest.mark.parametrize("task", ["ARC-Challenge", "boolq"])
+def test_real_benchmark_files_end_to_end(task, tmp_path):
+    if not (SHARED / task).is_dir():
+        pytest.skip(f"{SHARED / task} not found: set GRAPHLORA_DATA_DIR to the commonsense folder")
+    m = run_training(
+        _quick(dataset=str(SHARED / task), max_length=256, output_dir=str(tmp_path / "a")),
+        MoELoRAConfig(method="graphlora", gcn_hidden=16),
+    )
+    assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["val_accuracy"] <= 1
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_prints_json_last_and_rejects_bad_input(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "graphlora.train", "--method", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: method:")
+    missing = subprocess.run(
+        [sys.executable, "-m", "graphlora.train", "--dataset", str(tmp_path / "nothing.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "nothing.json" in missing.stderr
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "method: lora\ntraining: {max_steps: 2, batch_size: 2, eval_every: 2, "
+        "max_eval_examples: 4, max_test_examples: 4}\n"
+    )
+    ok = subprocess.run(
+        [sys.executable, "-m", "graphlora.train", "--config", str(cfg), "--seeds", "0", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    doc = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert doc["seeds"] == [0, 1] and len(doc["per_seed"]) == 2
+    assert (
+        "test_accuracy_mean" in doc and "test_accuracy_std" in doc and doc["trainable_params"] > 0
+    )
