@@ -599,10 +599,13 @@ def _synthetic_example(rng: random.Random, num_candidates: int) -> Example:
     distractors = rng.sample([w for w in SYNTHETIC_WORDS if w != answer], num_candidates - 1)
     options = [answer, *distractors]
     rng.shuffle(options)
-    prompt = f"options: {' '.join(options)}\ncolor of {key}{ANSWER_PREFIX}"
+    # The prompt ends on the key and the answer follows it directly, so the token that decides
+    # the answer is predicted from the key's own position: learnable by small adapters on a
+    # random frozen model, yet only through the adapters (the base model knows no rule).
+    prompt = f"options: {' '.join(options)}\ncolor of {key}"
     return Example(
         prompt=prompt,
-        candidates=tuple(_candidate(word) for word in options),
+        candidates=tuple(options),
         label=options.index(answer),
     )
 
@@ -616,21 +619,20 @@ def make_synthetic_task(
 ) -> DatasetSplits:
     """Generates the offline ``synthetic`` task: a key-to-colour lookup.
 
-    Each prompt lists ``num_candidates`` colour words in random order and asks for the colour
-    of a one-letter key::
+    Each prompt lists ``num_candidates`` colour words in random order and ends on a one-letter
+    key; the answer word follows the key directly::
 
         options: pink gold navy ruby
-        color of K
-
-        Answer:
+        color of K          + candidate "navy"
 
     The answer is a fixed function of the key (:func:`synthetic_answer`: 16 keys, 8 words, each
-    word the answer of two keys); candidates are the listed words with a leading space, in the
-    listed order. Every word is equally likely to be correct and the order is shuffled, so a
-    model that ignores the key is at chance (``1 / num_candidates``). Learning it means routing
-    one token's identity to the answer position, which small adapters on a random frozen model
-    can do. Generation is deterministic given the arguments; the three splits are drawn from
-    independent streams.
+    word the answer of two keys); candidates are the listed words, in the listed order. Every
+    word is equally likely to be correct and the order is shuffled, so a model that ignores the
+    key is at chance (``1 / num_candidates``). The token that decides the answer (the word's
+    first letter, all different) is predicted at the key's own position, so small adapters on a
+    random frozen model can learn the table within a few hundred steps, while the learning rate
+    and adapter size still decide whether they do. Generation is deterministic given the
+    arguments; the three splits are drawn from independent streams.
 
     Args:
         n_train: Training examples.

@@ -399,7 +399,7 @@ def test_synthetic_examples_follow_the_rule() -> None:
     splits = make_synthetic_task(n_train=200, n_val=0, n_test=0)
     for ex in splits.train:
         key = ex.prompt.split("color of ")[1][0]
-        assert ex.answer == " " + synthetic_answer(key)
+        assert ex.answer == synthetic_answer(key)
         assert len(ex.candidates) == 4 and len(set(ex.candidates)) == 4
         assert len({len(c) for c in ex.candidates}) == 1, "equal-length candidates"
         assert ex.prompt.startswith("options: " + " ".join(c.strip() for c in ex.candidates))
