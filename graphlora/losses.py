@@ -20,7 +20,7 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def poisson_target(lam: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """v_poisson(lambda)_i = L1norm(lambda^i e^-lambda / i!), i = 1..N (paper eq. 6), in log space."""
+    """v_poisson(lambda)_i = L1norm(lambda^i e^-lambda / i!), i = 1..N (eq. 6), in log space."""
     i = torch.arange(1, num_experts + 1, dtype=torch.float32, device=lam.device)
     log_pmf = i * torch.log(lam.float()) - lam.float() - torch.lgamma(i + 1)
     return torch.softmax(log_pmf, dim=0)  # L1 normalisation of exp(log_pmf)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -9,11 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from graphlora.config import MoELoRAConfig
 from graphlora.data import make_synthetic_task
-from graphlora.inject import adapter_state_dict
 from graphlora.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -159,10 +156,10 @@ def test_two_process_gloo_ddp_ranks_agree(tmp_path):
         for r in (0, 1)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     results = [
-        json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+        json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
         for out, _ in outs
     ]
     assert len(results[0]["hashes"]) == 4
