@@ -1,0 +1,110 @@
+"""ASHA that stops a trial by asking it to stop, not by killing it, and the hub actor behind it.
+
+Why: a Tune trial whose driver runs a Ray Train V2 `TorchTrainer` and is stopped by a scheduler
+is torn down while its Train run is alive, and that run's placement group leaks; on a small
+cluster the search then deadlocks (ray-project/ray#54305). Instead `FlagASHAScheduler` records
+every decision on a `TrialHub` actor and always tells Tune to CONTINUE. After each evaluation,
+rank 0 of every Train worker group waits (briefly) until the scheduler has judged that evaluation
+and reads the decision (`train_fn_per_worker`); a stopped trial's training loop returns and its
+Train run ends on its own, releasing its resources. ASHA therefore cuts a trial exactly at the
+rung where it decided, as the algorithm intends, at the cost of one round trip per evaluation.
+
+The hub also carries each Train run's reports to its trial driver (`put`/`take`): one actor per
+search instead of one queue actor per trial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+if TYPE_CHECKING:
+    from ray.tune.execution.tune_controller import TuneController
+
+
+@ray.remote(num_cpus=0)
+class TrialHub:
+    """Per-search mailbox: stop decisions (scheduler -> workers) and reports (Train -> driver)."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[str, str] = {}
+        self._judged: dict[str, int] = {}  # trial id -> last training_iteration judged
+        self._mail: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+        self._changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def judged(self, trial_id: str, iteration: int, stop_reason: str | None = None) -> None:
+        """The scheduler has seen `iteration` of `trial_id` (and maybe decided it should stop)."""
+        if stop_reason:
+            self._reasons.setdefault(trial_id, stop_reason)
+        self._judged[trial_id] = max(self._judged.get(trial_id, 0), iteration)
+        await self._notify()
+
+    async def request_stop(self, trial_id: str, reason: str) -> None:
+        self._reasons.setdefault(trial_id, reason)
+        await self._notify()
+
+    async def should_stop(self, trial_id: str, iteration: int = 0, timeout_s: float = 0) -> bool:
+        """Whether `trial_id` must stop, waiting up to `timeout_s` for `iteration` to be judged."""
+
+        def ready() -> bool:
+            return trial_id in self._reasons or self._judged.get(trial_id, 0) >= iteration
+
+        if timeout_s > 0 and not ready():
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
+                except TimeoutError:
+                    pass  # no verdict in time: keep training rather than hang
+        return trial_id in self._reasons
+
+    async def put(self, trial_id: str, seed_index: int, metrics: dict) -> None:
+        self._mail[trial_id].append((seed_index, metrics))
+        await self._notify()
+
+    async def take(self, trial_id: str, timeout_s: float) -> list[tuple[int, dict]]:
+        """All reports waiting for `trial_id`, waiting up to `timeout_s` for the first one."""
+        if not self._mail.get(trial_id):
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(
+                        self._changed.wait_for(lambda: bool(self._mail.get(trial_id))), timeout_s
+                    )
+                except TimeoutError:
+                    return []
+        return self._mail.pop(trial_id, [])
+
+
+class FlagASHAScheduler(AsyncHyperBandScheduler):
+    """`AsyncHyperBandScheduler` whose decisions go to a `TrialHub`; it never stops a trial.
+
+    `stop_reasons` (trial id -> reason) says which trials ASHA cut, for MLflow and the summary.
+    Trials that reach `max_t` end on their own as well (their loop is at max_steps).
+    """
+
+    def __init__(self, hub: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hub = hub
+        self.stop_reasons: dict[str, str] = {}
+
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
+        iteration = result.get(self._time_attr, 0)
+        reason = None
+        if trial.trial_id not in self.stop_reasons and not result.get("final"):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and iteration < self._max_t:
+                reason = (
+                    f"ASHA: {self._metric}={result[self._metric]:.4g} below the rung "
+                    f"cutoff at {self._time_attr}={iteration}"
+                )
+                self.stop_reasons[trial.trial_id] = reason
+        self._hub.judged.remote(trial.trial_id, iteration, reason)
+        return TrialScheduler.CONTINUE

@@ -1,0 +1,345 @@
+"""What a person sees and what MLflow keeps while a search runs: a Tune callback, and the result
+files written at the end (results CSV, stability CSV, best config YAML)."""
+
+from __future__ import annotations
+
+import csv
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from pipelines.space import SearchSpace
+from pipelines.tracking import COMPLETED, FAILED, STOPPED_EARLY_ASHA, Tracker
+
+_SKIP_METRICS = {
+    "step",
+    "final",
+    "seeds",
+    "training_iteration",
+    "time_this_iter_s",
+    "timestamp",
+    "time_total_s",
+    "pid",
+    "iterations_since_restore",
+    "done",
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _params_str(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+
+
+def error_line(text: str | None) -> str:
+    """The last `SomeError: message` line of a traceback (the reason a person needs)."""
+    if not text:
+        return "unknown error"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line):
+            return line[:500]
+    return lines[-1][:500] if lines else "unknown error"
+
+
+class SearchMonitor(tune.Callback):
+    """Prints progress and records one MLflow child run per trial, with its status.
+
+    Status: `stopped_early_asha` when the scheduler flagged the trial, `failed` (with the error
+    line) when it raised, else `completed`. Stability trials nest under their config's run.
+    """
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        parent_run_id: str,
+        space: SearchSpace,
+        *,
+        scheduler: Any = None,
+        out: Any = None,
+        total: int = 0,
+        stage: str = "search",
+    ) -> None:
+        self.tracker, self.parent, self.space = tracker, parent_run_id, space
+        self.scheduler, self.out, self.total, self.stage = (
+            scheduler,
+            out or sys.stdout,
+            total,
+            stage,
+        )
+        self.records: dict[str, dict[str, Any]] = {}
+        self.best: tuple[float, int] | None = None
+        self.better = max if space.objective.mode == "max" else min
+        self.started = time.monotonic()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment state; an open stream may not pickle.
+        return {**self.__dict__, "out": None}
+
+    def _print(self, text: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+        print(
+            f"[{self.stage} {minutes:02d}:{seconds:02d}] {text}",
+            file=self.out or sys.stdout,
+            flush=True,
+        )
+
+    def _counts(self) -> str:
+        by = [r["status"] for r in self.records.values()]
+        return (
+            f"[running {by.count('running')} | completed {by.count(COMPLETED)} | "
+            f"stopped {by.count(STOPPED_EARLY_ASHA)} | failed {by.count(FAILED)} | "
+            f"to go {max(self.total - len(by), 0)}]"
+        )
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        number = len(self.records) + 1
+        run = trial.config.get("_run")
+        if run:  # stability: one seed of one top config
+            params, parent = run["params"], run["group_run_id"]
+            name = f"stability {run['group']} seed {run['seeds'][0]}"
+            extra = {"seed": run["seeds"][0], "group": run["group"]}
+        else:
+            params, parent = dict(trial.config), self.parent
+            name = f"trial {number:02d} {trial.trial_id}"
+            extra = {
+                "seeds": ",".join(
+                    str(self.space.seed + i) for i in range(self.space.seeds_per_trial)
+                )
+            }
+        run_id = self.tracker.start_run(
+            name,
+            parent_run_id=parent,
+            params={**params, **extra},
+            tags={"kind": self.stage, "trial_id": trial.trial_id},
+        )
+        self.records[trial.trial_id] = {
+            "trial": number,
+            "trial_id": trial.trial_id,
+            "name": name,
+            "params": params,
+            "run": run,
+            "run_id": run_id,
+            "status": "running",
+            "evals": 0,
+            "last": {},
+        }
+        self._print(f"{name} started: {_params_str(params)} {self._counts()}")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        rec = self.records[trial.trial_id]
+        metrics = {k: v for k, v in result.items() if k not in _SKIP_METRICS}
+        self.tracker.log_metrics(rec["run_id"], metrics, step=int(result.get("step", 0)))
+        rec["last"].update(metrics)
+        if result.get("final"):
+            return
+        rec["evals"] += 1
+        obj = result.get("objective")
+        if obj is not None and (self.best is None or self.better(obj, self.best[0]) == obj):
+            self.best = (obj, rec["trial"])
+        metric = self.space.objective.metric
+        best = (
+            f" | best {self.best[0]:.4f} (trial {self.best[1]:02d})" if rec["run"] is None else ""
+        )
+        self._print(
+            f"{rec['name']} eval {rec['evals']}/{self.space.budget.max_evals} step "
+            f"{result.get('step')}: {metric}={_fmt(result.get(metric))} "
+            f"objective={_fmt(obj)}{best}"
+        )
+
+    def _finish(self, trial: Any, status: str, reason: str | None) -> None:
+        rec = self.records[trial.trial_id]
+        rec["status"], rec["reason"] = status, reason
+        self.tracker.finish(rec["run_id"], status, reason)
+        last = rec["last"]
+        score = f"objective={_fmt(last.get('objective'))}" if "objective" in last else ""
+        test = f" test_accuracy={_fmt(last['test_accuracy'])}" if "test_accuracy" in last else ""
+        why = f" ({reason})" if reason else ""
+        self._print(f"{rec['name']} {status}{why}: {score}{test} {self._counts()}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reasons = getattr(self.scheduler, "stop_reasons", {})
+        if trial.trial_id in reasons:
+            self._finish(trial, STOPPED_EARLY_ASHA, reasons[trial.trial_id])
+        else:
+            self._finish(trial, COMPLETED, None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune has just written the error to the trial's local folder (not yet to storage).
+        path = Path(trial.error_file) if trial.error_file else None
+        text = path.read_text() if path and path.exists() else trial.get_error()
+        self._finish(trial, FAILED, error_line(text))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per trial, in start order (the results table)."""
+        metric = self.space.objective.metric
+        out = []
+        for rec in self.records.values():
+            last = rec["last"]
+            out.append(
+                {
+                    "trial": rec["trial"],
+                    "trial_id": rec["trial_id"],
+                    "status": rec["status"],
+                    "reason": rec.get("reason") or "",
+                    "evals": rec["evals"],
+                    "params": rec["params"],
+                    "objective": last.get("objective"),
+                    metric: last.get(metric),
+                    "test_accuracy": last.get("test_accuracy"),
+                    "trainable_params": last.get("trainable_params"),
+                    "samples_per_sec": last.get("samples_per_sec"),
+                }
+            )
+        return out
+
+    def stability_groups(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Seed statistics per re-run config; closes each config's MLflow run."""
+        obj = self.space.objective
+        groups: dict[str, dict[str, Any]] = {}
+        for r in runs:
+            groups.setdefault(
+                r["group"],
+                {
+                    "group": r["group"],
+                    "params": r["params"],
+                    "from_trial": r["from_trial"],
+                    "run_id": r["group_run_id"],
+                    "values": {},
+                },
+            )
+        for rec in self.records.values():
+            if rec["status"] == FAILED:
+                continue
+            g = groups[rec["run"]["group"]]
+            for key in ("objective", "test_accuracy"):
+                if rec["last"].get(key) is not None:
+                    g["values"].setdefault(key, []).append(rec["last"][key])
+        out = []
+        for g in groups.values():
+            scores: dict[str, float] = {}
+            for key, vals in g.pop("values").items():
+                name = obj.metric if key == "objective" else key
+                scores[f"{name}_mean"] = statistics.fmean(vals)
+                scores[f"{name}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+                scores[f"{name}_seeds"] = len(vals)
+            if f"{obj.metric}_mean" not in scores:
+                self.tracker.finish(g["run_id"], FAILED, "every seed failed")
+                continue
+            g["score"] = obj.score(scores[f"{obj.metric}_mean"], scores[f"{obj.metric}_std"])
+            g["scores"] = {"score": g["score"], **scores}
+            self.tracker.log_metrics(g["run_id"], g["scores"])
+            self.tracker.finish(g["run_id"], COMPLETED)
+            out.append(g)
+        self.print_stability(out)
+        return out
+
+    def print_table(self, rows: list[dict[str, Any]], title: str) -> None:
+        metric = self.space.objective.metric
+        names = list(self.space.search)
+        header = ["trial", "status", *names, "evals", "objective", metric, "test_acc"]
+        table = [
+            [
+                f"{r['trial']:02d}",
+                r["status"],
+                *(_fmt(r["params"].get(n)) for n in names),
+                str(r["evals"]),
+                _fmt(r["objective"]),
+                _fmt(r[metric]),
+                _fmt(r["test_accuracy"]),
+            ]
+            for r in rows
+        ]
+        _print_grid(self.out or sys.stdout, f"{title}: {len(rows)} trials", header, table)
+
+    def print_stability(self, groups: list[dict[str, Any]]) -> None:
+        metric = self.space.objective.metric
+        header = ["config", "from trial", f"{metric} mean", "std", "test_acc mean", "std", "score"]
+        table = [
+            [
+                g["group"],
+                f"{g['from_trial']:02d}",
+                _fmt(g["scores"][f"{metric}_mean"]),
+                _fmt(g["scores"][f"{metric}_std"]),
+                _fmt(g["scores"].get("test_accuracy_mean")),
+                _fmt(g["scores"].get("test_accuracy_std")),
+                _fmt(g["score"]),
+            ]
+            for g in groups
+        ]
+        _print_grid(self.out or sys.stdout, "stability", header, table)
+
+
+def _print_grid(out: Any, title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    line = "  ".join
+    print(f"\n{title}", file=out)
+    print(line(h.ljust(w) for h, w in zip(header, widths, strict=True)), file=out)
+    for row in rows:
+        print(line(str(c).ljust(w) for c, w in zip(row, widths, strict=True)), file=out)
+    print(file=out, flush=True)
+
+
+def write_results(
+    output_dir: Path,
+    space: SearchSpace,
+    trials: list[dict],
+    stability: list[dict],
+    best: dict | None,
+) -> list[Path]:
+    """results.csv (one row per trial), stability.csv, best_config.yaml; returns the files."""
+    files = [output_dir / "results.csv"]
+    names = list(space.search)
+    with files[0].open("w", newline="") as f:
+        w = csv.writer(f)
+        keys = [k for k in trials[0] if k != "params"] if trials else []
+        w.writerow(keys + names)
+        for t in trials:
+            w.writerow([t[k] for k in keys] + [t["params"].get(n) for n in names])
+    if stability:
+        files.append(output_dir / "stability.csv")
+        with files[-1].open("w", newline="") as f:
+            score_keys = list(stability[0]["scores"])
+            w = csv.writer(f)
+            w.writerow(["group", "from_trial", *names, *score_keys])
+            for g in stability:
+                w.writerow(
+                    [
+                        g["group"],
+                        g["from_trial"],
+                        *(g["params"].get(n) for n in names),
+                        *(g["scores"].get(k) for k in score_keys),
+                    ]
+                )
+    if best:
+        adapter, training = space.configs(best["params"], space.seed)
+        training.pop("seed")
+        doc = {
+            "source": f"{Path(space.path).name}: {best['source']}",
+            "objective": {
+                "metric": space.objective.metric,
+                "mode": space.objective.mode,
+                "std_penalty": space.objective.std_penalty,
+            },
+            "scores": {k: float(v) for k, v in best["scores"].items()},
+            "adapter": adapter,
+            "training": training,
+        }
+        files.append(output_dir / "best_config.yaml")
+        files[-1].write_text(
+            "# Best configuration found. Load with MoELoRAConfig(**adapter) and\n"
+            "# TrainConfig(**training, seed=...).\n" + yaml.safe_dump(doc, sort_keys=False)
+        )
+    return files

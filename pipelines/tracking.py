@@ -1,0 +1,217 @@
+"""MLflow for searches: where the store lives, one parent run per search, child runs per trial.
+
+Store: `MLFLOW_TRACKING_URI` when set (e.g. the head node's `http://127.0.0.1:5000`), else a
+SQLite store at a fixed absolute path, `$GRAPHLORA_HOME/mlflow.db` (default `~/.graphlora`), with
+artifacts under `$GRAPHLORA_HOME/mlartifacts` (set as the experiment's artifact_location). Fixed
+paths matter: `ray job submit --working-dir .` runs the driver in a temporary copy of the
+project, and a relative `./mlflow.db` would vanish with it.
+
+Run layout in one experiment::
+
+    search <name>                      parent: space file, results.csv, best_config.yaml, plots
+      trial <id>                       params, metrics per step, tags status/status_reason
+      stability config-1               one per re-run configuration: seed mean/std
+        stability config-1 seed 3      one per seed
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+# Values of the `status` tag on trial and seed runs.
+COMPLETED = "completed"
+STOPPED_EARLY_ASHA = "stopped_early_asha"
+FAILED = "failed"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message is one line saying what to do."""
+
+
+def graphlora_home() -> Path:
+    """Fixed, absolute home for local stores: `$GRAPHLORA_HOME`, default `~/.graphlora`."""
+    return Path(os.environ.get("GRAPHLORA_HOME", "~/.graphlora")).expanduser().resolve()
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else `sqlite:///<home>/mlflow.db` (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{graphlora_home() / 'mlflow.db'}"
+
+
+def _check_store(uri: str) -> None:
+    """Fail fast, in one line, on a store that cannot work (before any Ray work starts)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(
+                f"MLflow server {uri} (MLFLOW_TRACKING_URI) is unreachable: "
+                f"{getattr(exc, 'reason', exc)}; start it (see cluster.yaml) or forward its "
+                "port, or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+            ) from exc
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot create the MLflow store folder {folder}: "
+                f"{exc.strerror}; set GRAPHLORA_HOME to a writable folder"
+            ) from exc
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(
+                f"MLflow store folder {folder} is not writable; "
+                "set GRAPHLORA_HOME to a writable folder"
+            )
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={uri}: the file store is deprecated in MLflow 3; "
+            "use sqlite:///ABSOLUTE/PATH/mlflow.db or an http:// server"
+        )
+
+
+def ui_link(experiment_id: str, uri: str | None = None) -> str:
+    """Where a person can see the runs table of this experiment."""
+    uri = uri or tracking_uri()
+    page = f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/") + page
+    return f"mlflow ui --backend-store-uri {uri} --port 5000  then open http://127.0.0.1:5000{page}"
+
+
+class Tracker:
+    """Thin, thread-safe wrapper over `MlflowClient` for one experiment (no active-run globals)."""
+
+    def __init__(self, experiment: str, uri: str | None = None) -> None:
+        """Connect and get or create the experiment.
+
+        Raises:
+            TrackingError: The store is unreachable or misconfigured.
+        """
+        self.uri = uri or tracking_uri()
+        _check_store(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = None
+                if self.uri.startswith("sqlite:///"):
+                    location = (graphlora_home() / "mlartifacts" / experiment).as_uri()
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location
+                )
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"MLflow experiment {experiment!r} is deleted; restore "
+                        "it in the UI or choose another mlflow.experiment"
+                    )
+                self.experiment_id = exp.experiment_id
+        except TrackingError:
+            raise
+        except Exception as exc:  # mlflow raises many types; all mean the same to a person
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrackingError(f"MLflow store {self.uri} is not usable: {first}") from exc
+
+    def start_run(
+        self,
+        name: str,
+        *,
+        parent_run_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """Create a run (nested under `parent_run_id` if given) and return its id."""
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        if params:
+            self.client.log_batch(
+                run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
+            )
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log the numeric entries of `metrics` at `step` (others are skipped)."""
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def finish(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """Tag a trial or seed run with `status` (completed / stopped_early_asha / failed) and
+        close it; MLflow's own status is FAILED for failures, FINISHED otherwise."""
+        tags = {"status": status}
+        if reason:
+            tags["status_reason"] = reason
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
+
+    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def ui_link(self) -> str:
+        return ui_link(self.experiment_id, self.uri)
+
+
+def save_optuna_plots(study: Any, out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Optimization history, parameter importances and parallel coordinates as PNGs.
+
+    Uses Optuna's matplotlib backend (plotly is not a dependency). Returns the files written and,
+    for each plot that could not be drawn (e.g. too few completed trials), a one-line reason.
+    """
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], []
+    for name, plot in (
+        ("optimization_history", ovm.plot_optimization_history),
+        ("param_importances", ovm.plot_param_importances),
+        ("parallel_coordinate", ovm.plot_parallel_coordinate),
+    ):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(9, 5)
+            fig.tight_layout()
+            path = out_dir / f"{name}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+        except Exception as exc:  # a plot is a nicety; say why it is missing and go on
+            skipped.append(
+                f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            )
+    return written, skipped

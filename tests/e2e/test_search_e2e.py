@@ -1,0 +1,188 @@
+"""End to end on a real local Ray (2 CPUs) and a real MLflow store: ASHA stops trials through the
+hub flag without leaking placement groups, every trial is recorded with its status, failures are
+recorded with their reason, and multi-seed / multi-worker trials work."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.search import load_search_space, run_search, training_api
+from pipelines.tracking import tracking_uri
+
+SPACE = """\
+model: tiny-qwen2
+dataset: {dataset}
+method: graphlora
+seed: 0
+adapter: {{gcn_hidden: 16, gcn_layers: 1}}
+training: {{batch_size: 4}}
+search:
+  learning_rate: {{type: loguniform, low: 1.0e-5, high: 1.0e-1}}
+  num_experts: {{type: categorical, values: [2, 4]}}
+  top_k: {{type: int, low: 1, high: 2}}
+  rank: {{type: categorical, values: [1, 2]}}
+budget: {{trials: {trials}, max_steps: 40, eval_every: 10}}
+asha: {{grace_period: 1, reduction_factor: 2}}
+resources: {{workers_per_trial: {workers}, cpus_per_worker: 1, max_concurrent_trials: {concurrent}}}
+seeds_per_trial: {seeds}
+stability: {{top_k_configs: {top}, seeds: 2}}
+mlflow: {{experiment: {experiment}}}
+"""
+
+
+def make_space(
+    tmp_path: Path,
+    backend: str,
+    *,
+    dataset: str = "synthetic",
+    trials: int = 6,
+    workers: int = 1,
+    concurrent: int = 2,
+    seeds: int = 1,
+    top: int = 0,
+    experiment: str = "e2e",
+):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        SPACE.format(
+            dataset=dataset,
+            trials=trials,
+            workers=workers,
+            concurrent=concurrent,
+            seeds=seeds,
+            top=top,
+            experiment=f"{experiment}-{backend}-{tmp_path.name}",
+        )
+    )
+    return load_search_space(path, backend)
+
+
+def live_placement_groups() -> list[dict]:
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent: str) -> list:
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+
+
+def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(
+    ray_cluster, backend, tmp_path
+):
+    space = make_space(tmp_path, backend, trials=5)
+    out = io.StringIO()
+    result = run_search(space, backend=backend, output_dir=tmp_path / "out", out=out)
+    log = out.getvalue()
+
+    # More trials than fit at once (2 CPUs, 1 per trial) ran to the end: no deadlock, no leak.
+    assert len(result.trials) == 5
+    assert live_placement_groups() == []
+    statuses = {t["status"] for t in result.trials}
+    assert statuses <= {"completed", "stopped_early_asha"}, result.trials
+    stopped = [t for t in result.trials if t["status"] == "stopped_early_asha"]
+    assert stopped, log
+    # The flag cuts a trial at the rung ASHA judged, not one evaluation later.
+    assert all(t["evals"] < space.budget.max_evals for t in stopped)
+    assert "stopped_early_asha (ASHA: objective=" in log and "to go 0]" in log
+
+    # Optuna was told every trial, ASHA-stopped ones as complete with their best value.
+    study = optuna.load_study(
+        study_name=optuna.get_all_study_names(f"sqlite:///{result.output_dir / 'optuna.db'}")[0],
+        storage=f"sqlite:///{result.output_dir / 'optuna.db'}",
+    )
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+
+    # MLflow: parent run, one child per trial with its status and per-step metrics.
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(space.experiment)
+    assert exp.artifact_location.startswith("file://")  # the fixed absolute location
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["status"] == "completed"
+    children = child_runs(client, exp.experiment_id, result.parent_run_id)
+    trials = [r for r in children if r.data.tags.get("kind") == "search"]
+    assert len(trials) == 5 == len(children)
+    by_id = {r.data.tags["trial_id"]: r for r in trials}
+    for t in result.trials:
+        run = by_id[t["trial_id"]]
+        assert run.data.tags["status"] == t["status"]
+        assert run.info.status == "FINISHED"
+        if t["status"] == "stopped_early_asha":
+            assert run.data.tags["status_reason"].startswith("ASHA:")
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.step for m in history][: t["evals"]] == [10 * (i + 1) for i in range(t["evals"])]
+
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"space.yaml", "results.csv", "best_config.yaml"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert "plots/optimization_history.png" in plots
+    assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in result.ui_link
+
+    # The best config YAML loads straight into the library's dataclasses.
+    best = yaml.safe_load((result.output_dir / "best_config.yaml").read_text())
+    train_cls, adapter_cls, _ = training_api(backend)
+    adapter_cls(**best["adapter"])
+    train_cls(**best["training"], seed=0)
+    assert best["adapter"]["top_k"] <= best["adapter"]["num_experts"]
+
+
+def test_failed_trials_are_recorded_with_their_reason(ray_cluster, backend, tmp_path):
+    space = make_space(tmp_path, backend, dataset="no-such-dataset", trials=2)
+    result = run_search(space, backend=backend, output_dir=tmp_path / "out", out=io.StringIO())
+    assert [t["status"] for t in result.trials] == ["failed", "failed"]
+    assert all("dataset" in t["reason"] for t in result.trials), result.trials
+    assert result.best is None
+    assert live_placement_groups() == []
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(space.experiment)
+    runs = child_runs(client, exp.experiment_id, result.parent_run_id)
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert all(
+        r.data.tags["status"] == "failed" and "dataset" in r.data.tags["status_reason"]
+        for r in runs
+    )
+
+
+@pytest.mark.parametrize(("seeds", "workers"), [(2, 1), (1, 2)], ids=["2seeds", "2workers"])
+def test_multi_seed_and_multi_worker_trials(ray_cluster, backend, tmp_path, seeds, workers):
+    """2 seeds side by side in one trial, then the stability stage (1 config x 2 fresh seeds,
+    one trial each, side by side); or 2 DDP workers per trial, twice, so ASHA may cut one."""
+    stability = seeds > 1
+    space = make_space(
+        tmp_path,
+        backend,
+        trials=3 - seeds,
+        concurrent=2 if stability else 1,
+        seeds=seeds,
+        workers=workers,
+        top=1 if stability else 0,
+    )
+    result = run_search(space, backend=backend, output_dir=tmp_path / "out", out=io.StringIO())
+    assert {t["status"] for t in result.trials} <= {"completed", "stopped_early_asha"}
+    assert live_placement_groups() == []
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(space.experiment)
+    children = child_runs(client, exp.experiment_id, result.parent_run_id)
+    runs = [r for r in children if r.data.tags.get("kind") == "search"]
+    assert len(runs) == 3 - seeds
+    if stability:  # one config run, its seed runs nested under it
+        (group,) = [r for r in children if r.data.tags.get("kind") == "stability"]
+        seed_runs = child_runs(client, exp.experiment_id, group.info.run_id)
+        assert sorted(r.data.params["seed"] for r in seed_runs) == ["100", "101"]
+        assert {r.data.tags["status"] for r in seed_runs} == {"completed"}
+        assert "val_accuracy_std" in group.data.metrics and "score" in group.data.metrics
+        assert result.best["source"].startswith("stability config-1")
+        artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+        assert "stability.csv" in artifacts
+    for run in runs:
+        assert run.data.params["seeds"] == ",".join(str(s) for s in range(seeds))
+        assert "val_accuracy_std" in run.data.metrics and "test_accuracy" in run.data.metrics
+        if seeds > 1:  # two Train runs side by side: their mean, and a spread between them
+            assert run.data.metrics["val_accuracy_std"] > 0
