@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_METHODS, tiny_base
+from tiny_models import ALL_METHODS, tiny_base
 
 from graphlora.config import MoELoRAConfig
 from graphlora.inject import (
