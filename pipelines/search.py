@@ -30,6 +30,7 @@ import importlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,9 +91,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: `backend`, `adapter` and `training` dicts (the dataclasses are built here, at the
-            library's edge); optionally `hub` (a `TrialHub`), `trial_id` and `verdict_wait_s`:
-            after its k-th evaluation the run waits up to that long for the scheduler's verdict
-            on iteration k, and returns if the trial must stop.
+            library's edge); optionally `save_adapter` (rank 0 attaches the trained adapter
+            folder to the final report as a checkpoint), `hub` (a `TrialHub`), `trial_id` and
+            `verdict_wait_s`: after its k-th evaluation the run waits up to that long for the
+            scheduler's verdict on iteration k, and returns if the trial must stop.
     """
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
@@ -116,8 +118,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             stop = ray.get(hub.should_stop.remote(config["trial_id"], evals, wait_s))
         return bool(broadcast_from_rank_zero(stop) if world > 1 else stop)
 
-    final = run_training(train_cfg, adapter_cfg, on_eval=on_eval)
-    ray.train.report({**final, "final": 1})
+    if not config.get("save_adapter"):
+        final = run_training(train_cfg, adapter_cfg, on_eval=on_eval)
+        ray.train.report({**final, "final": 1})
+        return
+    # The trained adapter travels back as the run's last checkpoint (storage_path), so the caller
+    # gets it from `Result.checkpoint` wherever this worker ran.
+    with tempfile.TemporaryDirectory(prefix="graphlora-adapter-") as tmp:
+        train_cfg = dataclasses.replace(train_cfg, output_dir=tmp)
+        final = run_training(train_cfg, adapter_cfg, on_eval=on_eval)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report({**final, "final": 1}, checkpoint=checkpoint)
 
 
 # --- layer 2: one Tune trial --------------------------------------------------------------------
