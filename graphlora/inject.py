@@ -295,6 +295,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """
     config, _ = read_adapter_config(path)
     inject_adapter(model, config)
+    return load_adapter_weights(model, path)
+
+
+def load_adapter_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the adapter weights and graph saved in ``path`` into a model already carrying the
+    same adapter (``inject_adapter``); the base weights are untouched. Returns the model."""
     state = load_file(str(Path(path) / WEIGHTS_NAME))
     expected = set(adapter_state_dict(model))
     missing, unexpected = expected - set(state), set(state) - expected

@@ -22,6 +22,7 @@ import random
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from graphlora.checkpoint import load_training_state, save_training_state
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DatasetSplits, Example, load_task
 from graphlora.evaluate import EvalResult, encode_pair, evaluate_examples, pad_batch
@@ -43,7 +45,9 @@ from graphlora.inject import (
 )
 from graphlora.models import load_model_and_tokenizer
 
-OnEval = Callable[[int, dict[str, float]], "bool | None"]
+# on_eval(step, metrics) -> stop?; with run_training(checkpoint=True): on_eval(step, metrics,
+# state_dir), state_dir a temporary checkpoint folder on rank 0 (None on other ranks).
+OnEval = Callable[..., "bool | None"]
 OnStep = Callable[[int, torch.nn.Module], None]
 
 
@@ -238,6 +242,8 @@ def run_training(
     on_eval: OnEval | None = None,
     on_step: OnStep | None = None,
     data: DatasetSplits | None = None,
+    checkpoint: bool = False,
+    resume_from: str | Path | None = None,
 ) -> dict[str, float]:
     """Fine-tune ``train_cfg.model`` with the adapter on ``train_cfg.dataset``; return metrics.
 
@@ -248,6 +254,11 @@ def run_training(
             True stops the run (the decision is all-reduced, so ranks stop together).
         on_step: called on every rank after each optimizer step with ``(step, model)``.
         data: pre-loaded splits (else loaded from ``train_cfg.dataset``).
+        checkpoint: after each evaluation, rank 0 writes the full training state to a temporary
+            folder (``graphlora.checkpoint``) and passes it to ``on_eval`` as a third argument
+            (other ranks get None); the folder is deleted when ``on_eval`` returns.
+        resume_from: a checkpoint folder to continue from (same adapter and training settings);
+            the run goes on from its step with the same data order and learning rates.
 
     Returns:
         Final flat metrics: ``val_accuracy``, ``val_loss``, ``best_val_accuracy``,
@@ -257,6 +268,7 @@ def run_training(
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (on every rank at once).
+        CheckpointError: ``resume_from`` is not a checkpoint of this configuration.
     """
     cfg = train_cfg
     rank, world = _world()
@@ -309,10 +321,20 @@ def run_training(
     best_val = 0.0
     train_time = 0.0
     samples = 0
+    start = 0
+    shape = _run_shape(cfg, info.to_dict())
+    if resume_from is not None:
+        progress, order = load_training_state(
+            resume_from, model, opt, order_rng=order_rng, expect={"run": shape}
+        )
+        start, best_val = int(progress["step"]), float(progress["best_val"])
+        train_time, samples = float(progress["train_time"]), int(progress["samples"])
+        metrics = dict(progress["metrics"])
+        _log(f"[graphlora] resumed from {resume_from} at step {start}/{cfg.max_steps}")
     loss_acc, aux_acc, loss_n = 0.0, {}, 0
     stopped_early = False
     model.train()
-    for step in range(cfg.max_steps):
+    for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(step, cfg)
@@ -384,7 +406,29 @@ def run_training(
                 f"val_loss {res.loss:.4f} (best {best_val:.4f})"
             )
             loss_acc, aux_acc, loss_n = 0.0, {}, 0
-            stop = bool(on_eval(done, dict(metrics))) if on_eval is not None else False
+            if checkpoint:
+                with tempfile.TemporaryDirectory(prefix="graphlora-ckpt-") as tmp:
+                    state_dir = None
+                    if rank == 0:
+                        progress = {
+                            "step": done,
+                            "best_val": best_val,
+                            "train_time": train_time,
+                            "samples": samples,
+                            "metrics": metrics,
+                        }
+                        state_dir = save_training_state(
+                            tmp,
+                            model,
+                            opt,
+                            progress,
+                            order_rng=order_rng,
+                            order=order,
+                            metadata={"base_model": info.to_dict(), "run": shape},
+                        )
+                    stop = bool(on_eval(done, dict(metrics), state_dir)) if on_eval else False
+            else:
+                stop = bool(on_eval(done, dict(metrics))) if on_eval is not None else False
             flag = _all_reduce_sum(torch.tensor([float(stop)], device=device))
             if flag.item() > 0 and done < cfg.max_steps:
                 stopped_early = True
@@ -400,6 +444,24 @@ def run_training(
     if cfg.output_dir and rank == 0:
         save_adapter(model, cfg.output_dir, metadata={"base_model": info.to_dict()})
     return metrics
+
+
+# Settings that do not change what a run computes; a checkpoint may be resumed under other values.
+_NOT_RUN_SHAPING = {
+    "output_dir",
+    "log_every",
+    "eval_batch_size",
+    "device",
+    "inject_nan_at_step",
+    "eval_test",
+    "max_test_examples",
+}
+
+
+def _run_shape(cfg: TrainConfig, base_model: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by this run (JSON-ready)."""
+    run = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_RUN_SHAPING}
+    return json.loads(json.dumps({**run, "base_model": base_model.get("name")}, default=str))
 
 
 def run_seeds(
