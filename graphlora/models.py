@@ -442,3 +442,43 @@ def _hub_offline() -> bool:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_model_reference(name_or_path: str, *, revision: str | None = None) -> str:
+    """Check that a model reference can be loaded, without loading weights; return its kind.
+
+    Presets are known; a local directory must hold a ``config.json``; a Hub id's config is
+    fetched (or read from the local cache when offline), which is small and fast. Used to refuse
+    a bad ``model:`` before a search starts any worker.
+
+    Raises:
+        ModelLoadError: One line saying what is wrong and what to use instead.
+    """
+    if name_or_path in PRESETS:
+        return "preset"
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"Local model directory {str(path)!r} has no config.json; it should hold the "
+                "output of model.save_pretrained() and tokenizer.save_pretrained()."
+            )
+        return "local"
+    if _looks_like_path(name_or_path):
+        raise ModelLoadError(
+            f"Model path {name_or_path!r} does not exist. Give an existing directory holding a "
+            f"save_pretrained() checkpoint, a preset ({', '.join(sorted(PRESETS))}) or a "
+            "Hugging Face Hub id such as 'Qwen/Qwen2-0.5B'."
+        )
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as err:
+        offline = " (offline mode is on: HF_HUB_OFFLINE=1)" if _hub_offline() else ""
+        raise ModelLoadError(
+            f"Unknown model {name_or_path!r}: not a preset ({', '.join(sorted(PRESETS))}), not "
+            f"a local directory, and the Hugging Face Hub has no config for it{offline}: "
+            f"{_first_line(err)}"
+        ) from err
+    return "hub"
