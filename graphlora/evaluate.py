@@ -105,6 +105,11 @@ def score_examples(
     return scores, lengths
 
 
+def choose(scores: Sequence[float]) -> int:
+    """Index of the predicted candidate: the highest score, the first one on a tie."""
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
 @dataclass
 class EvalResult:
     """Accuracy and loss over a set of examples (sums kept so ranks can be all-reduced)."""
@@ -138,7 +143,7 @@ def evaluate_examples(
     scores, lengths = score_examples(
         model, tokenizer, examples, batch_size=batch_size, max_length=max_length, device=device
     )
-    preds = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    preds = [choose(s) for s in scores]
     correct = sum(int(p == ex.label) for p, ex in zip(preds, examples, strict=True))
     nll_sum = -sum(s[ex.label] for s, ex in zip(scores, examples, strict=True))
     nll_tokens = sum(n[ex.label] for n, ex in zip(lengths, examples, strict=True))
