@@ -1,0 +1,181 @@
+"""Accuracy of a trained adapter or a registered model on any supported dataset.
+
+    python pipelines/evaluate.py --model models:/graphlora-synthetic@champion
+    python pipelines/evaluate.py --adapter ~/.graphlora/final/<name>/seed0 --dataset synthetic
+    python pipelines/evaluate.py --model runs:/<run id>/model --dataset boolq \\
+        --data-dir ../shared/datasets/commonsense --split validation --log-to-mlflow
+
+`--model` takes any MLflow model URI of a promoted model (`models:/<name>@<alias>`,
+`models:/<name>/<version>`, `runs:/<run id>/model`) and predicts through its pyfunc, as a
+service would; `--adapter` takes a model folder (`package_model`) or a bare adapter folder and
+scores with the library directly. The dataset defaults to the one the model was promoted on.
+Prints one line: accuracy, counts, dataset and split. Bad input is one `error: ...` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # `python pipelines/evaluate.py`: make `pipelines` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.tracking import Tracker, TrackingError, _check_store, tracking_uri
+
+SPLITS = ("test", "validation", "train")
+
+
+class EvaluationError(ValueError):
+    """One line saying what is wrong with the evaluation's input."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _pyfunc_predictor(uri: str) -> tuple[Any, dict[str, Any]]:
+    """(predict(examples) -> prediction indices, the model's graphlora metadata)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    store = tracking_uri()
+    _check_store(store)
+    mlflow.set_tracking_uri(store)
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as exc:
+        raise EvaluationError(f"--model {uri}: {_first_line(exc)}") from exc
+    meta = (model.metadata.metadata or {}).get("graphlora", {})
+
+    def predict(examples: list) -> list[int]:
+        frame = pd.DataFrame(
+            {
+                "prompt": [e.prompt for e in examples],
+                "candidates": [list(e.candidates) for e in examples],
+            }
+        )
+        return [int(i) for i in model.predict(frame)["prediction_index"]]
+
+    return predict, meta
+
+
+def _adapter_predictor(folder: str, base_model: str | None) -> tuple[Any, dict[str, Any]]:
+    from graphlora.inference import MultipleChoiceModel
+    from graphlora.models import ModelLoadError
+
+    try:
+        model = MultipleChoiceModel.load(Path(folder).expanduser(), base_model=base_model)
+    except (FileNotFoundError, ModelLoadError, ValueError) as exc:
+        raise EvaluationError(f"--adapter {folder}: {_first_line(exc)}") from exc
+    return (lambda examples: model.evaluate(examples).predictions), model.info
+
+
+def evaluate(
+    *,
+    model: str | None = None,
+    adapter: str | None = None,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    split: str = "test",
+    max_examples: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy of `model` (an MLflow model URI) or `adapter` (a folder) on a dataset split.
+
+    Returns:
+        `{"accuracy", "correct", "total", "dataset", "split", "source"}`.
+
+    Raises:
+        EvaluationError: One line, for any bad input.
+    """
+    from graphlora.data import DataError, load_task
+
+    if (model is None) == (adapter is None):
+        raise EvaluationError("give exactly one of --model URI and --adapter FOLDER")
+    if split not in SPLITS:
+        raise EvaluationError(f"--split {split}: use one of {', '.join(SPLITS)}")
+    if max_examples is not None and max_examples < 1:
+        raise EvaluationError(f"--max-examples {max_examples}: must be at least 1")
+    predictor, meta = _pyfunc_predictor(model) if model else _adapter_predictor(adapter, base_model)
+    if dataset is None:  # the model's own dataset, from where it was promoted
+        dataset, data_dir = meta.get("dataset"), data_dir or meta.get("data_dir")
+    if dataset is None:
+        raise EvaluationError("--dataset: the model does not say what it was trained on; name it")
+    try:
+        examples = getattr(load_task(dataset, data_dir=data_dir), split)
+    except DataError as exc:
+        raise EvaluationError(_first_line(exc)) from exc
+    examples = examples[:max_examples] if max_examples else examples
+    if not examples:
+        raise EvaluationError(f"dataset {dataset!r} has no {split} examples")
+    predictions = predictor(examples)
+    correct = sum(int(p == e.label) for p, e in zip(predictions, examples, strict=True))
+    return {
+        "accuracy": correct / len(examples),
+        "correct": correct,
+        "total": len(examples),
+        "dataset": dataset,
+        "split": split,
+        "source": model or str(adapter),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="MLflow model URI, e.g. models:/graphlora-synthetic@champion")
+    what.add_argument("--adapter", help="a model folder or an adapter folder")
+    parser.add_argument("--base-model", help="with a bare --adapter: the base to load instead")
+    parser.add_argument("--dataset", help="task name or path (default: the model's)")
+    parser.add_argument("--data-dir", help="folder laid out like shared/datasets/commonsense")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--max-examples", type=int, help="evaluate the first N examples only")
+    parser.add_argument(
+        "--log-to-mlflow",
+        nargs="?",
+        const="graphlora-eval",
+        metavar="EXPERIMENT",
+        help="log the result as an MLflow run (experiment default: %(const)s)",
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        tracker = Tracker(args.log_to_mlflow) if args.log_to_mlflow else None
+        result = evaluate(
+            model=args.model,
+            adapter=args.adapter,
+            base_model=args.base_model,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            split=args.split,
+            max_examples=args.max_examples,
+        )
+    except (EvaluationError, TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}) on "
+        f"{result['dataset']} {result['split']}: {result['source']}"
+    )
+    if tracker is not None:
+        run = tracker.start_run(
+            f"evaluate {result['dataset']} {result['split']}",
+            params={k: result[k] for k in ("source", "dataset", "split", "total")},
+            tags={"kind": "evaluation"},
+        )
+        tracker.log_metrics(run, {k: result[k] for k in ("accuracy", "correct", "total")})
+        tracker.log_text(run, json.dumps(result, indent=2), "evaluation.json")
+        tracker.finish(run, "completed")
+        print(f"MLflow run {run}: {tracker.ui_link()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,697 @@
+"""Promote the winner of a search: train it for real on Ray Train with several seeds, keep every
+seed's adapter, record it all in MLflow, and register a model that answers questions.
+
+    python pipelines/train.py --from-search graphlora-quickstart   # that experiment's latest search
+    python pipelines/train.py --from-search <search run id> --seeds 5
+    python pipelines/train.py --config ~/.graphlora/searches/<name>/best_config.yaml --seeds 0,1,2
+
+Steps:
+
+1. Read the best configuration: a `best_config.yaml` (as `pipelines/monitor.py` writes it), or
+   the `best_config.yaml` artifact of a finished MLflow search run (the search picked it by its
+   objective). Apply the command-line overrides and validate everything: the file, the config
+   dataclasses, the dataset, the model reference, the registry name. Any problem is one
+   `error: ...` line and exit status 2, before Ray starts or any MLflow run exists.
+2. Train one Ray Train run per seed (`train_fn_per_worker`, the search trials' own code path) with
+   `eval_test` on; each returns its metrics and its adapter as the run's checkpoint.
+3. Log one MLflow run (tag `graphlora.source_search_run` names the search run, or the file):
+   params, each seed's final metrics at step = seed index, their mean/std, the adapters under
+   `adapters/seed<k>/`.
+4. Package the adapter of the seed with the best validation objective with its pinned base model
+   (`graphlora.inference.package_model`), log it as a pyfunc model (`pipelines/serving.py`),
+   register it as a new version of `--model-name` and point `--alias` at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # `python pipelines/train.py`: make `pipelines` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml
+
+from pipelines.search import DEFAULT_BACKEND, TRAIN_POLL_S, init_ray, training_api
+from pipelines.space import SpaceError, _Checker, field_names
+from pipelines.tracking import Tracker, TrackingError, _check_store, graphlora_home, tracking_uri
+
+SOURCE_TAG = "graphlora.source_search_run"
+KIND = "final"  # `kind` tag of promotion runs (searches: search / stability)
+DEFAULT_EXPERIMENT = "graphlora-final"  # for --config; --from-search uses the search's experiment
+BEST_CONFIG = "best_config.yaml"
+_TOP_LEVEL = {"source", "objective", "scores", "adapter", "training"}
+# Training fields the promotion sets itself: a seed in the file is an error (the search writes
+# none, and --seeds would silently win); the others are overridden.
+_SET_HERE = {"seed", "output_dir", "eval_test"}
+# TrainConfig field -> the flag that overrides it (to blame the flag, not the file).
+_FLAGS = {
+    "max_steps": "--max-steps/--epochs",
+    "dataset": "--dataset",
+    "data_dir": "--data-dir",
+    "max_test_examples": "--max-test-examples",
+}
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+_ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
+
+
+class PromotionError(ValueError):
+    """The promotion cannot start; the message is one line saying what is wrong and what to do."""
+
+
+@dataclass
+class BestConfig:
+    """A validated best configuration, and where it came from."""
+
+    origin: str  # the file path, or "search run <id>"
+    adapter: dict[str, Any]
+    training: dict[str, Any]  # without seed
+    objective: dict[str, Any]
+    scores: dict[str, float] = field(default_factory=dict)
+    source: str = ""  # the search's own note: "<space file>: stability config-1 (trial 3)"
+    text: str = ""  # the file as read, logged with the run
+    search_run_id: str | None = None
+    experiment: str | None = None  # the search's experiment
+    resources: dict[str, Any] = field(default_factory=dict)  # the search space's `resources:`
+
+
+@dataclass
+class PromotionPlan:
+    """Everything `promote` needs, checked: built by `plan_promotion`."""
+
+    best: BestConfig
+    adapter: dict[str, Any]
+    training: dict[str, Any]  # effective, without seed
+    seeds: list[int]
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    worker_retries: int
+    model_name: str
+    alias: str
+    experiment: str
+    output_dir: Path
+    backend: str = DEFAULT_BACKEND
+
+    @property
+    def source_ref(self) -> str:
+        return self.best.search_run_id or self.best.origin
+
+
+@dataclass
+class PromotionResult:
+    run_id: str
+    model_name: str
+    version: str
+    alias: str
+    registered_seed: int
+    per_seed: list[dict[str, Any]]  # {"seed", **final metrics}
+    summary: dict[str, float]
+    output_dir: Path
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}@{self.alias}"
+
+
+# --- reading and validating the best configuration --------------------------------------------
+
+
+def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
+    """Validate a best-config document (keys, then the config dataclasses' own checks).
+
+    Raises:
+        SpaceError: One line naming the file, the key and its line.
+    """
+    try:
+        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
+    c = _Checker(name, root_node)
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{name}: expected a mapping with adapter: and training:, got {raw!r}")
+    for key in raw:
+        if key not in _TOP_LEVEL:
+            raise c.unknown(str(key), str(key), _TOP_LEVEL)
+    train_cls, adapter_cls, _ = training_api(backend)
+    sections = {}
+    for section, allowed in (
+        ("adapter", field_names(adapter_cls)),
+        ("training", field_names(train_cls)),
+    ):
+        if section not in raw:
+            raise SpaceError(f"{name}: {section}: missing required key")
+        values = c.mapping(section, raw[section])
+        for key in values:
+            if section == "training" and key == "seed":
+                raise c.error(f"{section}.{key}", "set by the promotion; use --seeds")
+            if key not in allowed:
+                raise c.unknown(f"{section}.{key}", key, allowed)
+        sections[section] = dict(values)
+    scores = c.mapping("scores", raw.get("scores") or {})
+    for key, value in scores.items():
+        c.value(f"scores.{key}", value, "number")
+    best = BestConfig(
+        origin=name,
+        adapter=sections["adapter"],
+        training=sections["training"],
+        objective=c.section("objective", raw.get("objective")),
+        scores=dict(scores),
+        source=str(raw.get("source") or ""),
+        text=text,
+    )
+    build_configs(best, best.training, c=c, backend=backend)
+    return best
+
+
+def build_configs(
+    best: BestConfig,
+    training: dict[str, Any],
+    *,
+    c: _Checker | None = None,
+    overridden: set[str] = frozenset(),
+    backend: str = DEFAULT_BACKEND,
+) -> tuple[Any, Any]:
+    """(TrainConfig, MoELoRAConfig) of a run, or a SpaceError blaming the file key or the flag."""
+    train_cls, adapter_cls, _ = training_api(backend)
+    c = c or _Checker(best.origin, None)
+    for section, cls, values in (
+        ("adapter", adapter_cls, best.adapter),
+        ("training", train_cls, {**training, "seed": 0}),
+    ):
+        try:
+            cls(**values)
+        except (TypeError, ValueError) as exc:
+            message = _first_line(exc)
+            key, _, why = message.partition(": ")
+            if section == "training" and key in overridden:
+                raise SpaceError(f"{_FLAGS[key]}: {why}") from exc
+            if key in values:
+                raise c.error(f"{section}.{key}", f"rejected by {cls.__name__}: {why}") from exc
+            raise SpaceError(
+                f"{best.origin}: {section}: rejected by {cls.__name__}: {message}"
+            ) from exc
+    return train_cls(**{**training, "seed": 0}), adapter_cls(**best.adapter)
+
+
+def read_best_config_file(path: str | Path) -> BestConfig:
+    """`parse_best_config` of a file."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise SpaceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_best_config(text, str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def find_search_run(client: Any, ref: str, uri: str) -> Any:
+    """The search run `ref` names: a run id, or an experiment name meaning its latest finished
+    search (a top-level run tagged kind=search, completed).
+
+    Raises:
+        PromotionError: No such run or experiment; not a search run; not finished.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    exp = client.get_experiment_by_name(ref)
+    if exp is None:
+        try:
+            run = client.get_run(ref)
+        except MlflowException:
+            raise PromotionError(
+                f"--from-search {ref}: no MLflow run with this id and no experiment of this name "
+                f"in {uri}; see `mlflow ui` for run ids"
+            ) from None
+    else:
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.kind = 'search'",
+            order_by=["attributes.start_time DESC"],
+        )
+        searches = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+        if not searches:
+            raise PromotionError(f"--from-search {ref}: experiment {ref!r} holds no search run")
+        done = [r for r in searches if _search_state(r) == "finished"]
+        if not done:
+            latest = searches[0]
+            raise PromotionError(
+                f"--from-search {ref}: experiment {ref!r} has no finished search; the latest, "
+                f"{latest.info.run_name} ({latest.info.run_id}), {_search_state(latest)}"
+            )
+        run = done[0]
+    tags = run.data.tags
+    if tags.get("kind") != "search" or MLFLOW_PARENT_RUN_ID in tags:
+        what = f"a {tags.get('kind', 'untagged')} run"
+        if MLFLOW_PARENT_RUN_ID in tags:
+            what += f" inside search run {tags[MLFLOW_PARENT_RUN_ID]}"
+        raise PromotionError(
+            f"--from-search {ref}: {run.info.run_name} is {what}, not a search run; pass the "
+            "search's run id or its experiment name"
+        )
+    state = _search_state(run)
+    if state != "finished":
+        raise PromotionError(
+            f"--from-search {ref}: search run {run.info.run_name} ({run.info.run_id}) {state}"
+        )
+    return run
+
+
+def _search_state(run: Any) -> str:
+    """'finished', or why a search run cannot be promoted (a phrase after its name)."""
+    status, tag = run.info.status, run.data.tags.get("status")
+    if status == "FINISHED" and tag == "completed":
+        return "finished"
+    if status == "RUNNING":
+        return "is still running (unfinished); wait for it to finish"
+    reason = run.data.tags.get("status_reason")
+    return f"did not finish ({status.lower()}{': ' + reason if reason else ''}); run a new search"
+
+
+def best_config_from_search(ref: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
+    """Download and validate the `best_config.yaml` of the search run `ref` names.
+
+    Raises:
+        PromotionError: See `find_search_run`; or the run has no best configuration.
+        SpaceError: The best configuration no longer validates.
+        TrackingError: The MLflow store is unreachable.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    _check_store(uri)
+    client = MlflowClient(uri)
+    run = find_search_run(client, ref, uri)
+    run_id = run.info.run_id
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if BEST_CONFIG not in names:
+        raise PromotionError(
+            f"--from-search {ref}: search run {run.info.run_name} ({run_id}) has no "
+            f"{BEST_CONFIG} (no trial finished); run a new search"
+        )
+    with tempfile.TemporaryDirectory(prefix="graphlora-best-") as tmp:
+        text = Path(client.download_artifacts(run_id, BEST_CONFIG, tmp)).read_text()
+        space = {}
+        if "space.yaml" in names:
+            space = yaml.safe_load(
+                Path(client.download_artifacts(run_id, "space.yaml", tmp)).read_text()
+            )
+    best = parse_best_config(text, f"search run {run_id}: {BEST_CONFIG}", backend)
+    best.origin = f"search run {run_id}"
+    best.search_run_id = run_id
+    best.experiment = client.get_experiment(run.info.experiment_id).name
+    best.resources = dict((space or {}).get("resources") or {})
+    return best
+
+
+# --- the plan: every check, before Ray or MLflow runs ------------------------------------------
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`3` -> [0, 1, 2]; `0,1,2` or `7,` -> those seeds."""
+    try:
+        if "," not in text:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            return list(range(count))
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise PromotionError(
+            f"--seeds {text}: give a count (3 = seeds 0,1,2) or a comma list (0,1,2; 7, for one)"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise PromotionError(f"--seeds {text}: seeds must be distinct integers >= 0")
+    return seeds
+
+
+def default_model_name(dataset: str) -> str:
+    """`graphlora-<dataset>`, a path reduced to its last part."""
+    stem = Path(dataset).stem if ("/" in dataset or dataset.endswith(".json")) else dataset
+    return "graphlora-" + (re.sub(r"[^\w.-]+", "-", stem).strip("-.") or "model")
+
+
+def plan_promotion(
+    *,
+    config: str | Path | None = None,
+    from_search: str | None = None,
+    seeds: str = "3",
+    max_steps: int | None = None,
+    epochs: float | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    max_test_examples: int | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    worker_retries: int = 2,
+    model_name: str | None = None,
+    alias: str = "champion",
+    experiment: str | None = None,
+    output_dir: str | Path | None = None,
+) -> PromotionPlan:
+    """Read, override and check everything a promotion needs; starts nothing, writes nothing.
+
+    Exactly one of `config` (a best_config.yaml) and `from_search` (run id or experiment name).
+    Resources default to the search space's `resources:` (when known), else 1 worker, 1 CPU.
+
+    Raises:
+        PromotionError, SpaceError, TrackingError: One line each.
+    """
+    from graphlora.data import DataError, load_task
+    from graphlora.models import ModelLoadError, check_model_reference
+
+    if (config is None) == (from_search is None):
+        raise PromotionError(
+            "give exactly one of --config FILE and --from-search RUN_OR_EXPERIMENT"
+        )
+    best = read_best_config_file(config) if config else best_config_from_search(from_search)
+    seed_list = parse_seeds(seeds)
+    if max_steps is not None and epochs is not None:
+        raise PromotionError("give one of --max-steps and --epochs")
+    overrides = {
+        "dataset": dataset,
+        "data_dir": data_dir,
+        "max_steps": max_steps,
+        "max_test_examples": max_test_examples,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    training = {k: v for k, v in best.training.items() if k not in _SET_HERE}
+    training.update(overrides, eval_test=True)
+    train_cfg, _ = build_configs(best, training, overridden=set(overrides))
+    try:
+        data = load_task(train_cfg.dataset, data_dir=train_cfg.data_dir)
+        check_model_reference(train_cfg.model, revision=train_cfg.model_revision)
+    except (DataError, ModelLoadError) as exc:
+        raise PromotionError(_first_line(exc)) from exc
+    if not data.test:
+        raise PromotionError(f"dataset {train_cfg.dataset!r} has no test split to report on")
+    if epochs is not None:
+        if epochs <= 0:
+            raise PromotionError(f"--epochs {epochs}: must be above 0")
+        training["max_steps"] = max(1, math.ceil(epochs * len(data.train) / train_cfg.batch_size))
+    res = best.resources
+    workers = workers if workers is not None else int(res.get("workers_per_trial", 1))
+    cpus = cpus_per_worker if cpus_per_worker is not None else res.get("cpus_per_worker", 1)
+    gpus = gpus_per_worker if gpus_per_worker is not None else res.get("gpus_per_worker", 0)
+    for flag, value, low in (
+        ("--workers", workers, 1),
+        ("--cpus-per-worker", cpus, 1e-9),
+        ("--gpus-per-worker", gpus, 0),
+        ("--worker-retries", worker_retries, 0),
+    ):
+        if value < low:
+            raise PromotionError(f"{flag} {value}: must be {'above 0' if low else '0 or more'}")
+    name = model_name or default_model_name(train_cfg.dataset)
+    if not _NAME.match(name):
+        raise PromotionError(f"--model-name {name}: use letters, digits, '.', '_' and '-'")
+    if not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
+        raise PromotionError(
+            f"--alias {alias}: use letters, digits, '_' and '-' (not 'latest' or v<number>)"
+        )
+    experiment = experiment or best.experiment or DEFAULT_EXPERIMENT
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(output_dir or graphlora_home() / "final" / f"{name}-{stamp}").expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise PromotionError(f"--output-dir {out}: not empty; choose a new folder")
+    return PromotionPlan(
+        best=best,
+        adapter=dict(best.adapter),
+        training=training,
+        seeds=seed_list,
+        workers=workers,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+        worker_retries=worker_retries,
+        model_name=name,
+        alias=alias,
+        experiment=experiment,
+        output_dir=out,
+    )
+
+
+# --- the promotion ------------------------------------------------------------------------------
+
+
+def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> Any:
+    """One Ray Train run of one seed; returns its `Result` (metrics + adapter checkpoint)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.search import train_fn_per_worker
+
+    per_worker = {
+        "CPU": plan.cpus_per_worker,
+        **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {}),
+    }
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "backend": plan.backend,
+            "adapter": plan.adapter,
+            "training": {**plan.training, "seed": seed},
+            "save_adapter": True,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=plan.workers,
+            use_gpu=plan.gpus_per_worker > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=RunConfig(
+            name=f"{run_name}-seed{seed}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=plan.worker_retries),
+        ),
+    ).fit()
+
+
+def _side_by_side(plan: PromotionPlan, out: Any) -> int:
+    """How many seeds fit on the cluster at once (at least 1; say so when not even one does)."""
+    import ray
+
+    need = {"CPU": plan.cpus_per_worker * plan.workers, "GPU": plan.gpus_per_worker * plan.workers}
+    have = ray.cluster_resources()
+    fits = min((int(have.get(k, 0) // v) for k, v in need.items() if v > 0), default=1)
+    if fits < 1:
+        print(
+            f"warning: a seed needs {need['CPU']:g} CPU / {need['GPU']:g} GPU and the cluster has "
+            f"{have.get('CPU', 0):g} / {have.get('GPU', 0):g}; waiting for nodes",
+            file=out,
+            flush=True,
+        )
+    return max(1, min(fits, len(plan.seeds)))
+
+
+def _pick_seed(plan: PromotionPlan, per_seed: list[dict[str, Any]]) -> int:
+    """Index of the seed to register: best validation objective (never test), first on a tie."""
+    metric, mode = plan.best.objective["metric"], plan.best.objective["mode"]
+    values = [m.get(metric) for m in per_seed]
+    if any(not isinstance(v, int | float) for v in values):
+        return 0
+    best = max(values) if mode == "max" else min(values)
+    return values.index(best)
+
+
+def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
+    """Train the plan's seeds on Ray Train, record the run in MLflow, register the model.
+
+    Needs a running Ray (`init_ray`). The MLflow run is marked failed if anything fails, and no
+    model version is registered then.
+    """
+    from graphlora.inference import package_model
+    from graphlora.train import summarize_seeds
+    from pipelines.serving import log_and_register
+
+    out = out or sys.stdout
+    storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    tracker = Tracker(plan.experiment)
+    t = plan.training
+    run_name = f"final-{plan.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracker.start_run(
+        run_name,
+        params={
+            "source": plan.source_ref,
+            "seeds": ",".join(map(str, plan.seeds)),
+            "workers": plan.workers,
+            "gpus_per_worker": plan.gpus_per_worker,
+            **{f"adapter.{k}": v for k, v in plan.adapter.items()},
+            **{f"training.{k}": v for k, v in t.items()},
+        },
+        tags={"kind": KIND, SOURCE_TAG: plan.source_ref, "graphlora.source": plan.best.source},
+    )
+    tracker.log_text(run_id, plan.best.text, BEST_CONFIG)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"promote {plan.best.origin}: {plan.adapter.get('method')} on {t['model']} / "
+        f"{t['dataset']}, {t['max_steps']} steps, seeds "
+        f"{','.join(map(str, plan.seeds))}; MLflow: {tracker.ui_link()}",
+        file=out,
+        flush=True,
+    )
+    try:
+        per_seed = [None] * len(plan.seeds)
+        started = time.monotonic()
+        with ThreadPoolExecutor(_side_by_side(plan, out), thread_name_prefix="seed") as pool:
+            jobs = {
+                pool.submit(_fit_seed, plan, seed, storage, run_name): i
+                for i, seed in enumerate(plan.seeds)
+            }
+            for job in as_completed(jobs):
+                i = jobs[job]
+                seed, result = plan.seeds[i], job.result()
+                folder = plan.output_dir / f"seed{seed}"
+                result.checkpoint.to_directory(str(folder))
+                metrics = {k: v for k, v in result.metrics.items() if k not in ("final", "step")}
+                per_seed[i] = {"seed": seed, **metrics}
+                tracker.log_metrics(run_id, metrics, step=i)
+                tracker.client.log_artifacts(run_id, str(folder), f"adapters/seed{seed}")
+                print(
+                    f"seed {seed} ({sum(p is not None for p in per_seed)}/{len(plan.seeds)}): "
+                    f"test_accuracy={metrics['test_accuracy']:.4f} "
+                    f"val_accuracy={metrics.get('val_accuracy', float('nan')):.4f} "
+                    f"[{time.monotonic() - started:.0f} s]",
+                    file=out,
+                    flush=True,
+                )
+        summary = summarize_seeds(per_seed)
+        tracker.log_metrics(run_id, summary)
+        k = _pick_seed(plan, per_seed)
+        chosen = per_seed[k]
+        facts = {
+            "source_run_id": run_id,
+            "source_search_run": plan.source_ref,
+            "seed": chosen["seed"],
+            "test_accuracy": chosen["test_accuracy"],
+            "dataset": t["dataset"],
+            "data_dir": t.get("data_dir"),
+            "max_test_examples": t.get("max_test_examples"),
+        }
+        model_dir = package_model(
+            plan.output_dir / f"seed{chosen['seed']}",
+            plan.output_dir / "model",
+            max_length=t.get("max_length", 512),
+            batch_size=t.get("eval_batch_size", 64),
+            metadata=facts,
+        )
+        version = log_and_register(
+            run_id,
+            model_dir,
+            name=plan.model_name,
+            alias=plan.alias,
+            metadata=facts,
+            description=(
+                f"{plan.adapter.get('method')} adapter on {t['model']} for {t['dataset']}, seed "
+                f"{chosen['seed']} (test_accuracy {chosen['test_accuracy']:.4f}; over seeds "
+                f"{summary['test_accuracy_mean']:.4f} +- {summary['test_accuracy_std']:.4f}), "
+                f"promoted from {plan.source_ref}"
+            ),
+        )
+        tracker.set_tags(
+            run_id,
+            {
+                "graphlora.registered_model": f"{plan.model_name}/{version}",
+                "graphlora.registered_seed": chosen["seed"],
+            },
+        )
+        tracker.finish(run_id, "completed")
+    except BaseException as exc:
+        tracker.finish(run_id, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
+        raise
+    print(
+        f"final: test_accuracy {summary['test_accuracy_mean']:.4f} +- "
+        f"{summary['test_accuracy_std']:.4f} over seeds {','.join(map(str, plan.seeds))}\n"
+        f"registered: models:/{plan.model_name}@{plan.alias} = version {version} "
+        f"(seed {chosen['seed']}, test_accuracy {chosen['test_accuracy']:.4f})\n"
+        f"adapters: {plan.output_dir}\nMLflow run {run_id}: {tracker.ui_link()}",
+        file=out,
+        flush=True,
+    )
+    return PromotionResult(
+        run_id,
+        plan.model_name,
+        version,
+        plan.alias,
+        chosen["seed"],
+        per_seed,
+        summary,
+        plan.output_dir,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2: nothing started, 1: training failed)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a best_config.yaml written by a search")
+    src.add_argument(
+        "--from-search",
+        metavar="RUN_OR_EXPERIMENT",
+        help="an MLflow search run id, or an experiment name (its latest finished search)",
+    )
+    parser.add_argument(
+        "--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list (0,1,2); default 3"
+    )
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, help="optimizer steps (default: the search's)")
+    steps.add_argument(
+        "--epochs", type=float, help="passes over the train split (sets max_steps from its size)"
+    )
+    parser.add_argument("--dataset", help="task name or path (default: the search's)")
+    parser.add_argument("--data-dir", help="folder laid out like shared/datasets/commonsense")
+    parser.add_argument("--max-test-examples", type=int, help="cap on test examples (default all)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers per seed (DDP)")
+    parser.add_argument("--cpus-per-worker", type=float)
+    parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument(
+        "--worker-retries", type=int, default=2, help="restarts of a seed's run when a worker dies"
+    )
+    parser.add_argument("--model-name", help="registered model name (default graphlora-<dataset>)")
+    parser.add_argument("--alias", default="champion", help="registry alias (default: %(default)s)")
+    parser.add_argument(
+        "--experiment", help=f"MLflow experiment (default: the search's, else {DEFAULT_EXPERIMENT})"
+    )
+    parser.add_argument(
+        "--output-dir", help="where the adapters go (default $GRAPHLORA_HOME/final/<name>-<time>)"
+    )
+    args = parser.parse_args(argv)
+    # Artifact progress bars would break the one-line errors (and clutter the progress lines).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        plan = plan_promotion(**{k: v for k, v in vars(args).items() if v is not None})
+        Tracker(plan.experiment)  # fail fast on the store, before Ray starts
+    except (PromotionError, SpaceError, TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    init_ray()
+    try:
+        promote(plan)
+    except Exception as exc:
+        from pipelines.monitor import error_line
+
+        print(f"error: promotion failed: {error_line(str(exc))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from pipelines.train import main as _main  # run from the module, so Ray pickles by reference
+
+    raise SystemExit(_main())

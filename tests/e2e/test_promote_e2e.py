@@ -1,0 +1,104 @@
+"""End to end on a real local Ray (2 CPUs) and a real MLflow store: a small search, promotion of
+its best configuration from the MLflow search run (2 seeds on Ray Train), and the registered model
+loaded through `mlflow.pyfunc` answering held-out questions with the accuracy the run reported."""
+
+from __future__ import annotations
+
+import io
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from graphlora.data import load_task
+from pipelines import train
+from pipelines.search import load_search_space, run_search
+from pipelines.tracking import tracking_uri
+
+HANDFUL = 16  # held-out test examples the promotion reports on and the served model answers
+
+SPACE = """\
+model: tiny-qwen2
+dataset: synthetic
+method: graphlora
+adapter: {{gcn_hidden: 16, gcn_layers: 1}}
+training: {{batch_size: 4, max_eval_examples: 32, max_test_examples: {handful}}}
+search:
+  learning_rate: {{type: loguniform, low: 1.0e-3, high: 3.0e-2}}
+  num_experts: {{type: categorical, values: [2, 4]}}
+  top_k: {{type: int, low: 1, high: 2}}
+budget: {{trials: 2, max_steps: 20, eval_every: 10}}
+resources: {{workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}}
+mlflow: {{experiment: {experiment}}}
+"""
+
+
+def test_search_promote_register_and_serve(ray_cluster, graphlora_home, tmp_path, capsys):
+    experiment, name = f"promote-{tmp_path.name}", f"graphlora-e2e-{tmp_path.name}"
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.format(handful=HANDFUL, experiment=experiment))
+    search = run_search(load_search_space(path), output_dir=tmp_path / "search", out=io.StringIO())
+    assert search.best is not None
+
+    code = train.main(
+        [
+            "--from-search",
+            experiment,  # the experiment's latest finished search
+            "--seeds",
+            "2",
+            "--max-steps",
+            "10",
+            "--max-test-examples",
+            str(HANDFUL),
+            "--model-name",
+            name,
+            "--output-dir",
+            str(tmp_path / "final"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "seed 0 (" in printed and "seed 1 (" in printed
+    assert f"registered: models:/{name}@champion = version 1" in printed
+
+    # One MLflow run, linked to the search run, with each seed's metrics and adapter.
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'final'")
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+    assert run.data.tags[train.SOURCE_TAG] == search.parent_run_id
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert "test_accuracy_mean" in run.data.metrics and "test_accuracy_std" in run.data.metrics
+    adapters = {a.path for a in client.list_artifacts(run.info.run_id, "adapters")}
+    assert adapters == {"adapters/seed0", "adapters/seed1"}
+    seed_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapters/seed0")}
+    assert {"adapters/seed0/adapter_model.safetensors", "adapters/seed0/adapter_config.json"} <= (
+        seed_files
+    )
+
+    # The registry holds the version and the alias, made from this run.
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    # Served through mlflow.pyfunc, the model answers the held-out handful with exactly the
+    # accuracy the training run reported for the registered seed.
+    seed = int(run.data.tags["graphlora.registered_seed"])
+    reported = {m.step: m.value for m in history}[[0, 1].index(seed)]
+    mlflow.set_tracking_uri(tracking_uri())
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    handful = load_task("synthetic").test[:HANDFUL]
+    out = model.predict(
+        pd.DataFrame(
+            {
+                "prompt": [e.prompt for e in handful],
+                "candidates": [list(e.candidates) for e in handful],
+            }
+        )
+    )
+    correct = sum(int(p == e.label) for p, e in zip(out["prediction_index"], handful, strict=True))
+    assert correct / HANDFUL == reported
+    assert list(out["prediction"]) == [
+        e.candidates[p] for p, e in zip(out["prediction_index"], handful, strict=True)
+    ]
