@@ -132,3 +132,17 @@ def _as_tuple(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_as_tuple(v) for v in value)
     return value
+
+
+def read_progress(path: str | Path) -> tuple[int, dict[str, float]]:
+    """``(step, metrics of the evaluation at that step)`` of a checkpoint folder, without a model.
+
+    Raises:
+        CheckpointError: the folder holds no readable training state.
+    """
+    file = Path(path) / STATE_NAME
+    try:
+        progress = torch.load(file, map_location="cpu", weights_only=True)["progress"]
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err
+    return int(progress["step"]), dict(progress["metrics"])

@@ -4,6 +4,7 @@ files written at the end (results CSV, stability CSV, best config YAML)."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import statistics
 import sys
@@ -28,6 +29,7 @@ _SKIP_METRICS = {
     "pid",
     "iterations_since_restore",
     "done",
+    "resumed",
 }
 
 
@@ -102,7 +104,67 @@ class SearchMonitor(tune.Callback):
             f"to go {max(self.total - len(by), 0)}]"
         )
 
+    def adopt_runs(self, runs: list[Any]) -> None:
+        """Take over this stage's MLflow runs from before a resume (`Tracker.child_runs`).
+
+        Finished ones become rows as they were; unfinished ones are reused when Ray Tune
+        restarts their trial (`on_trial_start`), so a resumed search never duplicates a run.
+        """
+        for r in sorted(runs, key=lambda r: r.info.start_time):
+            tags, trial_id = r.data.tags, r.data.tags.get("trial_id")
+            if not trial_id or tags.get("kind") != self.stage:
+                continue
+            metrics = dict(r.data.metrics)
+            evals = self.tracker.client.get_metric_history(r.info.run_id, "evals")
+            self.records[trial_id] = {
+                "trial": len(self.records) + 1,
+                "trial_id": trial_id,
+                "name": r.info.run_name,
+                "params": json.loads(tags.get("trial_params", "{}")),
+                "run": json.loads(tags["stability_run"]) if "stability_run" in tags else None,
+                "run_id": r.info.run_id,
+                "status": tags.get("status", "running"),
+                "reason": tags.get("status_reason"),
+                "evals": len(evals),
+                "last": metrics,
+                "last_step": max((m.step for m in evals), default=0),
+                "worker_failures": int(metrics.get("worker_failures", 0)),
+                "kept": tags.get("status", "running") != "running",  # ended before the resume
+            }
+
+    def ended(self) -> dict[str, dict | None]:
+        """Adopted trials that had ended: id -> last metrics (None when it failed)."""
+        return {
+            tid: (None if rec["status"] == FAILED else dict(rec["last"]))
+            for tid, rec in self.records.items()
+            if rec.get("kept")
+        }
+
+    def close_unfinished(self) -> list[str]:
+        """After the stage: runs still `running` belong to trials Ray Tune never resumed (the
+        driver died before Tune saved them). Close them as failed, so MLflow shows no run that
+        will never end; returns their trial ids."""
+        lost = []
+        for trial_id, rec in self.records.items():
+            if rec["status"] == "running":
+                rec["status"] = FAILED
+                rec["reason"] = (
+                    "interrupted: the search driver stopped before Ray Tune saved this trial"
+                )
+                self.tracker.finish(rec["run_id"], FAILED, rec["reason"])
+                self._print(f"{rec['name']} {FAILED} ({rec['reason']})")
+                lost.append(trial_id)
+        return lost
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        rec = self.records.get(trial.trial_id)
+        if rec is not None and rec.get("kept"):
+            self._print(f"{rec['name']} had ended ({rec['status']}) before the resume; kept")
+            return
+        if rec is not None:  # resumed: same MLflow run, continued
+            rec["status"] = "running"
+            self._print(f"{rec['name']} resumed at eval {rec['evals']} {self._counts()}")
+            return
         number = len(self.records) + 1
         run = trial.config.get("_run")
         if run:  # stability: one seed of one top config
@@ -117,11 +179,11 @@ class SearchMonitor(tune.Callback):
                     str(self.space.seed + i) for i in range(self.space.seeds_per_trial)
                 )
             }
+        tags = {"kind": self.stage, "trial_id": trial.trial_id, "trial_params": json.dumps(params)}
+        if run:
+            tags["stability_run"] = json.dumps(run)
         run_id = self.tracker.start_run(
-            name,
-            parent_run_id=parent,
-            params={**params, **extra},
-            tags={"kind": self.stage, "trial_id": trial.trial_id},
+            name, parent_run_id=parent, params={**params, **extra}, tags=tags
         )
         self.records[trial.trial_id] = {
             "trial": number,
@@ -133,6 +195,8 @@ class SearchMonitor(tune.Callback):
             "status": "running",
             "evals": 0,
             "last": {},
+            "last_step": 0,
+            "worker_failures": 0,
         }
         self._print(f"{name} started: {_params_str(params)} {self._counts()}")
 
@@ -140,12 +204,29 @@ class SearchMonitor(tune.Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         rec = self.records[trial.trial_id]
-        metrics = {k: v for k, v in result.items() if k not in _SKIP_METRICS}
-        self.tracker.log_metrics(rec["run_id"], metrics, step=int(result.get("step", 0)))
-        rec["last"].update(metrics)
-        if result.get("final"):
+        if rec.get("kept"):
             return
+        step = int(result.get("step", 0))
+        metrics = {k: v for k, v in result.items() if k not in _SKIP_METRICS}
+        failures = int(result.get("worker_failures", 0))
+        log = str(result.get("recovery_log", ""))
+        if log and log != rec.get("recovery_log"):
+            rec["recovery_log"] = log
+            self.tracker.set_tags(rec["run_id"], {"worker_failures": failures, "recovery_log": log})
+        if failures > rec["worker_failures"]:
+            rec["worker_failures"] = failures
+            self._print(f"{rec['name']} worker failure {failures}, Ray Train restarts it: {log}")
+        if result.get("final"):  # only what the last evaluation did not already log
+            new = {k: v for k, v in metrics.items() if rec["last"].get(k) != v}
+            self.tracker.log_metrics(rec["run_id"], new, step=step)
+            rec["last"].update(metrics)
+            return
+        if step <= rec["last_step"]:
+            return  # already logged before a resume
         rec["evals"] += 1
+        rec["last_step"] = step
+        self.tracker.log_metrics(rec["run_id"], {**metrics, "evals": rec["evals"]}, step=step)
+        rec["last"].update(metrics)
         obj = result.get("objective")
         if obj is not None and (self.best is None or self.better(obj, self.best[0]) == obj):
             self.best = (obj, rec["trial"])
@@ -161,6 +242,8 @@ class SearchMonitor(tune.Callback):
 
     def _finish(self, trial: Any, status: str, reason: str | None) -> None:
         rec = self.records[trial.trial_id]
+        if rec.get("kept"):
+            return
         rec["status"], rec["reason"] = status, reason
         self.tracker.finish(rec["run_id"], status, reason)
         last = rec["last"]

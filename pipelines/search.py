@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -49,15 +51,11 @@ from pipelines.space import (
     field_names,
     load_space,
 )
-from pipelines.tracking import Tracker, TrackingError, graphlora_home
+from pipelines.tracking import STOPPED_EARLY_ASHA, Tracker, TrackingError, graphlora_home
 
-# The library's training function; "standin" is a fast fake used by the overhead benchmark.
 DEFAULT_BACKEND = "graphlora"
 # backend -> (module with TrainConfig and run_training, module with MoELoRAConfig)
-BACKENDS = {
-    "standin": ("pipelines.standin", "pipelines.standin"),
-    "graphlora": ("graphlora.train", "graphlora.config"),
-}
+BACKENDS = {"graphlora": ("graphlora.train", "graphlora.config")}
 OBJECTIVE = "objective"  # best-so-far score reported to ASHA and Optuna
 VERDICT_WAIT_S = 60.0  # longest a Train run waits for ASHA's verdict on an evaluation
 TRAIN_POLL_S = "0.25"  # Ray Train controller poll interval, unless the environment sets one
@@ -69,8 +67,11 @@ def training_api(backend: str = DEFAULT_BACKEND) -> tuple[type, type, Any]:
     return train_mod.TrainConfig, config_mod.MoELoRAConfig, train_mod.run_training
 
 
-def load_search_space(path: str | Path, backend: str = DEFAULT_BACKEND) -> SearchSpace:
-    """Load and validate a space file against the backend's config dataclasses."""
+def load_search_space(
+    path: str | Path, backend: str = DEFAULT_BACKEND, budget: dict[str, int] | None = None
+) -> SearchSpace:
+    """Load and validate a space file against the backend's config dataclasses (`budget`
+    overrides entries of its `budget:` section)."""
     train_cls, adapter_cls, _ = training_api(backend)
     methods = getattr(importlib.import_module(BACKENDS[backend][1]), "METHOD_PRESETS", None)
     space = load_space(
@@ -78,6 +79,7 @@ def load_search_space(path: str | Path, backend: str = DEFAULT_BACKEND) -> Searc
         adapter_fields=field_names(adapter_cls),
         training_fields=field_names(train_cls),
         methods=methods,
+        budget=budget,
     )
     check_constructible(space, train_cls, adapter_cls)
     return space
@@ -89,6 +91,12 @@ def load_search_space(path: str | Path, backend: str = DEFAULT_BACKEND) -> Searc
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Train one seed of one trial on this worker.
 
+    After every evaluation the full training state goes to Ray Train as a checkpoint; when a
+    worker dies, Ray Train restarts the group (`resources.worker_retries` times) and this function
+    continues from the last checkpoint, first re-reporting that checkpoint's evaluation (the trial
+    driver ignores what it has already seen). A resumed search restarts the run under the same
+    name and storage path, and Ray Train hands it the same checkpoint.
+
     Args:
         config: `backend`, `adapter` and `training` dicts (the dataclasses are built here, at the
             library's edge); optionally `save_adapter` (rank 0 attaches the trained adapter
@@ -99,36 +107,51 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
+    from graphlora.checkpoint import read_progress
+
     train_cls, adapter_cls, run_training = training_api(config["backend"])
     train_cfg, adapter_cfg = train_cls(**config["training"]), adapter_cls(**config["adapter"])
     hub, wait_s = config.get("hub"), config.get("verdict_wait_s", 0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    evals = 0
 
-    def on_eval(step: int, metrics: dict[str, float]) -> bool:
-        nonlocal evals
-        evals += 1
-        ray.train.report({**metrics, "step": step})
+    def on_eval(step: int, metrics: dict[str, float], state_dir: Path | None = None) -> bool:
+        checkpoint = ray.train.Checkpoint.from_directory(state_dir) if state_dir else None
+        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
         if hub is None:
             return False
         # Rank 0 decides and every rank follows, so all ranks leave the loop at the same step.
         stop = None
         if rank == 0:
-            stop = ray.get(hub.should_stop.remote(config["trial_id"], evals, wait_s))
+            iteration = eval_index(step, train_cfg.eval_every, train_cfg.max_steps)
+            stop = ray.get(hub.should_stop.remote(config["trial_id"], iteration, wait_s))
         return bool(broadcast_from_rank_zero(stop) if world > 1 else stop)
 
-    if not config.get("save_adapter"):
-        final = run_training(train_cfg, adapter_cfg, on_eval=on_eval)
-        ray.train.report({**final, "final": 1})
-        return
-    # The trained adapter travels back as the run's last checkpoint (storage_path), so the caller
-    # gets it from `Result.checkpoint` wherever this worker ran.
-    with tempfile.TemporaryDirectory(prefix="graphlora-adapter-") as tmp:
-        train_cfg = dataclasses.replace(train_cfg, output_dir=tmp)
-        final = run_training(train_cfg, adapter_cfg, on_eval=on_eval)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report({**final, "final": 1}, checkpoint=checkpoint)
+    with tempfile.TemporaryDirectory(prefix="graphlora-") as tmp:
+        resume_from = None
+        previous = ray.train.get_checkpoint()
+        if previous is not None:
+            resume_from = previous.to_directory(str(Path(tmp) / "resume"))
+            step, metrics = read_progress(resume_from)
+            # The driver may not have seen this evaluation (it died, or the worker did, between
+            # the checkpoint and the relay): say it again; the driver drops repeats.
+            ray.train.report({**metrics, "step": step, "resumed": 1})
+        if config.get("save_adapter"):
+            # The trained adapter travels back as the run's last checkpoint (storage_path), so
+            # the caller gets it from `Result.checkpoint` wherever this worker ran.
+            train_cfg = dataclasses.replace(train_cfg, output_dir=str(Path(tmp) / "adapter"))
+        final = run_training(
+            train_cfg, adapter_cfg, on_eval=on_eval, checkpoint=True, resume_from=resume_from
+        )
+        adapter = None
+        if config.get("save_adapter") and rank == 0:
+            adapter = ray.train.Checkpoint.from_directory(train_cfg.output_dir)
+        ray.train.report({**final, "final": 1}, checkpoint=adapter)
+
+
+def eval_index(step: int, eval_every: int, max_steps: int) -> int:
+    """Which evaluation of a run happens at `step` (1-based; the last step always evaluates)."""
+    return step // eval_every + (1 if step == max_steps and step % eval_every else 0)
 
 
 # --- layer 2: one Tune trial --------------------------------------------------------------------
@@ -144,6 +167,9 @@ class TrialPlan:
     storage_path: str
     hub: Any = None  # TrialHub handle; None: the trial makes its own
     verdict_wait_s: float = 0.0  # > 0 when a FlagASHAScheduler judges every evaluation
+    # On a resume: trials MLflow already holds as ended (id -> last metrics, None if failed).
+    # Ray Tune may restart one it had not yet saved as ended; it is answered, never re-run.
+    ended: dict[str, dict | None] = dataclasses.field(default_factory=dict)
 
 
 def _make_relay(hub: Any, trial_id: str, seed_index: int) -> Any:
@@ -159,6 +185,15 @@ def _make_relay(hub: Any, trial_id: str, seed_index: int) -> Any:
     class EvalRelay(UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
             ray.get(hub.put.remote(trial_id, seed_index, metrics[0]))
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+            # A worker died or raised; Ray Train restarts the group from the last checkpoint
+            # while retries last. The driver records it, so MLflow shows the failure.
+            errors = "; ".join(
+                f"rank {r}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+                for r, e in sorted(worker_exceptions.items())
+            )
+            ray.get(hub.put.remote(trial_id, seed_index, {"worker_error": errors[:1000]}))
 
     return EvalRelay()
 
@@ -189,16 +224,28 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     seed mean of every metric, `<objective metric>_std`, and `objective`: the best so far of
     `mean -/+ std_penalty * std` (Optuna is told the last value of a trial ASHA cut short, so it
     must be the best so far). A last report carries the final (test) metrics.
+
+    Every report carries a small Tune checkpoint of this driver's state (steps reported, best so
+    far, worker failures), so a resumed search continues the trial without repeating a report;
+    its Train runs continue from their own checkpoints (same run names, same storage path).
+    Worker failures are reported as `worker_failures` (count) and, with the checkpoints the Train
+    runs resumed from, as `recovery_log` (text).
     """
     import ray.train
     import ray.tune
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.asha import TrialHub
 
     space, obj = plan.space, plan.space.objective
     trial_id = ray.tune.get_context().get_trial_id()
+    if trial_id in plan.ended:
+        last = plan.ended[trial_id]
+        if last is None:
+            raise RuntimeError(f"trial {trial_id} had failed before the search was resumed")
+        ray.tune.report({**last, "final": 1})
+        return
     # Ray Train polls its workers (and so forwards reports) every 2 s by default; that is dead
     # time per evaluation that the verdict round trip would wait for. Read when the run starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
@@ -231,34 +278,41 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
                 name=f"{trial_id}-seed{seed}",
                 storage_path=plan.storage_path,
                 callbacks=[_make_relay(hub, trial_id, index)],
+                failure_config=FailureConfig(max_failures=res.worker_retries),
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
         ).fit()
 
+    state = _DriverState.load(ray.tune.get_checkpoint())
     evals: list[dict[int, dict]] = [{} for _ in seeds]  # per seed: step -> metrics
     finals: dict[int, dict] = {}
-    reported: set[int] = set()
-    best: float | None = None
     better = max if obj.mode == "max" else min
 
+    def report(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="graphlora-trial-") as tmp:
+            state.save(Path(tmp))
+            ray.tune.report(
+                {
+                    **metrics,
+                    "seeds": len(seeds),
+                    "worker_failures": len(state.failures),
+                    "recovery_log": " | ".join(state.log)[-2000:],
+                },
+                checkpoint=ray.tune.Checkpoint.from_directory(tmp),
+            )
+
     def flush(finished: set[int]) -> None:
-        nonlocal best
-        steps = sorted({s for e in evals for s in e} - reported)
+        steps = sorted({s for e in evals for s in e} - state.reported)
         for step in steps:
+            if step <= max(state.reported, default=0):
+                continue  # an older evaluation re-sent after a restart, already judged
             if not all(step in evals[i] or i in finished for i in range(len(seeds))):
                 return  # wait: a seed still running has not reached this step
             stats = _seed_stats([e[step] for e in evals if step in e])
             score = obj.score(stats[obj.metric], stats[f"{obj.metric}_std"])
-            best = score if best is None else better(best, score)
-            reported.add(step)
-            ray.tune.report(
-                {
-                    **stats,
-                    "step": step,
-                    "seeds": len(seeds),
-                    "objective_now": score,
-                    OBJECTIVE: best,
-                }
-            )
+            state.best = score if state.best is None else better(state.best, score)
+            state.reported.add(step)
+            report({**stats, "step": step, "objective_now": score, OBJECTIVE: state.best})
 
     with ThreadPoolExecutor(len(seeds), thread_name_prefix="seed") as pool:
         futures = [pool.submit(fit, i, s) for i, s in enumerate(seeds)]
@@ -273,6 +327,15 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
                     failed = True  # let the sibling seeds end at their next evaluation
                     ray.get(hub.request_stop.remote(trial_id, f"seed {seeds[i]} failed"))
             for index, metrics in mail:
+                if "worker_error" in metrics:
+                    state.failures.append(f"seed {seeds[index]}: {metrics['worker_error']}")
+                    state.log.append(state.failures[-1])
+                    continue
+                if metrics.get("resumed"):
+                    state.log.append(
+                        f"seed {seeds[index]}: resumed from its checkpoint at step "
+                        f"{int(metrics['step'])}"
+                    )
                 if metrics.get("final"):
                     finals[index] = metrics
                 else:
@@ -283,15 +346,36 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
             raise f.exception()
     flush(set(range(len(seeds))))
     last = _seed_stats([finals[i] for i in sorted(finals)])
-    ray.tune.report(
-        {
-            **last,
-            "step": max(max(e) for e in evals if e),
-            "seeds": len(seeds),
-            OBJECTIVE: best,
-            "final": 1,
+    report({**last, "step": max(state.reported, default=0), OBJECTIVE: state.best, "final": 1})
+
+
+@dataclass
+class _DriverState:
+    """What a trial driver must remember across a resumed search (its Tune checkpoint)."""
+
+    reported: set[int] = dataclasses.field(default_factory=set)
+    best: float | None = None
+    failures: list[str] = dataclasses.field(default_factory=list)  # worker errors
+    log: list[str] = dataclasses.field(default_factory=list)  # errors and resumes, in order
+
+    FILE = "driver_state.json"
+
+    def save(self, folder: Path) -> None:
+        doc = {
+            "reported": sorted(self.reported),
+            "best": self.best,
+            "failures": self.failures,
+            "log": self.log,
         }
-    )
+        (folder / self.FILE).write_text(json.dumps(doc))
+
+    @classmethod
+    def load(cls, checkpoint: Any) -> _DriverState:
+        if checkpoint is None:
+            return cls()
+        with checkpoint.as_directory() as folder:
+            doc = json.loads((Path(folder) / cls.FILE).read_text())
+        return cls(set(doc["reported"]), doc["best"], list(doc["failures"]), list(doc["log"]))
 
 
 # --- layer 3: the search ------------------------------------------------------------------------
@@ -303,18 +387,21 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # Workers import `pipelines` from the project root, whatever the working directory; a job
+    # submitted with `ray job submit --working-dir .` already ships the project to every node.
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {"env_vars": {"PYTHONPATH": path}}
     # Worker logs stay in the Ray session's log folder; the search prints its own progress.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:  # workers import `pipelines` from the project root, whatever the working directory
-        root = str(Path(__file__).resolve().parents[1])
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
+            address=os.environ["RAY_ADDRESS"],
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": path}},
+            runtime_env=None if in_job else env,
         )
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env)
 
 
 @dataclass
@@ -329,14 +416,20 @@ class SearchResult:
     ui_link: str
 
 
-def _tuner(
+def _fit(
     trainable: Any,
     plan: TrialPlan,
     name: str,
     tune_config: Any,
     monitor: Any,
     param_space: dict | None = None,
-) -> Any:
+) -> None:
+    """Run one Tune experiment, or continue it when `storage_path/name` holds a saved one.
+
+    On a restore, Ray Tune brings back its trials (finished ones stay finished, unfinished ones
+    restart from their last checkpoint) and the searcher's history; the scheduler and the
+    monitor are this run's fresh objects (the saved ones hold handles of the dead driver).
+    """
     from ray import tune
 
     # The trial driver only waits on its Train runs, so it reserves no CPU of its own (the Train
@@ -345,17 +438,77 @@ def _tuner(
     trainable = tune.with_resources(
         tune.with_parameters(trainable, plan=plan), {"cpu": 0, "memory": 2**20}
     )
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune_config,
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=plan.storage_path,
-            callbacks=[monitor],
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=plan.storage_path,
+        callbacks=[monitor],
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=0),
+        # Keeping only the latest driver checkpoint also makes Tune save its experiment state
+        # after every trial checkpoint, so a resume loses at most one evaluation.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
+    path = f"{plan.storage_path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=False, param_space=param_space
+        )
+        internal = getattr(tuner, "_local_tuner", None)
+        if internal is None or not hasattr(internal, "_tune_config"):
+            raise RuntimeError(
+                f"cannot resume {name}: this Ray version's Tuner has no _local_tuner._tune_config"
+                "; resume needs ray==2.60 (pyproject) or a fresh search"
+            )
+        internal._tune_config.scheduler = tune_config.scheduler
+        internal.set_run_config_and_remote_string_queue(run_config, None)
+        internal.clear_remote_string_queue()
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
+        )
+    tuner.fit()
+
+
+def _optuna_search_class() -> type:
+    from optuna.exceptions import UpdateFinishedTrialError
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ResumableOptunaSearch(OptunaSearch):
+        """OptunaSearch whose study (SQLite, in the search folder) may know more than Tune's
+        last snapshot after a resume: a trial Optuna already holds as finished is not told
+        again (Optuna would raise and stop the search)."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            try:
+                super().on_trial_result(trial_id, result)
+            except UpdateFinishedTrialError:
+                pass
+
+    return ResumableOptunaSearch
+
+
+STATE_FILE = "search.json"  # in a search's output folder: what `--resume` needs
+
+
+def _write_state(output_dir: Path, state: dict[str, Any]) -> None:
+    tmp = output_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(output_dir / STATE_FILE)  # never half a state file
+
+
+def find_search(ref: str | Path) -> Path:
+    """A search's output folder from its name (`$GRAPHLORA_HOME/searches/<name>`) or its path.
+
+    Raises:
+        SpaceError: no resumable search there (one line saying what to do).
+    """
+    for folder in (Path(ref), graphlora_home() / "searches" / str(ref)):
+        if (folder / STATE_FILE).is_file():
+            return folder.resolve()
+    raise SpaceError(
+        f"--resume {ref}: no search found (looked for {STATE_FILE} in {ref} and in "
+        f"{graphlora_home() / 'searches' / str(ref)}); pass a search name printed at its start "
+        "or its results folder"
     )
 
 
@@ -365,6 +518,7 @@ def run_search(
     backend: str = DEFAULT_BACKEND,
     output_dir: str | Path | None = None,
     out: Any = None,
+    resume: bool = False,
 ) -> SearchResult:
     """Search, re-run the top configs with more seeds, pick the best, record it all in MLflow.
 
@@ -377,6 +531,9 @@ def run_search(
         backend: Training backend (`BACKENDS`).
         output_dir: Where results go; default `$GRAPHLORA_HOME/searches/<name>`.
         out: Stream for progress lines (default stdout).
+        resume: Continue the search whose `search.json` is in `output_dir` (same MLflow parent
+            run, same trials: finished ones are kept, unfinished ones continue from their last
+            checkpoint, the Optuna history is kept).
 
     Raises:
         TrackingError: MLflow is unreachable or misconfigured (checked before any trial).
@@ -385,41 +542,68 @@ def run_search(
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from pipelines.asha import FlagASHAScheduler, TrialHub
     from pipelines.monitor import SearchMonitor, write_results
     from pipelines.space import DefineByRun
 
+    _OptunaSearch = _optuna_search_class()  # noqa: N806 - a class
     out = out or sys.stdout
-    name = f"{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    output_dir = Path(output_dir or graphlora_home() / "searches" / name).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
+    # Tune snapshots its state after every trial checkpoint (what makes resume exact) and warns
+    # about it when evaluations come fast; the snapshots are small.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tracker = Tracker(space.experiment)
-    parent = tracker.start_run(
-        f"search {name}",
-        params={
+    if resume:
+        output_dir = Path(output_dir).resolve()
+        state = json.loads((output_dir / STATE_FILE).read_text())
+        name, parent = state["name"], state["parent_run_id"]
+        tracker.reopen(parent)
+        state["resumes"] = state.get("resumes", 0) + 1
+        tracker.set_tags(parent, {"status": "running", "resumes": state["resumes"]})
+        earlier = tracker.child_runs(parent)
+        print(f"search {name}: resuming ({len(earlier)} runs recorded so far)", file=out)
+    else:
+        name = f"{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        output_dir = Path(output_dir or graphlora_home() / "searches" / name).resolve()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
+        parent = tracker.start_run(
+            f"search {name}",
+            params={
+                "space_file": space.path,
+                "model": space.model,
+                "dataset": space.dataset,
+                "method": space.method or "searched",
+                "backend": backend,
+                "trials": space.budget.trials,
+                "max_steps": space.budget.max_steps,
+                "eval_every": space.budget.eval_every,
+                "seeds_per_trial": space.seeds_per_trial,
+                "searched": ",".join(space.search),
+            },
+            tags={"kind": "search", "status": "running", "search_name": name},
+        )
+        space_text = yaml.safe_dump(space.raw, sort_keys=False)
+        (output_dir / "space.yaml").write_text(space_text)
+        tracker.log_text(parent, space_text, "space.yaml")
+        state = {
+            "name": name,
             "space_file": space.path,
-            "model": space.model,
-            "dataset": space.dataset,
-            "method": space.method or "searched",
             "backend": backend,
-            "trials": space.budget.trials,
-            "max_steps": space.budget.max_steps,
-            "eval_every": space.budget.eval_every,
-            "seeds_per_trial": space.seeds_per_trial,
-            "searched": ",".join(space.search),
-        },
-        tags={"kind": "search"},
-    )
-    tracker.log_text(parent, yaml.safe_dump(space.raw, sort_keys=False), "space.yaml")
-    print(
-        f"search {name}: {space.budget.trials} trials of {space.model} on {space.dataset}, "
-        f"{space.resources.max_concurrent_trials} at a time; MLflow: {tracker.ui_link()}",
-        file=out,
-        flush=True,
-    )
+            "experiment": space.experiment,
+            "parent_run_id": parent,
+            "storage_path": storage,
+        }
+        _write_state(output_dir, state)
+        earlier = []
+        print(
+            f"search {name}: {space.budget.trials} trials of {space.model} on {space.dataset}, "
+            f"{space.resources.max_concurrent_trials} at a time; MLflow: {tracker.ui_link()}\n"
+            f"  interrupted? continue with: python pipelines/search.py --resume {name}",
+            file=out,
+            flush=True,
+        )
+    storage = state["storage_path"]
 
     _warn_if_too_small(space, out)
     hub = TrialHub.remote()
@@ -434,7 +618,7 @@ def run_search(
             reduction_factor=space.asha.reduction_factor,
         )
         study_storage = f"sqlite:///{output_dir / 'optuna.db'}"
-        searcher = OptunaSearch(
+        searcher = _OptunaSearch(
             DefineByRun(space),
             metric=OBJECTIVE,
             mode=space.objective.mode,
@@ -453,7 +637,13 @@ def run_search(
         monitor = SearchMonitor(
             tracker, parent, space, scheduler=scheduler, out=out, total=space.budget.trials
         )
-        _tuner(
+        monitor.adopt_runs(earlier)
+        plan = dataclasses.replace(plan, ended=monitor.ended())
+        for rec in monitor.records.values():  # ASHA's earlier cuts still hold
+            if rec["status"] == STOPPED_EARLY_ASHA:
+                scheduler.stop_reasons[rec["trial_id"]] = rec["reason"]
+                ray.get(hub.request_stop.remote(rec["trial_id"], rec["reason"]))
+        _fit(
             train_driver_fn,
             plan,
             name,
@@ -464,11 +654,14 @@ def run_search(
                 max_concurrent_trials=space.resources.max_concurrent_trials,
             ),
             monitor,
-        ).fit()
+        )
+        monitor.close_unfinished()
         trials = monitor.rows()
         monitor.print_table(trials, "search")
 
-        stability = _stability_stage(space, backend, plan, name, trials, tracker, parent, out)
+        stability = _stability_stage(
+            space, backend, plan, name, trials, tracker, parent, out, earlier
+        )
         best = _choose_best(space, trials, stability)
         files = write_results(output_dir, space, trials, stability, best)
         study = optuna.load_study(study_name=name, storage=study_storage)
@@ -482,6 +675,7 @@ def run_search(
         if best:
             tracker.log_metrics(parent, {f"best_{k}": v for k, v in best["scores"].items()})
         tracker.finish(parent, "completed")
+        _write_state(output_dir, {**state, "finished": True})
     except BaseException as exc:
         tracker.finish(parent, "failed", f"{type(exc).__name__}: {exc}")
         raise
@@ -533,8 +727,11 @@ def _stability_stage(
     tracker: Tracker,
     parent: str,
     out: Any,
+    earlier: list[Any],
 ) -> list[dict[str, Any]]:
-    """Re-run the top configs, each seed its own trial (run side by side as resources allow)."""
+    """Re-run the top configs, each seed its own trial (run side by side as resources allow).
+
+    On a resume, config runs and seed runs already in MLflow (`earlier`) are reused."""
     from ray import tune
 
     from pipelines.monitor import SearchMonitor
@@ -547,14 +744,25 @@ def _stability_stage(
     seeds = [space.seed + 100 + j for j in range(space.stability.seeds)]  # fresh: no winner's curse
     print(f"stability: top {len(top)} configs x {len(seeds)} seeds {seeds}", file=out, flush=True)
     runs = []
+    before = {
+        r.data.tags["group"]: r.info.run_id
+        for r in earlier
+        if r.data.tags.get("kind") == "stability" and "group" in r.data.tags
+    }
+    seed_runs = []
     for rank, t in enumerate(top, start=1):
         group = f"config-{rank}"
-        group_run = tracker.start_run(
-            f"stability {group}",
-            parent_run_id=parent,
-            params={**t["params"], "from_trial": t["trial"]},
-            tags={"kind": "stability", "group": group},
-        )
+        group_run = before.get(group)
+        if group_run:
+            tracker.reopen(group_run)
+            seed_runs += tracker.child_runs(group_run)
+        else:
+            group_run = tracker.start_run(
+                f"stability {group}",
+                parent_run_id=parent,
+                params={**t["params"], "from_trial": t["trial"]},
+                tags={"kind": "stability", "group": group},
+            )
         runs += [
             {
                 "params": t["params"],
@@ -567,14 +775,17 @@ def _stability_stage(
         ]
     plan = dataclasses.replace(search_plan, verdict_wait_s=0.0)  # no ASHA here
     monitor = SearchMonitor(tracker, parent, space, out=out, total=len(runs), stage="stability")
-    _tuner(
+    monitor.adopt_runs(seed_runs)
+    plan = dataclasses.replace(plan, ended=monitor.ended())
+    _fit(
         train_driver_fn,
         plan,
         f"{name}-stability",
         tune.TuneConfig(num_samples=1, max_concurrent_trials=space.resources.max_concurrent_trials),
         monitor,
         param_space={"_run": tune.grid_search(runs)},
-    ).fit()
+    )
+    monitor.close_unfinished()
     return monitor.stability_groups(runs)
 
 
@@ -599,6 +810,54 @@ def _choose_best(space: SearchSpace, trials: list[dict], stability: list[dict]) 
     }
 
 
+def check_ray_address() -> None:
+    """Refuse an unreachable `RAY_ADDRESS` in one line, before anything starts.
+
+    Raises:
+        ConnectionError: the address is malformed, is the job server's HTTP address, or
+            nothing answers there.
+    """
+    addr = os.environ.get("RAY_ADDRESS", "").strip()
+    if not addr or addr == "auto":
+        return
+    if addr.startswith(("http://", "https://")):
+        raise ConnectionError(
+            f"RAY_ADDRESS={addr} is a job server (dashboard) address: submit the search there "
+            "with `ray job submit --address ADDR --working-dir . -- python pipelines/search.py`"
+            ", or set RAY_ADDRESS to the cluster's GCS address (HOST:6379)"
+        )
+    host, _, port = addr.split("://", 1)[-1].rstrip("/").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(
+            f"RAY_ADDRESS={addr}: no Ray cluster answers there ({exc}); start one "
+            "(`ray start --head --node-ip-address 127.0.0.1`) or `ray up cluster.yaml`, or "
+            "unset RAY_ADDRESS to run on this machine"
+        ) from None
+
+
+def preflight(space: SearchSpace) -> None:
+    """What every trial would otherwise fail on: the model reference and the dataset.
+
+    Raises:
+        SpaceError: one line naming the file and key.
+    """
+    from graphlora.data import load_task
+    from graphlora.models import ModelLoadError, check_model_reference
+
+    try:
+        check_model_reference(space.model, revision=space.training.get("model_revision"))
+    except ModelLoadError as exc:
+        raise SpaceError(f"{space.path}: model: {exc}") from None
+    try:
+        data = load_task(space.dataset, data_dir=space.data_dir)
+    except (ValueError, OSError) as exc:  # DataError is a ValueError
+        raise SpaceError(f"{space.path}: dataset: {exc}") from None
+    if not data.train or not data.validation:
+        raise SpaceError(f"{space.path}: dataset: {space.dataset} has no train or validation data")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -608,30 +867,48 @@ def main(argv: list[str] | None = None) -> int:
         help="search space YAML (default: %(default)s)",
     )
     parser.add_argument(
-        "--backend",
-        default=DEFAULT_BACKEND,
-        choices=sorted(BACKENDS),
-        help="training function to run (default: %(default)s)",
+        "--resume",
+        metavar="SEARCH",
+        help="continue an interrupted search: its name (printed when it started) or its "
+        "results folder; finished trials are kept, unfinished ones continue from their last "
+        "checkpoint (--space is then ignored: the space as first run is used)",
     )
     parser.add_argument("--output-dir", help="results folder (default: $GRAPHLORA_HOME/searches/)")
-    args = parser.parse_args(argv)
-    try:
-        space = load_search_space(args.space, args.backend)
-    except SpaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.backend == "standin":
-        print(
-            "note: training with the TEMPORARY stand-in (pipelines/standin.py), not graphlora",
-            file=sys.stderr,
+    for key in ("trials", "max_steps", "eval_every"):
+        parser.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=int,
+            help=f"override the space's budget.{key} (e.g. a quick smoke test of a space)",
         )
+    args = parser.parse_args(argv)
+    budget = {k: getattr(args, k) for k in ("trials", "max_steps", "eval_every")}
+    budget = {k: v for k, v in budget.items() if v is not None}
+    # Everything that can be checked is checked before Ray starts or MLflow records anything.
     try:
-        Tracker(space.experiment)  # fail fast, before Ray starts
-    except TrackingError as exc:
+        if args.resume:
+            folder = find_search(args.resume)
+            state = json.loads((folder / STATE_FILE).read_text())
+            if state.get("finished"):
+                raise SpaceError(f"--resume {args.resume}: that search has already finished")
+            space = load_search_space(folder / "space.yaml")
+            space = dataclasses.replace(space, path=state["space_file"])
+        else:
+            space = load_search_space(args.space, budget=budget)
+        preflight(space)
+        check_ray_address()
+        Tracker(space.experiment)
+    except (SpaceError, TrackingError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    init_ray()
-    run_search(space, backend=args.backend, output_dir=args.output_dir)
+    try:
+        init_ray()
+    except (ConnectionError, RuntimeError) as exc:
+        print(f"error: cannot connect to Ray: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.resume:
+        run_search(space, output_dir=folder, resume=True)
+    else:
+        run_search(space, output_dir=args.output_dir)
     return 0
 
 

@@ -21,7 +21,8 @@ Schema (every key; `?` marks optional ones, with their default)::
     budget: {trials: 8, max_steps: 200, eval_every: 50}
     asha?: {grace_period: 1, reduction_factor: 2}              # grace period in evaluations
     resources?: {workers_per_trial: 1, gpus_per_worker: 0, cpus_per_worker: 1,
-                 max_concurrent_trials: 1}
+                 max_concurrent_trials: 1, worker_retries: 2}   # retries: restarts of a
+                                    # trial's Train run from its last checkpoint when a worker dies
     seeds_per_trial?: 1             # seeds trained side by side per trial; ASHA/Optuna see the mean
     stability?: {top_k_configs: 0, seeds: 5}    # re-run the best configs with fresh seeds
     objective?: {metric: val_accuracy, mode: max, std_penalty: 0.0}   # mean -/+ penalty * std
@@ -69,6 +70,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Any]]] = {
         "gpus_per_worker": ("number", 0),
         "cpus_per_worker": ("number", 1),
         "max_concurrent_trials": ("int", 1),
+        "worker_retries": ("int", 2),
     },
     "stability": {"top_k_configs": ("int", 0), "seeds": ("int", 5)},
     "objective": {
@@ -145,6 +147,7 @@ class Resources:
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
     max_concurrent_trials: int = 1
+    worker_retries: int = 2  # restarts of a Train run from its last checkpoint when a worker dies
 
 
 @dataclass(frozen=True)
@@ -503,6 +506,8 @@ def validate_space(
             raise c.error(f"resources.{key}", f"{getattr(resources, key)} must be above 0")
     if resources.gpus_per_worker < 0:
         raise c.error("resources.gpus_per_worker", "must be 0 or more")
+    if resources.worker_retries < 0:
+        raise c.error("resources.worker_retries", "must be 0 (no restarts) or more")
     stability = Stability(**s["stability"])
     if stability.top_k_configs < 0:
         raise c.error("stability.top_k_configs", "must be 0 (off) or more")
@@ -540,8 +545,12 @@ def load_space(
     adapter_fields: Collection[str],
     training_fields: Collection[str],
     methods: Collection[str] | None = None,
+    budget: Mapping[str, int] | None = None,
 ) -> SearchSpace:
     """Read and validate a space file (see `validate_space` for the arguments).
+
+    `budget` overrides entries of the file's `budget:` (e.g. fewer trials for a smoke test)
+    before validation, so the result is checked as a whole.
 
     Raises:
         SpaceError: Unreadable file, malformed YAML, or any schema problem.
@@ -559,6 +568,8 @@ def load_space(
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
+    if budget and isinstance(raw, dict) and isinstance(raw.get("budget"), dict):
+        raw["budget"] = {**raw["budget"], **budget}
     return validate_space(
         raw,
         name,

@@ -168,6 +168,19 @@ class Tracker:
         self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
 
+    def reopen(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed search or trial); `finish` closes it again."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def child_runs(self, parent_run_id: str) -> list[Any]:
+        """Every run nested directly under `parent_run_id`, oldest first."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=50000,
+        )
+
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 

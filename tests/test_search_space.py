@@ -176,18 +176,9 @@ def test_error_names_the_line(tmp_path):
         load(tmp_path, text)
 
 
-def _backends() -> list[str]:
-    try:
-        from graphlora.train import run_training  # noqa: F401
-    except ImportError:
-        return ["standin"]
-    return ["standin", "graphlora"]
-
-
-@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_spaces_validate(path, backend):
-    space = load_search_space(path, backend)
+def test_shipped_spaces_validate(path):
+    space = load_search_space(path)
     assert space.search
 
 
