@@ -246,10 +246,13 @@ class _Checker:
                 break
         return line
 
-    def unknown(self, keypath: str, key: str, allowed: Iterable[str]) -> SpaceError:
+    def unknown(
+        self, keypath: str, key: str, allowed: Iterable[str], what: str = "key"
+    ) -> SpaceError:
         close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(sorted(allowed))}"
-        return self.error(keypath, f"unknown key; {hint}")
+        unknown = "unknown key" if what == "key" else f"unknown {what} '{key}'"
+        return self.error(keypath, f"{unknown}; {hint}")
 
     def value(self, keypath: str, value: Any, kind: str) -> Any:
         ok = {
@@ -477,7 +480,7 @@ def validate_space(
     if methods is not None:
         for name in names:
             if name not in methods:
-                raise c.unknown(where, str(name), methods)
+                raise c.unknown(where, str(name), methods, what="method")
     _check_top_k(c, search, fixed["adapter"])
 
     s = {name: c.section(name, raw.get(name)) for name in _SECTIONS}

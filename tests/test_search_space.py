@@ -142,7 +142,7 @@ BAD = [
     ),
     (mutate(adapter={"num_experts": 4}), "search.num_experts", "also fixed in adapter"),
     (mutate(training={"max_steps": 5}), "training.max_steps", "budget.max_steps"),
-    (mutate(method="graphlora-xl"), "method", "unknown key"),
+    (mutate(method="graphlora-xl"), "method", "unknown method 'graphlora-xl'"),
     (mutate(method=None), "method", "missing"),
     (
         mutate(budget={"trials": 4, "max_steps": 100, "eval_every": 200}),

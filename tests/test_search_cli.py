@@ -1,0 +1,149 @@
+"""`python pipelines/search.py` refuses bad input before anything starts: one `error:` line on
+stderr, exit status 2, Ray never started, nothing recorded in MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from pipelines.search import main
+from pipelines.tracking import tracking_uri
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = (REPO / "search_spaces" / "quickstart.yaml").read_text()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("GRAPHLORA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path / "home"
+
+
+def _space(tmp_path: Path, old: str = "", new: str = "") -> str:
+    assert old in QUICKSTART
+    path = tmp_path / "space.yaml"
+    path.write_text(QUICKSTART.replace(old, new))
+    return str(path)
+
+
+def _refused(capsys, argv: list[str], *expected: str) -> str:
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    for text in expected:
+        assert text in err[0], err[0]
+    assert not ray.is_initialized()
+    return err[0]
+
+
+def _no_runs() -> None:
+    """Nothing recorded: no MLflow run anywhere in the store (the store may not even exist)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(ids) == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("model: tiny-qwen2", "model: [tiny", ("malformed YAML", "line")),
+        ("seed: 0", "seed: 0\nsearch_budget: 3", ("search_budget", "unknown key")),
+        (
+            "top_k: {type: int, low: 1, high: 4}",
+            "top_k: {type: int, low: 9, high: 12}",
+            ("search.top_k.low", "line 17"),
+        ),
+        ("method: graphlora", "method: graphlorra", ("method", "graphlorra", "graphlora")),
+        ("model: tiny-qwen2", "model: no-such-org/no-such-model", ("model:", "no-such-model")),
+        ("model: tiny-qwen2", "model: ./no/such/dir", ("model:", "does not exist")),
+        ("dataset: synthetic", "dataset: ./missing.json", ("dataset:", "missing.json")),
+        ("dataset: synthetic", "dataset: no-such-task", ("dataset:", "no-such-task")),
+    ],
+    ids=[
+        "malformed",
+        "unknown-key",
+        "impossible-top-k",
+        "unknown-method",
+        "unknown-model",
+        "missing-model-dir",
+        "missing-dataset-file",
+        "unknown-dataset",
+    ],
+)
+def test_bad_space_is_refused_before_anything_starts(
+    home, tmp_path, capsys, old, new, expected
+) -> None:
+    _refused(capsys, ["--space", _space(tmp_path, old, new)], *expected)
+    _no_runs()
+
+
+def test_corrupt_dataset_file_is_refused(home, tmp_path, capsys) -> None:
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"instruction": "q", "answer": ')
+    line = _refused(
+        capsys, ["--space", _space(tmp_path, "dataset: synthetic", f"dataset: {bad}")], "dataset:"
+    )
+    assert "broken.json" in line
+    _no_runs()
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:1", "no Ray cluster answers there"),
+        ("http://127.0.0.1:8265", "job server"),
+        ("not-an-address", "RAY_ADDRESS=not-an-address"),
+    ],
+    ids=["refused", "dashboard-url", "malformed"],
+)
+def test_unreachable_ray_address_is_refused(home, capsys, monkeypatch, address, expected) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    _refused(capsys, ["--space", str(REPO / "search_spaces" / "quickstart.yaml")], expected)
+    _no_runs()
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("http://127.0.0.1:1", "unreachable"),
+        ("file:///tmp/mlruns", "file store is deprecated"),
+    ],
+    ids=["unreachable", "file-store"],
+)
+def test_bad_tracking_uri_is_refused(home, capsys, monkeypatch, uri, expected) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    _refused(capsys, ["--space", str(REPO / "search_spaces" / "quickstart.yaml")], expected)
+
+
+def test_resume_of_unknown_search_is_refused(home, capsys) -> None:
+    _refused(capsys, ["--resume", "no-such-search"], "no search found", "no-such-search")
+    _no_runs()
+
+
+def test_cli_exit_status_and_single_line(home, tmp_path) -> None:
+    """The real command line: exit status 2 and one line on stderr, nothing on stdout."""
+    env = {**os.environ, "GRAPHLORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    space = _space(tmp_path, "rank: {type: categorical", "rank: {type: categorial")
+    proc = subprocess.run(
+        [sys.executable, "pipelines/search.py", "--space", space],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert "search.rank.type" in proc.stderr
