@@ -33,25 +33,63 @@ class EvaluationError(ValueError):
     """One line saying what is wrong with the evaluation's input."""
 
 
+def quiet_progress_bars() -> None:
+    """No download / weight-loading progress bars: the CLIs print their own lines."""
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    hf_logging.disable_progress_bar()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _pyfunc_predictor(uri: str) -> tuple[Any, dict[str, Any]]:
-    """(predict(examples) -> prediction indices, the model's graphlora metadata)."""
+def _model_facts(model: str | None, adapter: str | None) -> dict[str, Any]:
+    """What the model says about itself (dataset, seed...), read without loading weights."""
+    from graphlora.inference import MODEL_FILE
+
+    if adapter is not None:
+        folder = Path(adapter).expanduser()
+        if not folder.is_dir():
+            raise EvaluationError(f"--adapter {adapter}: no such folder")
+        return (
+            json.loads((folder / MODEL_FILE).read_text()) if (folder / MODEL_FILE).is_file() else {}
+        )
     import mlflow
-    import pandas as pd
     from mlflow.exceptions import MlflowException
 
     store = tracking_uri()
     _check_store(store)
     mlflow.set_tracking_uri(store)
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        info = mlflow.models.get_model_info(model)
     except (MlflowException, OSError) as exc:
-        raise EvaluationError(f"--model {uri}: {_first_line(exc)}") from exc
-    meta = (model.metadata.metadata or {}).get("graphlora", {})
+        raise EvaluationError(f"--model {model}: {_first_line(exc)}") from exc
+    return (info.metadata or {}).get("graphlora", {})
+
+
+def _predictor(model: str | None, adapter: str | None, base_model: str | None) -> Any:
+    """predict(examples) -> predicted indices: through the pyfunc for `model` (as a service
+    would), with the library for `adapter`."""
+    if adapter is not None:
+        from graphlora.inference import MultipleChoiceModel
+        from graphlora.models import ModelLoadError
+
+        try:
+            mc = MultipleChoiceModel.load(Path(adapter).expanduser(), base_model=base_model)
+        except (FileNotFoundError, ModelLoadError, ValueError) as exc:
+            raise EvaluationError(f"--adapter {adapter}: {_first_line(exc)}") from exc
+        return lambda examples: mc.evaluate(examples).predictions
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    try:
+        pyfunc = mlflow.pyfunc.load_model(model)
+    except (MlflowException, OSError) as exc:
+        raise EvaluationError(f"--model {model}: {_first_line(exc)}") from exc
 
     def predict(examples: list) -> list[int]:
         frame = pd.DataFrame(
@@ -60,20 +98,9 @@ def _pyfunc_predictor(uri: str) -> tuple[Any, dict[str, Any]]:
                 "candidates": [list(e.candidates) for e in examples],
             }
         )
-        return [int(i) for i in model.predict(frame)["prediction_index"]]
+        return [int(i) for i in pyfunc.predict(frame)["prediction_index"]]
 
-    return predict, meta
-
-
-def _adapter_predictor(folder: str, base_model: str | None) -> tuple[Any, dict[str, Any]]:
-    from graphlora.inference import MultipleChoiceModel
-    from graphlora.models import ModelLoadError
-
-    try:
-        model = MultipleChoiceModel.load(Path(folder).expanduser(), base_model=base_model)
-    except (FileNotFoundError, ModelLoadError, ValueError) as exc:
-        raise EvaluationError(f"--adapter {folder}: {_first_line(exc)}") from exc
-    return (lambda examples: model.evaluate(examples).predictions), model.info
+    return predict
 
 
 def evaluate(
@@ -102,7 +129,7 @@ def evaluate(
         raise EvaluationError(f"--split {split}: use one of {', '.join(SPLITS)}")
     if max_examples is not None and max_examples < 1:
         raise EvaluationError(f"--max-examples {max_examples}: must be at least 1")
-    predictor, meta = _pyfunc_predictor(model) if model else _adapter_predictor(adapter, base_model)
+    meta = _model_facts(model, adapter)
     if dataset is None:  # the model's own dataset, from where it was promoted
         dataset, data_dir = meta.get("dataset"), data_dir or meta.get("data_dir")
     if dataset is None:
@@ -114,7 +141,7 @@ def evaluate(
     examples = examples[:max_examples] if max_examples else examples
     if not examples:
         raise EvaluationError(f"dataset {dataset!r} has no {split} examples")
-    predictions = predictor(examples)
+    predictions = _predictor(model, adapter, base_model)(examples)
     correct = sum(int(p == e.label) for p, e in zip(predictions, examples, strict=True))
     return {
         "accuracy": correct / len(examples),
@@ -144,19 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="EXPERIMENT",
         help="log the result as an MLflow run (experiment default: %(const)s)",
     )
-    args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    options = vars(parser.parse_args(argv))
+    experiment = options.pop("log_to_mlflow")
+    quiet_progress_bars()
     try:
-        tracker = Tracker(args.log_to_mlflow) if args.log_to_mlflow else None
-        result = evaluate(
-            model=args.model,
-            adapter=args.adapter,
-            base_model=args.base_model,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            split=args.split,
-            max_examples=args.max_examples,
-        )
+        tracker = Tracker(experiment) if experiment else None
+        result = evaluate(**options)
     except (EvaluationError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

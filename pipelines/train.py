@@ -41,6 +41,7 @@ if __name__ == "__main__":  # `python pipelines/train.py`: make `pipelines` impo
 
 import yaml
 
+from pipelines.evaluate import quiet_progress_bars
 from pipelines.search import DEFAULT_BACKEND, TRAIN_POLL_S, init_ray, training_api
 from pipelines.space import SpaceError, _Checker, field_names
 from pipelines.tracking import Tracker, TrackingError, _check_store, graphlora_home, tracking_uri
@@ -672,8 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output-dir", help="where the adapters go (default $GRAPHLORA_HOME/final/<name>-<time>)"
     )
     args = parser.parse_args(argv)
-    # Artifact progress bars would break the one-line errors (and clutter the progress lines).
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_progress_bars()  # they would break the one-line errors and clutter the progress lines
     try:
         plan = plan_promotion(**{k: v for k, v in vars(args).items() if v is not None})
         Tracker(plan.experiment)  # fail fast on the store, before Ray starts

@@ -14,8 +14,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from test_inference import EXAMPLES, trained_adapter
 
+from graphlora.data import load_task
 from graphlora.evaluate import evaluate_examples, score_examples
 from graphlora.inference import package_model
+from pipelines import evaluate as evaluate_cli
 from pipelines import train
 from pipelines.monitor import write_results
 from pipelines.search import load_search_space
@@ -193,16 +195,26 @@ def test_a_search_runs_invalid_best_config_is_refused(best_file, store, capsys, 
     assert MlflowClient(tracking_uri()).search_registered_models() == []
 
 
-def test_registered_pyfunc_predicts_like_evaluation(tmp_path, store):
-    model, tokenizer = trained_adapter(tmp_path / "adapter")
-    package_model(tmp_path / "adapter", tmp_path / "model", batch_size=8)
-    tracker = Tracker("serving")
-    run = tracker.start_run("final")
-    version = log_and_register(
-        run, tmp_path / "model", name="tiny-mc", alias="champion", metadata={"seed": 0}
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, store):
+    """A tiny packaged model, registered as tiny-mc@champion; (model, tokenizer, folder)."""
+    folder = tmp_path_factory.mktemp("registered")
+    model, tokenizer = trained_adapter(folder / "adapter")
+    package_model(
+        folder / "adapter", folder / "model", batch_size=8, metadata={"dataset": "synthetic"}
     )
+    run = Tracker("serving").start_run("final")
+    version = log_and_register(
+        run, folder / "model", name="tiny-mc", alias="champion", metadata={"seed": 0}
+    )
+    assert version == "1"
+    return model, tokenizer, folder / "model"
+
+
+def test_registered_pyfunc_predicts_like_evaluation(registered):
+    model, tokenizer, folder = registered
     client = MlflowClient(tracking_uri())
-    assert str(client.get_model_version_by_alias("tiny-mc", "champion").version) == version
+    assert str(client.get_model_version_by_alias("tiny-mc", "champion").version) == "1"
 
     mlflow.set_tracking_uri(tracking_uri())
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-mc@champion")
@@ -222,4 +234,27 @@ def test_registered_pyfunc_predicts_like_evaluation(tmp_path, store):
     records = pyfunc.predict(frame.head(2).to_dict("records"))  # a list of dicts works too
     assert list(records["prediction"]) == list(got["prediction"][:2])
     assert pyfunc.metadata.metadata["graphlora"] == {"seed": 0}
-    assert os.path.isdir(tmp_path / "model" / "base_model")
+    assert os.path.isdir(folder / "base_model")
+
+
+def test_evaluate_cli(registered, capsys):
+    model, tokenizer, folder = registered
+    handful = load_task("synthetic").test[:4]
+    want = evaluate_examples(model, tokenizer, handful, batch_size=8).correct
+    # The model folder says its dataset; the registered model needs --dataset (its metadata
+    # here has none).
+    for argv in (
+        ["--adapter", str(folder)],
+        ["--model", "models:/tiny-mc@champion", "--dataset", "synthetic"],
+    ):
+        assert evaluate_cli.main([*argv, "--max-examples", "4"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()[-1]
+        assert out.startswith(f"accuracy {want / 4:.4f} ({want}/4) on synthetic test: "), out
+    for argv, message in (
+        (["--adapter", str(folder / "nope")], "nope: no such folder"),
+        (["--model", "models:/nope@champion"], "--model models:/nope@champion: "),
+        (["--model", "models:/tiny-mc@champion"], "--dataset: the model does not say"),
+    ):
+        assert evaluate_cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
