@@ -111,7 +111,7 @@ def log_and_register(
     version = str(info.registered_model_version)
     if description:
         client.update_model_version(name, version, description=description)
-    for key in ("source_run_id", "seed", "test_accuracy"):
+    for key in ("training_run_id", "source_search_run", "seed", "test_accuracy"):
         if key in metadata:
             client.set_model_version_tag(name, version, key, str(metadata[key]))
     client.set_registered_model_alias(name, alias, version)

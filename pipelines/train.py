@@ -577,7 +577,7 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
         k = _pick_seed(plan, per_seed)
         chosen = per_seed[k]
         facts = {
-            "source_run_id": run_id,
+            "training_run_id": run_id,
             "source_search_run": plan.source_ref,
             "seed": chosen["seed"],
             "test_accuracy": chosen["test_accuracy"],
