@@ -1,113 +1,172 @@
-"""Fixed cost of the search machinery, measured with a trivial training function.
+"""What the search machinery costs per trial, against Ray's own floor, and what ASHA saves.
 
-Prints one JSON line per measurement:
-- `fit_alone`: one `TorchTrainer.fit()` of `train_fn_per_worker` (stand-in, ~0 s of training);
-- `trial`: one Tune trial of `train_driver_fn` (Tune + Train + hub + MLflow-free);
-- `search`: a small ASHA search (`--trials` trials, 2 at a time) through `run_search`,
-  wall time per trial.
+Measured side by side in one run, on one local Ray (`--num-cpus`, default 2):
 
-Usage: python benchmarks/search_overhead.py [--num-cpus 2] [--trials 4] [--no-dashboard]
-                                           [--only fit|trial|search ...]
+1. Ray's floor: Tune trials whose driver runs a trivial `TorchTrainer` (one report, no model),
+   `--floor-trials` of them, `max_concurrent_trials` of the space at a time. A trial's wall time
+   is from Tune's `on_trial_start` to its `on_trial_complete` (the same two events that open
+   and close a trial's MLflow run in a search).
+2. The search: `run_search` on the space (default the quickstart, full budget; its stability
+   stage is left out). Per trial, wall
+   time is its MLflow run's end minus start; time inside the training loop is the run's
+   `train_time_s` (optimizer steps) + `eval_time_total_s` (validation) + `test_time_s`;
+   overhead = wall - inside (model load, data, Ray Train start, checkpoints, ASHA round trips).
+3. ASHA: optimizer steps the search ran, against every trial running the full `max_steps`.
+
+Prints one JSON line per stage and a summary line with `overhead_vs_ray_floor` (target <= 1.3),
+`trial_overhead_fraction` (overhead / wall, summed over trials) and `asha_iteration_fraction`
+(target <= 0.5).
+
+Usage: python benchmarks/search_overhead.py [--space search_spaces/quickstart.yaml]
+           [--num-cpus 2] [--floor-trials 4] [--trials N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--num-cpus", type=int, default=2)
-    parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--no-dashboard", action="store_true")
-    parser.add_argument(
-        "--only",
-        choices=["fit", "trial", "search"],
-        action="append",
-        help="run only these measurements (repeatable; default: all)",
-    )
-    args = parser.parse_args()
+def trivial_worker(config: dict) -> None:
+    import ray.train
 
-    os.environ.setdefault("GRAPHLORA_STANDIN_STEP_S", "0.0")
-    tmp = Path(tempfile.mkdtemp(prefix="graphlora-bench-"))
-    os.environ["GRAPHLORA_HOME"] = str(tmp)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    ray.train.report({"val_accuracy": 0.5, "step": 1})
 
-    import ray
-    from ray import tune
+
+def trivial_driver(config: dict) -> None:
+    """One Tune trial: a one-worker TorchTrainer that reports once (Ray's floor)."""
+    import ray.tune
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.search import TrialPlan, load_search_space, run_search, train_driver_fn
+    trial_id = ray.tune.get_context().get_trial_id()
+    TorchTrainer(
+        trivial_worker,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"floor-{trial_id}", storage_path=config["storage"]),
+    ).fit()
+    ray.tune.report({"objective": 0.5})
+
+
+def measure_floor(trials: int, concurrent: int, storage: str) -> list[float]:
+    from ray import tune
+
+    class Clock(tune.Callback):
+        def __init__(self) -> None:
+            self.start: dict[str, float] = {}
+            self.walls: list[float] = []
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            self.start[trial.trial_id] = time.time()
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            self.walls.append(time.time() - self.start[trial.trial_id])
+
+    clock = Clock()
+    tune.Tuner(
+        tune.with_resources(trivial_driver, {"cpu": 0, "memory": 2**20}),
+        param_space={"storage": storage, "i": tune.grid_search(list(range(trials)))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name="floor", storage_path=storage, callbacks=[clock], verbose=0),
+    ).fit()
+    return clock.walls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default=str(ROOT / "search_spaces" / "quickstart.yaml"))
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--floor-trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, help="override the space's budget.trials")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="graphlora-bench-"))
+    os.environ["GRAPHLORA_HOME"] = str(tmp)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.search import init_ray, load_search_space, run_search
+    from pipelines.tracking import tracking_uri
+
+    overrides = {"budget": {"trials": args.trials}} if args.trials else None
+    space = load_search_space(args.space, overrides=overrides)
+    # The search stage only: the stability stage re-runs configs without ASHA.
+    space = dataclasses.replace(
+        space, stability=dataclasses.replace(space.stability, top_k_configs=0)
+    )
+    concurrent = space.resources.max_concurrent_trials
+    init_ray(num_cpus=args.num_cpus)
+
+    floor = measure_floor(args.floor_trials, concurrent, str(tmp / "ray"))
+    floor_s = statistics.median(floor)
+    emit({"stage": "ray_floor", "trials": len(floor), "wall_s": floor, "median_s": floor_s})
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=not args.no_dashboard, log_to_driver=False)
-    emit("ray_init", time.perf_counter() - t0, args)
-    space = load_search_space(Path(__file__).resolve().parents[1] / "search_spaces/quickstart.yaml")
-    adapter, training = space.configs({"learning_rate": 1e-3}, 0)
-
-    from pipelines.search import train_fn_per_worker
-
-    only = set(args.only or ["fit", "trial", "search"])
-    t0 = time.perf_counter()
-    if "fit" in only:
-        TorchTrainer(
-            train_fn_per_worker,
-            train_loop_config={"backend": "standin", "adapter": adapter, "training": training},
-            scaling_config=ScalingConfig(num_workers=1),
-            run_config=RunConfig(name="bench-fit", storage_path=str(tmp / "ray")),
-        ).fit()
-        emit("fit_alone", time.perf_counter() - t0, args)
-
-    if "trial" in only:
-        plan = TrialPlan(space, "standin", (0,), str(tmp / "ray"))
-        t0 = time.perf_counter()
-        tune.Tuner(
-            tune.with_resources(
-                tune.with_parameters(train_driver_fn, plan=plan), {"cpu": 0, "memory": 2**20}
-            ),
-            param_space={"learning_rate": 1e-3},
-            run_config=tune.RunConfig(name="bench-trial", storage_path=str(tmp / "ray"), verbose=0),
-        ).fit()
-        emit("trial", time.perf_counter() - t0, args)
-
-    if "search" in only:
-        import dataclasses
-
-        small = dataclasses.replace(
-            space,
-            budget=dataclasses.replace(space.budget, trials=args.trials),
-            stability=dataclasses.replace(space.stability, top_k_configs=0),
+    with open(os.devnull, "w") as devnull:
+        result = run_search(space, output_dir=tmp / "out", out=devnull)
+    search_s = time.perf_counter() - t0
+    client = MlflowClient(tracking_uri())
+    rows = []
+    for t in result.trials:
+        run = client.search_runs(
+            [client.get_experiment_by_name(space.experiment).experiment_id],
+            filter_string=f"tags.trial_id = '{t['trial_id']}' and tags.kind = 'search'",
+        )[0]
+        m = run.data.metrics
+        wall = (run.info.end_time - run.info.start_time) / 1000
+        inside = m.get("train_time_s", 0) + m.get("eval_time_total_s", 0) + m.get("test_time_s", 0)
+        history = client.get_metric_history(run.info.run_id, "evals")
+        steps = max((h.step for h in history), default=0)
+        rows.append(
+            {
+                "trial": t["trial"],
+                "status": t["status"],
+                "wall_s": round(wall, 1),
+                "inside_loop_s": round(inside, 1),
+                "overhead_s": round(wall - inside, 1),
+                "steps": steps,
+            }
         )
-        t0 = time.perf_counter()
-        with open(os.devnull, "w") as devnull:
-            run_search(small, output_dir=tmp / "out", out=devnull)
-        total = time.perf_counter() - t0
-        emit("search", total, args, trials=args.trials, per_trial_s=round(total / args.trials, 2))
+    for row in rows:
+        emit({"stage": "search_trial", **row})
+    overhead = statistics.median(r["overhead_s"] for r in rows)
+    steps_run = sum(r["steps"] for r in rows)
+    full = len(rows) * space.budget.max_steps
+    emit(
+        {
+            "stage": "summary",
+            "space": Path(args.space).name,
+            "num_cpus": args.num_cpus,
+            "search_wall_s": round(search_s, 1),
+            "ray_floor_trial_s": round(floor_s, 2),
+            "search_trial_overhead_s": round(overhead, 2),
+            "overhead_vs_ray_floor": round(overhead / floor_s, 3),
+            "trial_overhead_fraction": round(
+                sum(r["overhead_s"] for r in rows) / sum(r["wall_s"] for r in rows), 3
+            ),
+            "asha_iteration_fraction": round(steps_run / full, 3),
+            "asha_steps_run": steps_run,
+            "full_budget_steps": full,
+        }
+    )
     ray.shutdown()
 
 
-def emit(name: str, seconds: float, args: argparse.Namespace, **extra: object) -> None:
-    print(
-        json.dumps(
-            {
-                "bench": name,
-                "seconds": round(seconds, 2),
-                "num_cpus": args.num_cpus,
-                "dashboard": not args.no_dashboard,
-                **extra,
-            }
-        ),
-        flush=True,
-    )
+def emit(doc: dict) -> None:
+    print(json.dumps(doc), flush=True)
 
 
 if __name__ == "__main__":

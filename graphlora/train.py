@@ -320,6 +320,7 @@ def run_training(
     metrics: dict[str, float] = {}
     best_val = 0.0
     train_time = 0.0
+    eval_time = 0.0
     samples = 0
     start = 0
     shape = _run_shape(cfg, info.to_dict())
@@ -329,6 +330,7 @@ def run_training(
         )
         start, best_val = int(progress["step"]), float(progress["best_val"])
         train_time, samples = float(progress["train_time"]), int(progress["samples"])
+        eval_time = float(progress.get("eval_time", 0.0))
         metrics = dict(progress["metrics"])
         _log(f"[graphlora] resumed from {resume_from} at step {start}/{cfg.max_steps}")
     loss_acc, aux_acc, loss_n = 0.0, {}, 0
@@ -401,6 +403,8 @@ def run_training(
                 **{f"aux_{k}": v / max(1, loss_n) for k, v in aux_acc.items()},
                 **routing_stats(model, reset=True),
             }
+            eval_time += metrics["eval_time_s"]
+            metrics["eval_time_total_s"] = eval_time
             _log(
                 f"[graphlora] eval @ {done}: val_accuracy {res.accuracy:.4f} "
                 f"val_loss {res.loss:.4f} (best {best_val:.4f})"
@@ -414,6 +418,7 @@ def run_training(
                             "step": done,
                             "best_val": best_val,
                             "train_time": train_time,
+                            "eval_time": eval_time,
                             "samples": samples,
                             "metrics": metrics,
                         }
@@ -437,7 +442,9 @@ def run_training(
     metrics["stopped_early"] = float(stopped_early)
     if cfg.eval_test and data.test:
         test = data.test[: cfg.max_test_examples] if cfg.max_test_examples else data.test
+        t1 = time.perf_counter()
         res = _evaluate(model, tokenizer, test, cfg, device)
+        metrics["test_time_s"] = time.perf_counter() - t1
         metrics["test_accuracy"] = res.accuracy
         metrics["test_loss"] = res.loss
         _log(f"[graphlora] test_accuracy {res.accuracy:.4f} on {res.total} examples")

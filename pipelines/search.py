@@ -68,10 +68,12 @@ def training_api(backend: str = DEFAULT_BACKEND) -> tuple[type, type, Any]:
 
 
 def load_search_space(
-    path: str | Path, backend: str = DEFAULT_BACKEND, budget: dict[str, int] | None = None
+    path: str | Path,
+    backend: str = DEFAULT_BACKEND,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> SearchSpace:
-    """Load and validate a space file against the backend's config dataclasses (`budget`
-    overrides entries of its `budget:` section)."""
+    """Load and validate a space file against the backend's config dataclasses (`overrides`:
+    section -> key -> value, replacing the file's entries before validation)."""
     train_cls, adapter_cls, _ = training_api(backend)
     methods = getattr(importlib.import_module(BACKENDS[backend][1]), "METHOD_PRESETS", None)
     space = load_space(
@@ -79,7 +81,7 @@ def load_search_space(
         adapter_fields=field_names(adapter_cls),
         training_fields=field_names(train_cls),
         methods=methods,
-        budget=budget,
+        overrides=overrides,
     )
     check_constructible(space, train_cls, adapter_cls)
     return space
@@ -706,6 +708,13 @@ def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
         "GPU": res.gpus_per_worker * res.workers_per_trial * space.seeds_per_trial,
     }
     have = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    print(
+        f"Ray: {len(nodes)} node{'s' if len(nodes) != 1 else ''}, {have.get('CPU', 0):g} CPU, "
+        f"{have.get('GPU', 0):g} GPU",
+        file=out,
+        flush=True,
+    )
     fits = min((int(have.get(k, 0) // v) for k, v in per_trial.items() if v > 0), default=0)
     if fits < res.max_concurrent_trials:
         print(
@@ -874,15 +883,25 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint (--space is then ignored: the space as first run is used)",
     )
     parser.add_argument("--output-dir", help="results folder (default: $GRAPHLORA_HOME/searches/)")
-    for key in ("trials", "max_steps", "eval_every"):
+    flags = {
+        "trials": "budget",
+        "max_steps": "budget",
+        "eval_every": "budget",
+        "stability_configs": "stability",
+    }
+    for key, section in flags.items():
+        field = "top_k_configs" if key == "stability_configs" else key
         parser.add_argument(
             f"--{key.replace('_', '-')}",
             type=int,
-            help=f"override the space's budget.{key} (e.g. a quick smoke test of a space)",
+            help=f"override the space's {section}.{field} (e.g. a quick smoke test of a space)",
         )
     args = parser.parse_args(argv)
-    budget = {k: getattr(args, k) for k in ("trials", "max_steps", "eval_every")}
-    budget = {k: v for k, v in budget.items() if v is not None}
+    overrides: dict[str, dict[str, int]] = {}
+    for key, section in flags.items():
+        if getattr(args, key) is not None:
+            field = "top_k_configs" if key == "stability_configs" else key
+            overrides.setdefault(section, {})[field] = getattr(args, key)
     # Everything that can be checked is checked before Ray starts or MLflow records anything.
     try:
         if args.resume:
@@ -893,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
             space = load_search_space(folder / "space.yaml")
             space = dataclasses.replace(space, path=state["space_file"])
         else:
-            space = load_search_space(args.space, budget=budget)
+            space = load_search_space(args.space, overrides=overrides)
         preflight(space)
         check_ray_address()
         Tracker(space.experiment)

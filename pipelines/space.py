@@ -548,12 +548,12 @@ def load_space(
     adapter_fields: Collection[str],
     training_fields: Collection[str],
     methods: Collection[str] | None = None,
-    budget: Mapping[str, int] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SearchSpace:
     """Read and validate a space file (see `validate_space` for the arguments).
 
-    `budget` overrides entries of the file's `budget:` (e.g. fewer trials for a smoke test)
-    before validation, so the result is checked as a whole.
+    `overrides` (section -> key -> value, e.g. `{"budget": {"trials": 2}}` for a smoke test)
+    replace entries of the file's sections before validation, so the result is checked whole.
 
     Raises:
         SpaceError: Unreadable file, malformed YAML, or any schema problem.
@@ -571,8 +571,9 @@ def load_space(
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
-    if budget and isinstance(raw, dict) and isinstance(raw.get("budget"), dict):
-        raw["budget"] = {**raw["budget"], **budget}
+    for section, values in (overrides or {}).items():
+        if values and isinstance(raw, dict) and isinstance(raw.get(section, {}), dict):
+            raw[section] = {**raw.get(section, {}), **values}
     return validate_space(
         raw,
         name,

@@ -35,6 +35,17 @@ STOPPED_EARLY_ASHA = "stopped_early_asha"
 FAILED = "failed"
 
 
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Params with secret-looking names (token, secret, password...) masked: a value such as a
+    Hub token must never be written into an MLflow store that others can browse."""
+    return {
+        k: "***" if any(w in k.lower() for w in _SECRET_WORDS) else v for k, v in params.items()
+    }
+
+
 class TrackingError(RuntimeError):
     """The MLflow store cannot be used; the message is one line saying what to do."""
 
@@ -141,7 +152,8 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         if params:
             self.client.log_batch(
-                run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
+                run.info.run_id,
+                params=[Param(k, str(v)[:6000]) for k, v in redact(params).items()],
             )
         return run.info.run_id
 

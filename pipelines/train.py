@@ -29,60 +29,34 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 if __name__ == "__main__":  # `python pipelines/train.py`: make `pipelines` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml
-
+from pipelines.best_config import (
+    BEST_CONFIG,
+    BestConfig,
+    PromotionError,
+    best_config_from_search,
+    build_configs,
+    first_line,
+    read_best_config_file,
+)
 from pipelines.evaluate import quiet_progress_bars
-from pipelines.search import DEFAULT_BACKEND, TRAIN_POLL_S, init_ray, training_api
-from pipelines.space import SpaceError, _Checker, field_names
-from pipelines.tracking import Tracker, TrackingError, _check_store, graphlora_home, tracking_uri
+from pipelines.search import DEFAULT_BACKEND, TRAIN_POLL_S, init_ray
+from pipelines.space import SpaceError
+from pipelines.tracking import Tracker, TrackingError, graphlora_home
 
 SOURCE_TAG = "graphlora.source_search_run"
 KIND = "final"  # `kind` tag of promotion runs (searches: search / stability)
 DEFAULT_EXPERIMENT = "graphlora-final"  # for --config; --from-search uses the search's experiment
-BEST_CONFIG = "best_config.yaml"
-_TOP_LEVEL = {"source", "objective", "scores", "adapter", "training"}
-# Training fields the promotion sets itself: a seed in the file is an error (the search writes
-# none, and --seeds would silently win); the others are overridden.
-_SET_HERE = {"seed", "output_dir", "eval_test"}
-# TrainConfig field -> the flag that overrides it (to blame the flag, not the file).
-_FLAGS = {
-    "max_steps": "--max-steps/--epochs",
-    "dataset": "--dataset",
-    "data_dir": "--data-dir",
-    "max_test_examples": "--max-test-examples",
-}
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
-
-
-class PromotionError(ValueError):
-    """The promotion cannot start; the message is one line saying what is wrong and what to do."""
-
-
-@dataclass
-class BestConfig:
-    """A validated best configuration, and where it came from."""
-
-    origin: str  # the file path, or "search run <id>"
-    adapter: dict[str, Any]
-    training: dict[str, Any]  # without seed
-    objective: dict[str, Any]
-    scores: dict[str, float] = field(default_factory=dict)
-    source: str = ""  # the search's own note: "<space file>: stability config-1 (trial 3)"
-    text: str = ""  # the file as read, logged with the run
-    search_run_id: str | None = None
-    experiment: str | None = None  # the search's experiment
-    resources: dict[str, Any] = field(default_factory=dict)  # the search space's `resources:`
 
 
 @dataclass
@@ -122,204 +96,6 @@ class PromotionResult:
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}@{self.alias}"
-
-
-# --- reading and validating the best configuration --------------------------------------------
-
-
-def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
-    """Validate a best-config document (keys, then the config dataclasses' own checks).
-
-    Raises:
-        SpaceError: One line naming the file, the key and its line.
-    """
-    try:
-        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
-    c = _Checker(name, root_node)
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{name}: expected a mapping with adapter: and training:, got {raw!r}")
-    for key in raw:
-        if key not in _TOP_LEVEL:
-            raise c.unknown(str(key), str(key), _TOP_LEVEL)
-    train_cls, adapter_cls, _ = training_api(backend)
-    sections = {}
-    for section, allowed in (
-        ("adapter", field_names(adapter_cls)),
-        ("training", field_names(train_cls)),
-    ):
-        if section not in raw:
-            raise SpaceError(f"{name}: {section}: missing required key")
-        values = c.mapping(section, raw[section])
-        for key in values:
-            if section == "training" and key == "seed":
-                raise c.error(f"{section}.{key}", "set by the promotion; use --seeds")
-            if key not in allowed:
-                raise c.unknown(f"{section}.{key}", key, allowed)
-        sections[section] = dict(values)
-    scores = c.mapping("scores", raw.get("scores") or {})
-    for key, value in scores.items():
-        c.value(f"scores.{key}", value, "number")
-    best = BestConfig(
-        origin=name,
-        adapter=sections["adapter"],
-        training=sections["training"],
-        objective=c.section("objective", raw.get("objective")),
-        scores=dict(scores),
-        source=str(raw.get("source") or ""),
-        text=text,
-    )
-    build_configs(best, best.training, c=c, backend=backend)
-    return best
-
-
-def build_configs(
-    best: BestConfig,
-    training: dict[str, Any],
-    *,
-    c: _Checker | None = None,
-    overridden: set[str] = frozenset(),
-    backend: str = DEFAULT_BACKEND,
-) -> tuple[Any, Any]:
-    """(TrainConfig, MoELoRAConfig) of a run, or a SpaceError blaming the file key or the flag."""
-    train_cls, adapter_cls, _ = training_api(backend)
-    c = c or _Checker(best.origin, None)
-    for section, cls, values in (
-        ("adapter", adapter_cls, best.adapter),
-        ("training", train_cls, {**training, "seed": 0}),
-    ):
-        try:
-            cls(**values)
-        except (TypeError, ValueError) as exc:
-            message = _first_line(exc)
-            key, _, why = message.partition(": ")
-            if section == "training" and key in overridden:
-                raise SpaceError(f"{_FLAGS[key]}: {why}") from exc
-            if key in values:
-                raise c.error(f"{section}.{key}", f"rejected by {cls.__name__}: {why}") from exc
-            raise SpaceError(
-                f"{best.origin}: {section}: rejected by {cls.__name__}: {message}"
-            ) from exc
-    return train_cls(**{**training, "seed": 0}), adapter_cls(**best.adapter)
-
-
-def read_best_config_file(path: str | Path) -> BestConfig:
-    """`parse_best_config` of a file."""
-    try:
-        text = Path(path).expanduser().read_text()
-    except OSError as exc:
-        raise SpaceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return parse_best_config(text, str(path))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def find_search_run(client: Any, ref: str, uri: str) -> Any:
-    """The search run `ref` names: a run id, or an experiment name meaning its latest finished
-    search (a top-level run tagged kind=search, completed).
-
-    Raises:
-        PromotionError: No such run or experiment; not a search run; not finished.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    exp = client.get_experiment_by_name(ref)
-    if exp is None:
-        try:
-            run = client.get_run(ref)
-        except MlflowException:
-            raise PromotionError(
-                f"--from-search {ref}: no MLflow run with this id and no experiment of this name "
-                f"in {uri}; see `mlflow ui` for run ids"
-            ) from None
-    else:
-        runs = client.search_runs(
-            [exp.experiment_id],
-            filter_string="tags.kind = 'search'",
-            order_by=["attributes.start_time DESC"],
-        )
-        searches = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
-        if not searches:
-            raise PromotionError(f"--from-search {ref}: experiment {ref!r} holds no search run")
-        done = [r for r in searches if _search_state(r) == "finished"]
-        if not done:
-            latest = searches[0]
-            raise PromotionError(
-                f"--from-search {ref}: experiment {ref!r} has no finished search; the latest, "
-                f"{latest.info.run_name} ({latest.info.run_id}), {_search_state(latest)}"
-            )
-        run = done[0]
-    tags = run.data.tags
-    if tags.get("kind") != "search" or MLFLOW_PARENT_RUN_ID in tags:
-        what = f"a {tags.get('kind', 'untagged')} run"
-        if MLFLOW_PARENT_RUN_ID in tags:
-            what += f" inside search run {tags[MLFLOW_PARENT_RUN_ID]}"
-        raise PromotionError(
-            f"--from-search {ref}: {run.info.run_name} is {what}, not a search run; pass the "
-            "search's run id or its experiment name"
-        )
-    state = _search_state(run)
-    if state != "finished":
-        raise PromotionError(
-            f"--from-search {ref}: search run {run.info.run_name} ({run.info.run_id}) {state}"
-        )
-    return run
-
-
-def _search_state(run: Any) -> str:
-    """'finished', or why a search run cannot be promoted (a phrase after its name)."""
-    status, tag = run.info.status, run.data.tags.get("status")
-    if status == "FINISHED" and tag == "completed":
-        return "finished"
-    if status == "RUNNING":
-        return "is still running (unfinished); wait for it to finish"
-    reason = run.data.tags.get("status_reason")
-    return f"did not finish ({status.lower()}{': ' + reason if reason else ''}); run a new search"
-
-
-def best_config_from_search(ref: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
-    """Download and validate the `best_config.yaml` of the search run `ref` names.
-
-    Raises:
-        PromotionError: See `find_search_run`; or the run has no best configuration.
-        SpaceError: The best configuration no longer validates.
-        TrackingError: The MLflow store is unreachable.
-    """
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri()
-    _check_store(uri)
-    client = MlflowClient(uri)
-    run = find_search_run(client, ref, uri)
-    run_id = run.info.run_id
-    names = {a.path for a in client.list_artifacts(run_id)}
-    if BEST_CONFIG not in names:
-        raise PromotionError(
-            f"--from-search {ref}: search run {run.info.run_name} ({run_id}) has no "
-            f"{BEST_CONFIG} (no trial finished); run a new search"
-        )
-    with tempfile.TemporaryDirectory(prefix="graphlora-best-") as tmp:
-        text = Path(client.download_artifacts(run_id, BEST_CONFIG, tmp)).read_text()
-        space = {}
-        if "space.yaml" in names:
-            space = yaml.safe_load(
-                Path(client.download_artifacts(run_id, "space.yaml", tmp)).read_text()
-            )
-    best = parse_best_config(text, f"search run {run_id}: {BEST_CONFIG}", backend)
-    best.origin = f"search run {run_id}"
-    best.search_run_id = run_id
-    best.experiment = client.get_experiment(run.info.experiment_id).name
-    best.resources = dict((space or {}).get("resources") or {})
-    return best
 
 
 # --- the plan: every check, before Ray or MLflow runs ------------------------------------------
@@ -394,14 +170,13 @@ def plan_promotion(
         "max_test_examples": max_test_examples,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    training = {k: v for k, v in best.training.items() if k not in _SET_HERE}
-    training.update(overrides, eval_test=True)
+    training = {**best.training, **overrides, "eval_test": True}
     train_cfg, _ = build_configs(best, training, overridden=set(overrides))
     try:
         data = load_task(train_cfg.dataset, data_dir=train_cfg.data_dir)
         check_model_reference(train_cfg.model, revision=train_cfg.model_revision)
     except (DataError, ModelLoadError) as exc:
-        raise PromotionError(_first_line(exc)) from exc
+        raise PromotionError(first_line(exc)) from exc
     if not data.test:
         raise PromotionError(f"dataset {train_cfg.dataset!r} has no test split to report on")
     if epochs is not None:
@@ -510,27 +285,104 @@ def _pick_seed(plan: PromotionPlan, per_seed: list[dict[str, Any]]) -> int:
     return values.index(best)
 
 
+def _train_seeds(
+    plan: PromotionPlan, tracker: Tracker, run_id: str, run_name: str, out: Any
+) -> list[dict[str, Any]]:
+    """Every seed's Ray Train run, side by side as resources allow; each finished seed's metrics
+    (at step = seed index) and adapter go to the MLflow run at once. Returns `{"seed", **final}`
+    per seed, in seed order."""
+    storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    per_seed: list[dict[str, Any]] = [{} for _ in plan.seeds]
+    started = time.monotonic()
+    with ThreadPoolExecutor(_side_by_side(plan, out), thread_name_prefix="seed") as pool:
+        jobs = {
+            pool.submit(_fit_seed, plan, seed, storage, run_name): i
+            for i, seed in enumerate(plan.seeds)
+        }
+        try:
+            for done, job in enumerate(as_completed(jobs), start=1):
+                i = jobs[job]
+                seed, result = plan.seeds[i], job.result()
+                if result.checkpoint is None:
+                    raise RuntimeError(f"seed {seed}: its Train run returned no adapter")
+                folder = plan.output_dir / f"seed{seed}"
+                result.checkpoint.to_directory(str(folder))
+                metrics = {k: v for k, v in result.metrics.items() if k not in ("final", "step")}
+                per_seed[i] = {"seed": seed, **metrics}
+                tracker.log_metrics(run_id, metrics, step=i)
+                tracker.client.log_artifacts(run_id, str(folder), f"adapters/seed{seed}")
+                print(
+                    f"seed {seed} ({done}/{len(plan.seeds)}): "
+                    f"test_accuracy={metrics['test_accuracy']:.4f} "
+                    f"val_accuracy={metrics.get('val_accuracy', float('nan')):.4f} "
+                    f"[{time.monotonic() - started:.0f} s]",
+                    file=out,
+                    flush=True,
+                )
+        except BaseException:
+            for job in jobs:  # seeds still queued do not start; running ones finish
+                job.cancel()
+            raise
+    return per_seed
+
+
+def _register(
+    plan: PromotionPlan, run_id: str, chosen: dict[str, Any], summary: dict[str, float]
+) -> str:
+    """Package the chosen seed's adapter with its base model, log and register it; the version."""
+    from graphlora.inference import package_model
+    from pipelines.serving import log_and_register
+
+    t = plan.training
+    facts = {
+        "training_run_id": run_id,
+        "source_search_run": plan.source_ref,
+        "seed": chosen["seed"],
+        "test_accuracy": chosen["test_accuracy"],
+        "dataset": t["dataset"],
+        "data_dir": t.get("data_dir"),
+        "max_test_examples": t.get("max_test_examples"),
+    }
+    model_dir = package_model(
+        plan.output_dir / f"seed{chosen['seed']}",
+        plan.output_dir / "model",
+        max_length=t.get("max_length", 512),
+        batch_size=t.get("eval_batch_size", 64),
+        metadata=facts,
+    )
+    return log_and_register(
+        run_id,
+        model_dir,
+        name=plan.model_name,
+        alias=plan.alias,
+        metadata=facts,
+        description=(
+            f"{plan.adapter.get('method')} adapter on {t['model']} for {t['dataset']}, seed "
+            f"{chosen['seed']} (test_accuracy {chosen['test_accuracy']:.4f}; over seeds "
+            f"{summary['test_accuracy_mean']:.4f} +- {summary['test_accuracy_std']:.4f}), "
+            f"promoted from {plan.source_ref}"
+        ),
+    )
+
+
 def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
     """Train the plan's seeds on Ray Train, record the run in MLflow, register the model.
 
     Needs a running Ray (`init_ray`). The MLflow run is marked failed if anything fails, and no
     model version is registered then.
     """
-    from graphlora.inference import package_model
     from graphlora.train import summarize_seeds
-    from pipelines.serving import log_and_register
 
     out = out or sys.stdout
-    storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
     tracker = Tracker(plan.experiment)
-    t = plan.training
+    t, seeds = plan.training, ",".join(map(str, plan.seeds))
     run_name = f"final-{plan.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = tracker.start_run(
         run_name,
         params={
             "source": plan.source_ref,
-            "seeds": ",".join(map(str, plan.seeds)),
+            "seeds": seeds,
             "workers": plan.workers,
             "gpus_per_worker": plan.gpus_per_worker,
             **{f"adapter.{k}": v for k, v in plan.adapter.items()},
@@ -542,69 +394,16 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"promote {plan.best.origin}: {plan.adapter.get('method')} on {t['model']} / "
-        f"{t['dataset']}, {t['max_steps']} steps, seeds "
-        f"{','.join(map(str, plan.seeds))}; MLflow: {tracker.ui_link()}",
+        f"{t['dataset']}, {t['max_steps']} steps, seeds {seeds}; MLflow: {tracker.ui_link()}",
         file=out,
         flush=True,
     )
     try:
-        per_seed = [None] * len(plan.seeds)
-        started = time.monotonic()
-        with ThreadPoolExecutor(_side_by_side(plan, out), thread_name_prefix="seed") as pool:
-            jobs = {
-                pool.submit(_fit_seed, plan, seed, storage, run_name): i
-                for i, seed in enumerate(plan.seeds)
-            }
-            for job in as_completed(jobs):
-                i = jobs[job]
-                seed, result = plan.seeds[i], job.result()
-                folder = plan.output_dir / f"seed{seed}"
-                result.checkpoint.to_directory(str(folder))
-                metrics = {k: v for k, v in result.metrics.items() if k not in ("final", "step")}
-                per_seed[i] = {"seed": seed, **metrics}
-                tracker.log_metrics(run_id, metrics, step=i)
-                tracker.client.log_artifacts(run_id, str(folder), f"adapters/seed{seed}")
-                print(
-                    f"seed {seed} ({sum(p is not None for p in per_seed)}/{len(plan.seeds)}): "
-                    f"test_accuracy={metrics['test_accuracy']:.4f} "
-                    f"val_accuracy={metrics.get('val_accuracy', float('nan')):.4f} "
-                    f"[{time.monotonic() - started:.0f} s]",
-                    file=out,
-                    flush=True,
-                )
+        per_seed = _train_seeds(plan, tracker, run_id, run_name, out)
         summary = summarize_seeds(per_seed)
         tracker.log_metrics(run_id, summary)
-        k = _pick_seed(plan, per_seed)
-        chosen = per_seed[k]
-        facts = {
-            "training_run_id": run_id,
-            "source_search_run": plan.source_ref,
-            "seed": chosen["seed"],
-            "test_accuracy": chosen["test_accuracy"],
-            "dataset": t["dataset"],
-            "data_dir": t.get("data_dir"),
-            "max_test_examples": t.get("max_test_examples"),
-        }
-        model_dir = package_model(
-            plan.output_dir / f"seed{chosen['seed']}",
-            plan.output_dir / "model",
-            max_length=t.get("max_length", 512),
-            batch_size=t.get("eval_batch_size", 64),
-            metadata=facts,
-        )
-        version = log_and_register(
-            run_id,
-            model_dir,
-            name=plan.model_name,
-            alias=plan.alias,
-            metadata=facts,
-            description=(
-                f"{plan.adapter.get('method')} adapter on {t['model']} for {t['dataset']}, seed "
-                f"{chosen['seed']} (test_accuracy {chosen['test_accuracy']:.4f}; over seeds "
-                f"{summary['test_accuracy_mean']:.4f} +- {summary['test_accuracy_std']:.4f}), "
-                f"promoted from {plan.source_ref}"
-            ),
-        )
+        chosen = per_seed[_pick_seed(plan, per_seed)]
+        version = _register(plan, run_id, chosen, summary)
         tracker.set_tags(
             run_id,
             {
@@ -614,11 +413,11 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
         )
         tracker.finish(run_id, "completed")
     except BaseException as exc:
-        tracker.finish(run_id, "failed", f"{type(exc).__name__}: {_first_line(exc)}")
+        tracker.finish(run_id, "failed", f"{type(exc).__name__}: {first_line(exc)}")
         raise
     print(
         f"final: test_accuracy {summary['test_accuracy_mean']:.4f} +- "
-        f"{summary['test_accuracy_std']:.4f} over seeds {','.join(map(str, plan.seeds))}\n"
+        f"{summary['test_accuracy_std']:.4f} over seeds {seeds}\n"
         f"registered: models:/{plan.model_name}@{plan.alias} = version {version} "
         f"(seed {chosen['seed']}, test_accuracy {chosen['test_accuracy']:.4f})\n"
         f"adapters: {plan.output_dir}\nMLflow run {run_id}: {tracker.ui_link()}",

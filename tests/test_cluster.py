@@ -58,3 +58,27 @@ def test_dashboard_and_mlflow_bound_to_localhost(cluster):
 
 def test_workers_join_the_head(cluster):
     assert any("--address=$RAY_HEAD_IP:6379" in c for c in cluster["worker_start_ray_commands"])
+
+
+def test_documented_servers_bind_to_localhost():
+    """Every server the docs and the cluster config start binds to 127.0.0.1 (the job-server
+    e2e test passes the same flags: tests/e2e/test_job_server_e2e.py)."""
+    for file in (ROOT / "README.md", ROOT / "cluster.yaml", ROOT / "BENCHMARKS.md"):
+        text = file.read_text()
+        assert "0.0.0.0" not in text, file
+        for line in text.splitlines():
+            if "mlflow ui " in line or "mlflow server " in line:
+                assert "--host 127.0.0.1" in line, (file, line)
+            if "ray start --head" in line and "assert" not in line:
+                assert "--dashboard-host" in line and "127.0.0.1" in line, (file, line)
+
+
+def test_secrets_never_become_mlflow_params():
+    from pipelines.tracking import redact
+
+    params = {"learning_rate": 0.1, "hf_token": "hf_abc", "aws_secret_access_key": "x"}
+    assert redact(params) == {
+        "learning_rate": 0.1,
+        "hf_token": "***",
+        "aws_secret_access_key": "***",
+    }

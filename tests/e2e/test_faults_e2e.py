@@ -39,8 +39,9 @@ def _runs(client: MlflowClient, experiment: str, parent: str | None = None) -> l
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    if parent is None:
-        return client.search_runs([exp.experiment_id], filter_string="tags.kind = 'search'")
+    if parent is None:  # the searches themselves (their trials are tagged kind=search too)
+        runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'search'")
+        return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     return child_runs(client, exp.experiment_id, parent)
 
 

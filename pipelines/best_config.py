@@ -1,0 +1,248 @@
+"""Where a promotion starts: a `best_config.yaml` a search wrote, or the one a finished MLflow
+search run holds, validated in full before anything starts.
+
+Errors are one line naming the file (or run), the key and its line, in the style of
+`pipelines/space.py` (whose checker this reuses); a search run that is missing, still running,
+failed or without a best configuration is a `PromotionError` saying which and what to do.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.search import DEFAULT_BACKEND, training_api
+from pipelines.space import SpaceError, _Checker, field_names
+from pipelines.tracking import _check_store, tracking_uri
+
+BEST_CONFIG = "best_config.yaml"
+_TOP_LEVEL = {"source", "objective", "scores", "adapter", "training"}
+# Training fields the promotion sets itself: a seed in the file is an error (the search writes
+# none, and --seeds would silently win); the others are overridden.
+_SET_HERE = {"seed", "output_dir", "eval_test"}
+# TrainConfig field -> the flag that overrides it (to blame the flag, not the file).
+_FLAGS = {
+    "max_steps": "--max-steps/--epochs",
+    "dataset": "--dataset",
+    "data_dir": "--data-dir",
+    "max_test_examples": "--max-test-examples",
+}
+
+
+class PromotionError(ValueError):
+    """The promotion cannot start; the message is one line saying what is wrong and what to do."""
+
+
+@dataclass
+class BestConfig:
+    """A validated best configuration, and where it came from."""
+
+    origin: str  # the file path, or "search run <id>"
+    adapter: dict[str, Any]
+    training: dict[str, Any]  # without seed, output_dir and eval_test (the promotion's own)
+    objective: dict[str, Any]
+    scores: dict[str, float] = field(default_factory=dict)
+    source: str = ""  # the search's own note: "<space file>: stability config-1 (trial 3)"
+    text: str = ""  # the file as read, logged with the run
+    search_run_id: str | None = None
+    experiment: str | None = None  # the search's experiment
+    resources: dict[str, Any] = field(default_factory=dict)  # the search space's `resources:`
+
+
+def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
+    """Validate a best-config document (keys, then the config dataclasses' own checks).
+
+    Raises:
+        SpaceError: One line naming the file, the key and its line.
+    """
+    try:
+        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
+    c = _Checker(name, root_node)
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{name}: expected a mapping with adapter: and training:, got {raw!r}")
+    for key in raw:
+        if key not in _TOP_LEVEL:
+            raise c.unknown(str(key), str(key), _TOP_LEVEL)
+    train_cls, adapter_cls, _ = training_api(backend)
+    sections = {}
+    for section, allowed in (
+        ("adapter", field_names(adapter_cls)),
+        ("training", field_names(train_cls)),
+    ):
+        if section not in raw:
+            raise SpaceError(f"{name}: {section}: missing required key")
+        values = c.mapping(section, raw[section])
+        for key in values:
+            if section == "training" and key == "seed":
+                raise c.error(f"{section}.{key}", "set by the promotion; use --seeds")
+            if key not in allowed:
+                raise c.unknown(f"{section}.{key}", key, allowed)
+        sections[section] = {k: v for k, v in values.items() if k not in _SET_HERE}
+    scores = c.mapping("scores", raw.get("scores") or {})
+    for key, value in scores.items():
+        c.value(f"scores.{key}", value, "number")
+    best = BestConfig(
+        origin=name,
+        adapter=sections["adapter"],
+        training=sections["training"],
+        objective=c.section("objective", raw.get("objective")),
+        scores=dict(scores),
+        source=str(raw.get("source") or ""),
+        text=text,
+    )
+    build_configs(best, best.training, c=c, backend=backend)
+    return best
+
+
+def build_configs(
+    best: BestConfig,
+    training: dict[str, Any],
+    *,
+    c: _Checker | None = None,
+    overridden: set[str] = frozenset(),
+    backend: str = DEFAULT_BACKEND,
+) -> tuple[Any, Any]:
+    """(TrainConfig, MoELoRAConfig) of a run, or a SpaceError blaming the file key or the flag."""
+    train_cls, adapter_cls, _ = training_api(backend)
+    c = c or _Checker(best.origin, None)
+    for section, cls, values in (
+        ("adapter", adapter_cls, best.adapter),
+        ("training", train_cls, {**training, "seed": 0}),
+    ):
+        try:
+            cls(**values)
+        except (TypeError, ValueError) as exc:
+            message = first_line(exc)
+            key, _, why = message.partition(": ")
+            if section == "training" and key in overridden:
+                raise SpaceError(f"{_FLAGS[key]}: {why}") from exc
+            if key in values:
+                raise c.error(f"{section}.{key}", f"rejected by {cls.__name__}: {why}") from exc
+            raise SpaceError(
+                f"{best.origin}: {section}: rejected by {cls.__name__}: {message}"
+            ) from exc
+    return train_cls(**{**training, "seed": 0}), adapter_cls(**best.adapter)
+
+
+def read_best_config_file(path: str | Path) -> BestConfig:
+    """`parse_best_config` of a file."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise SpaceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_best_config(text, str(path))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def find_search_run(client: Any, ref: str, uri: str) -> Any:
+    """The search run `ref` names: a run id, or an experiment name meaning its latest finished
+    search (a top-level run tagged kind=search, completed).
+
+    Raises:
+        PromotionError: No such run or experiment; not a search run; not finished.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    exp = client.get_experiment_by_name(ref)
+    if exp is None:
+        try:
+            run = client.get_run(ref)
+        except MlflowException:
+            raise PromotionError(
+                f"--from-search {ref}: no MLflow run with this id and no experiment of this name "
+                f"in {uri}; see `mlflow ui` for run ids"
+            ) from None
+    else:
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.kind = 'search'",
+            order_by=["attributes.start_time DESC"],
+        )
+        searches = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+        if not searches:
+            raise PromotionError(f"--from-search {ref}: experiment {ref!r} holds no search run")
+        done = [r for r in searches if _search_state(r) == "finished"]
+        if not done:
+            latest = searches[0]
+            raise PromotionError(
+                f"--from-search {ref}: experiment {ref!r} has no finished search; the latest, "
+                f"{latest.info.run_name} ({latest.info.run_id}), {_search_state(latest)}"
+            )
+        run = done[0]
+    tags = run.data.tags
+    if tags.get("kind") != "search" or MLFLOW_PARENT_RUN_ID in tags:
+        what = f"a {tags.get('kind', 'untagged')} run"
+        if MLFLOW_PARENT_RUN_ID in tags:
+            what += f" inside search run {tags[MLFLOW_PARENT_RUN_ID]}"
+        raise PromotionError(
+            f"--from-search {ref}: {run.info.run_name} is {what}, not a search run; pass the "
+            "search's run id or its experiment name"
+        )
+    state = _search_state(run)
+    if state != "finished":
+        raise PromotionError(
+            f"--from-search {ref}: search run {run.info.run_name} ({run.info.run_id}) {state}"
+        )
+    return run
+
+
+def _search_state(run: Any) -> str:
+    """'finished', or why a search run cannot be promoted (a phrase after its name)."""
+    status, tag = run.info.status, run.data.tags.get("status")
+    if status == "FINISHED" and tag == "completed":
+        return "finished"
+    if status == "RUNNING":
+        return "is still running (unfinished); wait for it to finish"
+    reason = run.data.tags.get("status_reason")
+    return f"did not finish ({status.lower()}{': ' + reason if reason else ''}); run a new search"
+
+
+def best_config_from_search(ref: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
+    """Download and validate the `best_config.yaml` of the search run `ref` names.
+
+    Raises:
+        PromotionError: See `find_search_run`; or the run has no best configuration.
+        SpaceError: The best configuration no longer validates.
+        TrackingError: The MLflow store is unreachable.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    _check_store(uri)
+    client = MlflowClient(uri)
+    run = find_search_run(client, ref, uri)
+    run_id = run.info.run_id
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if BEST_CONFIG not in names:
+        raise PromotionError(
+            f"--from-search {ref}: search run {run.info.run_name} ({run_id}) has no "
+            f"{BEST_CONFIG} (no trial finished); run a new search"
+        )
+    with tempfile.TemporaryDirectory(prefix="graphlora-best-") as tmp:
+        text = Path(client.download_artifacts(run_id, BEST_CONFIG, tmp)).read_text()
+        space = {}
+        if "space.yaml" in names:
+            space = yaml.safe_load(
+                Path(client.download_artifacts(run_id, "space.yaml", tmp)).read_text()
+            )
+    best = parse_best_config(text, f"search run {run_id}: {BEST_CONFIG}", backend)
+    best.origin = f"search run {run_id}"
+    best.search_run_id = run_id
+    best.experiment = client.get_experiment(run.info.experiment_id).name
+    best.resources = dict((space or {}).get("resources") or {})
+    return best
