@@ -20,6 +20,15 @@ from graphlora.models import load_model_and_tokenizer
 EXAMPLES = make_synthetic_task(n_train=0, n_val=0, n_test=6, seed=3).test
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models need one thread; two on a busy 2-core machine were 100x slower (spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def trained_adapter(folder: Path, base: str = "tiny-qwen2") -> tuple[torch.nn.Module, object]:
     """A tiny-qwen2 (or local checkpoint) adapter with non-zero B, saved as training saves it."""
     model, tokenizer, info = load_model_and_tokenizer(base)

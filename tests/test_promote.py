@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_inference import EXAMPLES, trained_adapter
+from test_inference import EXAMPLES, one_torch_thread, trained_adapter  # noqa: F401 (autouse)
 
 from graphlora.data import load_task
 from graphlora.evaluate import evaluate_examples, score_examples

@@ -9,6 +9,7 @@ import io
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from test_inference import one_torch_thread  # noqa: F401 (autouse: one thread, as Ray workers)
 
 from graphlora.data import load_task
 from pipelines import train
