@@ -187,7 +187,7 @@ def test_nan_loss_fails_its_trial_and_the_search_goes_on(ray_cluster, tmp_path):
         "  learning_rate: {type: loguniform, low: 1.0e-5, high: 1.0e-1}\n",
         "  inject_nan_at_step: {type: categorical, values: [3, 1000000]}\n",
     )
-    path.write_text(text.replace("max_steps: 40", "max_steps: 20"))
+    path.write_text(text.replace("max_steps: 40", "max_steps: 10"))
     from pipelines.search import load_search_space
 
     space = load_search_space(path)
