@@ -84,6 +84,8 @@ class PromotionPlan:
 
 @dataclass
 class PromotionResult:
+    """What a finished promotion returns (and prints)."""
+
     run_id: str
     model_name: str
     version: str
@@ -138,7 +140,7 @@ def plan_promotion(
     workers: int | None = None,
     cpus_per_worker: float | None = None,
     gpus_per_worker: float | None = None,
-    worker_retries: int = 2,
+    worker_retries: int | None = None,
     model_name: str | None = None,
     alias: str = "champion",
     experiment: str | None = None,
@@ -187,6 +189,8 @@ def plan_promotion(
     workers = workers if workers is not None else int(res.get("workers_per_trial", 1))
     cpus = cpus_per_worker if cpus_per_worker is not None else res.get("cpus_per_worker", 1)
     gpus = gpus_per_worker if gpus_per_worker is not None else res.get("gpus_per_worker", 0)
+    if worker_retries is None:
+        worker_retries = int(res.get("worker_retries", 2))
     for flag, value, low in (
         ("--workers", workers, 1),
         ("--cpus-per-worker", cpus, 1e-9),
@@ -461,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-worker", type=float)
     parser.add_argument("--gpus-per-worker", type=float)
     parser.add_argument(
-        "--worker-retries", type=int, default=2, help="restarts of a seed's run when a worker dies"
+        "--worker-retries", type=int, help="restarts of a seed's run when a worker dies (2)"
     )
     parser.add_argument("--model-name", help="registered model name (default graphlora-<dataset>)")
     parser.add_argument("--alias", default="champion", help="registry alias (default: %(default)s)")
