@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from pipelines.search import DEFAULT_BACKEND, training_api
-from pipelines.space import SpaceError, _Checker, field_names
-from pipelines.tracking import _check_store, tracking_uri
+from pipelines.space import Checker, SpaceError, field_names
+from pipelines.tracking import check_store, tracking_uri
 
 BEST_CONFIG = "best_config.yaml"
 _TOP_LEVEL = {"source", "objective", "scores", "adapter", "training"}
@@ -67,7 +67,7 @@ def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> B
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
-    c = _Checker(name, root_node)
+    c = Checker(name, root_node)
     if not isinstance(raw, dict):
         raise SpaceError(f"{name}: expected a mapping with adapter: and training:, got {raw!r}")
     for key in raw:
@@ -108,13 +108,13 @@ def build_configs(
     best: BestConfig,
     training: dict[str, Any],
     *,
-    c: _Checker | None = None,
+    c: Checker | None = None,
     overridden: set[str] = frozenset(),
     backend: str = DEFAULT_BACKEND,
 ) -> tuple[Any, Any]:
     """(TrainConfig, MoELoRAConfig) of a run, or a SpaceError blaming the file key or the flag."""
     train_cls, adapter_cls, _ = training_api(backend)
-    c = c or _Checker(best.origin, None)
+    c = c or Checker(best.origin, None)
     for section, cls, values in (
         ("adapter", adapter_cls, best.adapter),
         ("training", train_cls, {**training, "seed": 0}),
@@ -223,7 +223,7 @@ def best_config_from_search(ref: str, backend: str = DEFAULT_BACKEND) -> BestCon
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
-    _check_store(uri)
+    check_store(uri)
     client = MlflowClient(uri)
     run = find_search_run(client, ref, uri)
     run_id = run.info.run_id

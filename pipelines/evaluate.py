@@ -24,7 +24,7 @@ from typing import Any
 if __name__ == "__main__":  # `python pipelines/evaluate.py`: make `pipelines` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.tracking import Tracker, TrackingError, _check_store, tracking_uri
+from pipelines.tracking import Tracker, TrackingError, check_store, tracking_uri
 
 SPLITS = ("test", "validation", "train")
 
@@ -61,7 +61,7 @@ def _model_facts(model: str | None, adapter: str | None) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     store = tracking_uri()
-    _check_store(store)
+    check_store(store)
     mlflow.set_tracking_uri(store)
     try:
         info = mlflow.models.get_model_info(model)

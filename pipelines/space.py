@@ -221,7 +221,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class _Checker:
+class Checker:
     """Carries the file name and YAML node tree so every error can say where it is."""
 
     def __init__(self, path: str, root_node: yaml.Node | None) -> None:
@@ -301,7 +301,7 @@ class _Checker:
         return out
 
 
-def _check_param(c: _Checker, name: str, spec: Any, target: str) -> Param:
+def _check_param(c: Checker, name: str, spec: Any, target: str) -> Param:
     kp = f"search.{name}"
     spec = c.mapping(kp, spec)
     for key in spec:
@@ -347,7 +347,7 @@ def _check_param(c: _Checker, name: str, spec: Any, target: str) -> Param:
     return Param(name, ptype, target, low=low, high=high, step=step)
 
 
-def _check_top_k(c: _Checker, search: dict[str, Param], adapter: dict[str, Any]) -> None:
+def _check_top_k(c: Checker, search: dict[str, Param], adapter: dict[str, Any]) -> None:
     """top_k must never exceed num_experts, whichever of the two is fixed or searched."""
     top_k, experts = search.get("top_k"), search.get("num_experts")
     fixed_k, fixed_n = adapter.get("top_k"), adapter.get("num_experts")
@@ -408,7 +408,7 @@ def validate_space(
     Raises:
         SpaceError: On the first problem found.
     """
-    c = _Checker(path, root_node)
+    c = Checker(path, root_node)
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     for key in raw:

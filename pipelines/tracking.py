@@ -60,7 +60,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{graphlora_home() / 'mlflow.db'}"
 
 
-def _check_store(uri: str) -> None:
+def check_store(uri: str) -> None:
     """Fail fast, in one line, on a store that cannot work (before any Ray work starts)."""
     if uri.startswith(("http://", "https://")):
         try:
@@ -112,7 +112,7 @@ class Tracker:
             TrackingError: The store is unreachable or misconfigured.
         """
         self.uri = uri or tracking_uri()
-        _check_store(self.uri)
+        check_store(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         try:

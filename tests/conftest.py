@@ -11,6 +11,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from tiny_models import VOCAB  # noqa: E402
 
+# Tiny models run fastest on one thread; on a small shared machine, more threads oversubscribe
+# the cores (scoring a tiny model took 12 s on 2 threads, 0.12 s on 1).
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
