@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from pipelines.search import DEFAULT_BACKEND, training_api
-from pipelines.space import Checker, SpaceError, field_names
+from pipelines.space import Checker, SpaceError, field_names, parse_yaml
 from pipelines.tracking import check_store, tracking_uri
 
 BEST_CONFIG = "best_config.yaml"
@@ -59,14 +59,7 @@ def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> B
     Raises:
         SpaceError: One line naming the file, the key and its line.
     """
-    try:
-        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
+    raw, root_node = parse_yaml(text, name)
     c = Checker(name, root_node)
     if not isinstance(raw, dict):
         raise SpaceError(f"{name}: expected a mapping with adapter: and training:, got {raw!r}")

@@ -542,6 +542,21 @@ def validate_space(
     )
 
 
+def parse_yaml(text: str, name: str) -> tuple[Any, yaml.Node | None]:
+    """The parsed document and its node tree (for line numbers in errors).
+
+    Raises:
+        SpaceError: Malformed YAML, with its line and column.
+    """
+    try:
+        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
+
+
 def load_space(
     path: str | Path,
     *,
@@ -563,14 +578,7 @@ def load_space(
         text = Path(path).read_text()
     except OSError as exc:
         raise SpaceError(f"{name}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpaceError(f"{name}: {where}malformed YAML: {problem}") from exc
+    raw, root_node = parse_yaml(text, name)
     for section, values in (overrides or {}).items():
         if values and isinstance(raw, dict) and isinstance(raw.get(section, {}), dict):
             raw[section] = {**raw.get(section, {}), **values}
