@@ -77,7 +77,10 @@ def two_node_cluster(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
     gcs, dashboard = _free_port(), _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    # Nothing of this test process's own Ray or MLflow may leak into the cluster's processes
+    # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; the job must use its default store).
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "GRAPHLORA_HOME"):
+        env.pop(key, None)
     try:
         _ray(
             [
