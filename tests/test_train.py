@@ -173,7 +173,7 @@ def test_tiny_preset_learns_the_synthetic_task():
     # The quickstart's promise: a good configuration reaches >= 0.8 (chance is 0.25).
     m = run_training(
         TrainConfig(
-            max_steps=300, log_every=0, eval_every=100, max_test_examples=0, eval_test=False
+            max_steps=150, log_every=0, eval_every=50, max_test_examples=0, eval_test=False
         ),
         MoELoRAConfig(method="graphlora"),
     )
