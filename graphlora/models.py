@@ -365,11 +365,7 @@ def load_model_and_tokenizer(
             ) from err
         kind, resolved_revision = "local", None
     elif _looks_like_path(name_or_path):
-        raise ModelLoadError(
-            f"Model path {name_or_path!r} does not exist. Give an existing directory holding a "
-            f"save_pretrained() checkpoint, a preset ({', '.join(sorted(PRESETS))}) or a "
-            "Hugging Face Hub id such as 'Qwen/Qwen2-0.5B'."
-        )
+        raise _missing_path(name_or_path)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -425,6 +421,14 @@ def _load_local_tokenizer(path: Path, *, trust_remote_code: bool) -> PreTrainedT
 _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
+def _missing_path(name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"Model path {name!r} does not exist. Give an existing directory holding a "
+        f"save_pretrained() checkpoint, a preset ({', '.join(sorted(PRESETS))}) or a "
+        "Hugging Face Hub id such as 'Qwen/Qwen2-0.5B'."
+    )
+
+
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else with path syntax is a missing path.
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
@@ -465,11 +469,7 @@ def check_model_reference(name_or_path: str, *, revision: str | None = None) -> 
             )
         return "local"
     if _looks_like_path(name_or_path):
-        raise ModelLoadError(
-            f"Model path {name_or_path!r} does not exist. Give an existing directory holding a "
-            f"save_pretrained() checkpoint, a preset ({', '.join(sorted(PRESETS))}) or a "
-            "Hugging Face Hub id such as 'Qwen/Qwen2-0.5B'."
-        )
+        raise _missing_path(name_or_path)
     from transformers import AutoConfig
 
     try:
