@@ -108,3 +108,14 @@ class FlagASHAScheduler(AsyncHyperBandScheduler):
                 self.stop_reasons[trial.trial_id] = reason
         self._hub.judged.remote(trial.trial_id, iteration, reason)
         return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
+        # A trial driver's last report (`final`: test metrics) is not an evaluation: it repeats
+        # the last one's objective one training_iteration later. The stock scheduler records it
+        # at the next rung, so a trial cut at rung r would sit in rung r+1 with its rung-r score
+        # and pull that rung's cutoff down (measured: the quickstart's trial 5 then passed a rung
+        # ASHA should have cut it at). Rungs only ever hold evaluations.
+        if result.get("final"):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)

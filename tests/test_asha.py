@@ -1,0 +1,110 @@
+"""FlagASHAScheduler's decisions, fed the results a search's trial drivers report (no Ray needed:
+the scheduler only calls `hub.judged.remote`, recorded here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from ray.tune.schedulers import TrialScheduler
+
+from pipelines.asha import FlagASHAScheduler
+
+
+class RecordingHub:
+    """What the scheduler tells the TrialHub actor: (trial id, iteration, stop reason)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.judged = SimpleNamespace(remote=lambda *args: self.calls.append(args))
+
+
+def scheduler(hub: RecordingHub, **kw) -> FlagASHAScheduler:
+    kw = {"max_t": 4, "grace_period": 1, "reduction_factor": 2, **kw}
+    return FlagASHAScheduler(
+        hub, time_attr="training_iteration", metric="objective", mode="max", **kw
+    )
+
+
+def trial(trial_id: str) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id)
+
+
+def report(s: FlagASHAScheduler, trial_id: str, iteration: int, score: float, **extra) -> str:
+    result = {"training_iteration": iteration, "objective": score, **extra}
+    return s.on_trial_result(None, trial(trial_id), result)
+
+
+def finish(s: FlagASHAScheduler, trial_id: str, iteration: int, score: float) -> None:
+    """A driver's last report (test metrics, `final`), one iteration after its last evaluation."""
+    result = {"training_iteration": iteration, "objective": score, "final": 1}
+    report(s, trial_id, iteration, score, final=1)
+    s.on_trial_complete(None, trial(trial_id), result)
+
+
+def test_decisions_go_to_the_hub_and_tune_is_always_told_continue() -> None:
+    hub = RecordingHub()
+    s = scheduler(hub)
+    for t in ("a", "b", "c"):
+        s.on_trial_add(None, trial(t))
+    assert report(s, "a", 1, 0.6) == TrialScheduler.CONTINUE
+    assert report(s, "b", 1, 0.7) == TrialScheduler.CONTINUE
+    assert report(s, "c", 1, 0.1) == TrialScheduler.CONTINUE  # cut, but by flag
+    assert set(s.stop_reasons) == {"c"}
+    assert "objective=0.1 below the rung cutoff at training_iteration=1" in s.stop_reasons["c"]
+    assert hub.calls[:2] == [("a", 1, None), ("b", 1, None)]
+    assert hub.calls[2][:2] == ("c", 1) and hub.calls[2][2] == s.stop_reasons["c"]
+
+
+def test_final_reports_of_cut_trials_do_not_lower_the_next_rung() -> None:
+    """The quickstart's measured scores: three trials cut at rung 1 finish with a `final` report
+    at iteration 2. Before the fix those landed in rung 2 and trial e passed it (0.605 against
+    a cutoff of 0.275); rung 2 must hold only a and b's evaluations (cutoff 0.6325)."""
+    s = scheduler(RecordingHub())
+    for t in "abcdef":
+        s.on_trial_add(None, trial(t))
+    for it, (a, b) in enumerate([(0.345, 0.41), (0.605, 0.66), (0.95, 0.995), (0.97, 1.0)], 1):
+        report(s, "a", it, a)
+        report(s, "b", it, b)
+    finish(s, "a", 5, 0.97)
+    finish(s, "b", 5, 1.0)
+    for t, score in (("c", 0.275), ("d", 0.245)):
+        report(s, t, 1, score)
+        finish(s, t, 2, score)
+    report(s, "e", 1, 0.375)
+    report(s, "f", 1, 0.25)
+    finish(s, "f", 2, 0.25)
+    assert set(s.stop_reasons) == {"c", "d", "f"}  # cut at rung 1
+    report(s, "e", 2, 0.605)
+    assert "training_iteration=2" in s.stop_reasons["e"]
+
+
+def test_a_trial_cut_once_stays_cut() -> None:
+    s = scheduler(RecordingHub())
+    for t in "ab":
+        s.on_trial_add(None, trial(t))
+    report(s, "a", 1, 0.9)
+    report(s, "b", 1, 0.1)
+    reason = s.stop_reasons["b"]
+    report(s, "b", 2, 0.99)  # the trial's next evaluation, already under way, changes nothing
+    assert s.stop_reasons["b"] == reason
+
+
+def test_workers_and_drivers_do_not_import_mlflow_or_optuna() -> None:
+    """Every Ray Train worker and Tune trial driver imports pipelines.search; MLflow and Optuna
+    cost seconds to import and are only used by the search's own process."""
+    code = (
+        "import sys, pipelines.search, pipelines.asha; "
+        "print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_parent_run_tag_matches_mlflow() -> None:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from pipelines import tracking
+
+    assert tracking.MLFLOW_PARENT_RUN_ID == MLFLOW_PARENT_RUN_ID
