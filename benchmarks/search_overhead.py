@@ -10,7 +10,10 @@ Measured side by side in one run, on one local Ray (`--num-cpus`, default 2):
    stage is left out). Per trial, wall
    time is its MLflow run's end minus start; time inside the training loop is the run's
    `train_time_s` (optimizer steps) + `eval_time_total_s` (validation) + `test_time_s`;
-   overhead = wall - inside (model load, data, Ray Train start, checkpoints, ASHA round trips).
+   overhead = wall - inside (model load, data, Ray Train start, checkpoints, ASHA round trips),
+   split into the run's own `setup_time_s` (data, model, adapter) and `checkpoint_time_s`
+   (writing resumable states), and the rest (Ray: trial, Train run and worker start-up, imports,
+   reports, verdicts, shutdown).
 3. ASHA: optimizer steps the search ran, against every trial running the full `max_steps`.
 
 Prints one JSON line per stage and a summary line with `overhead_vs_ray_floor` (target <= 1.3),
@@ -130,6 +133,7 @@ def main() -> None:
         inside = m.get("train_time_s", 0) + m.get("eval_time_total_s", 0) + m.get("test_time_s", 0)
         history = client.get_metric_history(run.info.run_id, "evals")
         steps = max((h.step for h in history), default=0)
+        setup, ckpt = m.get("setup_time_s", 0), m.get("checkpoint_time_s", 0)
         rows.append(
             {
                 "trial": t["trial"],
@@ -137,6 +141,9 @@ def main() -> None:
                 "wall_s": round(wall, 1),
                 "inside_loop_s": round(inside, 1),
                 "overhead_s": round(wall - inside, 1),
+                "setup_s": round(setup, 2),
+                "checkpoint_s": round(ckpt, 2),
+                "rest_s": round(wall - inside - setup - ckpt, 1),
                 "steps": steps,
             }
         )
@@ -153,6 +160,10 @@ def main() -> None:
             "search_wall_s": round(search_s, 1),
             "ray_floor_trial_s": round(floor_s, 2),
             "search_trial_overhead_s": round(overhead, 2),
+            "overhead_median_parts_s": {
+                k: round(statistics.median(r[k] for r in rows), 2)
+                for k in ("setup_s", "checkpoint_s", "rest_s")
+            },
             "overhead_vs_ray_floor": round(overhead / floor_s, 3),
             "trial_overhead_fraction": round(
                 sum(r["overhead_s"] for r in rows) / sum(r["wall_s"] for r in rows), 3

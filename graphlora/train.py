@@ -264,13 +264,17 @@ def run_training(
         Final flat metrics: ``val_accuracy``, ``val_loss``, ``best_val_accuracy``,
         ``test_accuracy``/``test_loss`` (if ``eval_test``), ``train_loss``, aux losses,
         routing statistics, ``trainable_params``, ``samples_per_sec``, ``peak_memory_mb``,
-        ``steps``, ``stopped_early`` (0/1).
+        ``steps``, ``stopped_early`` (0/1), and where the time went, in seconds:
+        ``setup_time_s`` (data, model, adapter, encoding; resuming included),
+        ``train_time_s`` (optimizer steps), ``eval_time_total_s`` (validation),
+        ``checkpoint_time_s`` (writing ``checkpoint`` states), ``test_time_s``.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (on every rank at once).
         CheckpointError: ``resume_from`` is not a checkpoint of this configuration.
     """
     cfg = train_cfg
+    started = time.perf_counter()
     rank, world = _world()
     device = _pick_device(cfg.device)
     if device.type == "cuda":
@@ -321,6 +325,7 @@ def run_training(
     best_val = 0.0
     train_time = 0.0
     eval_time = 0.0
+    checkpoint_time = 0.0
     samples = 0
     start = 0
     shape = _run_shape(cfg, info.to_dict())
@@ -331,9 +336,11 @@ def run_training(
         start, best_val = int(progress["step"]), float(progress["best_val"])
         train_time, samples = float(progress["train_time"]), int(progress["samples"])
         eval_time = float(progress.get("eval_time", 0.0))
+        checkpoint_time = float(progress.get("checkpoint_time", 0.0))
         metrics = dict(progress["metrics"])
         _log(f"[graphlora] resumed from {resume_from} at step {start}/{cfg.max_steps}")
     loss_acc, aux_acc, loss_n = 0.0, {}, 0
+    setup_time = time.perf_counter() - started  # data, model, adapter, encoding (and resume)
     stopped_early = False
     model.train()
     for step in range(start, cfg.max_steps):
@@ -400,11 +407,13 @@ def run_training(
                 "peak_memory_mb": _peak_memory_mb(device),
                 "eval_time_s": time.perf_counter() - t1,
                 "train_time_s": train_time,
+                "setup_time_s": setup_time,
                 **{f"aux_{k}": v / max(1, loss_n) for k, v in aux_acc.items()},
                 **routing_stats(model, reset=True),
             }
             eval_time += metrics["eval_time_s"]
             metrics["eval_time_total_s"] = eval_time
+            metrics["checkpoint_time_s"] = checkpoint_time
             _log(
                 f"[graphlora] eval @ {done}: val_accuracy {res.accuracy:.4f} "
                 f"val_loss {res.loss:.4f} (best {best_val:.4f})"
@@ -414,11 +423,13 @@ def run_training(
                 with tempfile.TemporaryDirectory(prefix="graphlora-ckpt-") as tmp:
                     state_dir = None
                     if rank == 0:
+                        t1 = time.perf_counter()
                         progress = {
                             "step": done,
                             "best_val": best_val,
                             "train_time": train_time,
                             "eval_time": eval_time,
+                            "checkpoint_time": checkpoint_time,
                             "samples": samples,
                             "metrics": metrics,
                         }
@@ -431,6 +442,8 @@ def run_training(
                             order=order,
                             metadata={"base_model": info.to_dict(), "run": shape},
                         )
+                        checkpoint_time += time.perf_counter() - t1
+                        metrics["checkpoint_time_s"] = checkpoint_time
                     stop = bool(on_eval(done, dict(metrics), state_dir)) if on_eval else False
             else:
                 stop = bool(on_eval(done, dict(metrics))) if on_eval is not None else False

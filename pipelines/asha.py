@@ -109,7 +109,9 @@ class FlagASHAScheduler(AsyncHyperBandScheduler):
         self._hub.judged.remote(trial.trial_id, iteration, reason)
         return TrialScheduler.CONTINUE
 
-    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
+    def on_trial_complete(
+        self, tune_controller: TuneController, trial: Trial, result: dict
+    ) -> None:
         # A trial driver's last report (`final`: test metrics) is not an evaluation: it repeats
         # the last one's objective one training_iteration later. The stock scheduler records it
         # at the next rung, so a trial cut at rung r would sit in rung r+1 with its rung-r score

@@ -44,6 +44,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
         _cfg(tmp_path, "full"), MoELoRAConfig(**ADAPTER), data=DATA, on_eval=keep, checkpoint=True
     )
     assert sorted(saved) == [2, 4, 6]
+    assert full["checkpoint_time_s"] > 0
     # A checkpoint is also a loadable adapter folder.
     assert (saved[2] / WEIGHTS_NAME).is_file()
 

@@ -84,6 +84,9 @@ def test_metrics_and_callback_stop():
     ):
         assert key in seen[0][1], key
     assert m["stopped_early"] == 1.0 and 0 <= m["test_accuracy"] <= 1
+    # Where the time went: each part measured, none of them counted twice.
+    parts = ("setup_time_s", "train_time_s", "eval_time_total_s", "test_time_s")
+    assert all(m[k] > 0 for k in parts) and m["checkpoint_time_s"] == 0  # no checkpoints asked
 
 
 def test_nan_loss_stops_with_clear_error():
