@@ -45,6 +45,23 @@ def ray_cluster(graphlora_home) -> Iterator[None]:
         os.environ["RAY_ADDRESS"] = saved
 
 
+@pytest.fixture(scope="session")
+def asha_search(ray_cluster, tmp_path_factory) -> tuple:
+    """One ASHA search (5 trials, 2 at a time, on 2 CPUs) shared by the tests that check it and
+    the promotion test that promotes its best configuration: (space, SearchResult, progress)."""
+    import io
+
+    from test_search_e2e import make_space
+
+    from pipelines.search import run_search
+
+    tmp = tmp_path_factory.mktemp("asha")
+    space = make_space(tmp, "graphlora", trials=5, experiment="asha")
+    out = io.StringIO()
+    result = run_search(space, backend="graphlora", output_dir=tmp / "out", out=out)
+    return space, result, out.getvalue()
+
+
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if "/e2e/" in str(item.fspath):

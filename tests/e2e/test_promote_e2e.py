@@ -1,10 +1,9 @@
-"""End to end on a real local Ray (2 CPUs) and a real MLflow store: a small search, promotion of
-its best configuration from the MLflow search run (2 seeds on Ray Train), and the registered model
-loaded through `mlflow.pyfunc` answering held-out questions with the accuracy the run reported."""
+"""End to end on a real local Ray (2 CPUs) and a real MLflow store: a search (the shared ASHA
+search of tests/e2e/conftest.py), promotion of its best configuration from the MLflow search run
+(2 seeds on Ray Train), and the registered model loaded through `mlflow.pyfunc` answering
+held-out questions with the accuracy the run reported."""
 
 from __future__ import annotations
-
-import io
 
 import mlflow
 import pandas as pd
@@ -13,32 +12,15 @@ from test_inference import one_torch_thread  # noqa: F401 (autouse: one thread, 
 
 from graphlora.data import load_task
 from pipelines import train
-from pipelines.search import load_search_space, run_search
 from pipelines.tracking import tracking_uri
 
 HANDFUL = 16  # held-out test examples the promotion reports on and the served model answers
 
-SPACE = """\
-model: tiny-qwen2
-dataset: synthetic
-method: graphlora
-adapter: {{gcn_hidden: 16, gcn_layers: 1}}
-training: {{batch_size: 4, max_eval_examples: 32, max_test_examples: {handful}}}
-search:
-  learning_rate: {{type: loguniform, low: 1.0e-3, high: 3.0e-2}}
-  num_experts: {{type: categorical, values: [2, 4]}}
-  top_k: {{type: int, low: 1, high: 2}}
-budget: {{trials: 2, max_steps: 20, eval_every: 10}}
-resources: {{workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}}
-mlflow: {{experiment: {experiment}}}
-"""
 
-
-def test_search_promote_register_and_serve(ray_cluster, graphlora_home, tmp_path, capsys):
-    experiment, name = f"promote-{tmp_path.name}", f"graphlora-e2e-{tmp_path.name}"
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE.format(handful=HANDFUL, experiment=experiment))
-    search = run_search(load_search_space(path), output_dir=tmp_path / "search", out=io.StringIO())
+def test_search_promote_register_and_serve(asha_search, graphlora_home, tmp_path, capsys):
+    """Promotes the best configuration of the shared ASHA search (tests/e2e/conftest.py)."""
+    space, search, _ = asha_search
+    experiment, name = space.experiment, f"graphlora-e2e-{tmp_path.name}"
     assert search.best is not None
 
     code = train.main(

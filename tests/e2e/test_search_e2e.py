@@ -22,7 +22,7 @@ dataset: {dataset}
 method: graphlora
 seed: 0
 adapter: {{gcn_hidden: 16, gcn_layers: 1}}
-training: {{batch_size: 4}}
+training: {{batch_size: 4, max_test_examples: 100}}
 search:
   learning_rate: {{type: loguniform, low: 1.0e-5, high: 1.0e-1}}
   num_experts: {{type: categorical, values: [2, 4]}}
@@ -74,14 +74,8 @@ def child_runs(client: MlflowClient, experiment_id: str, parent: str) -> list:
     )
 
 
-def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(
-    ray_cluster, backend, tmp_path
-):
-    space = make_space(tmp_path, backend, trials=5)
-    out = io.StringIO()
-    result = run_search(space, backend=backend, output_dir=tmp_path / "out", out=out)
-    log = out.getvalue()
-
+def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_search):
+    space, result, log = asha_search
     # More trials than fit at once (2 CPUs, 1 per trial) ran to the end: no deadlock, no leak.
     assert len(result.trials) == 5
     assert live_placement_groups() == []
@@ -127,7 +121,7 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(
 
     # The best config YAML loads straight into the library's dataclasses.
     best = yaml.safe_load((result.output_dir / "best_config.yaml").read_text())
-    train_cls, adapter_cls, _ = training_api(backend)
+    train_cls, adapter_cls, _ = training_api("graphlora")
     adapter_cls(**best["adapter"])
     train_cls(**best["training"], seed=0)
     assert best["adapter"]["top_k"] <= best["adapter"]["num_experts"]
@@ -136,12 +130,12 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(
 @pytest.mark.parametrize(("seeds", "workers"), [(2, 1), (1, 2)], ids=["2seeds", "2workers"])
 def test_multi_seed_and_multi_worker_trials(ray_cluster, backend, tmp_path, seeds, workers):
     """2 seeds side by side in one trial, then the stability stage (1 config x 2 fresh seeds,
-    one trial each, side by side); or 2 DDP workers per trial, twice, so ASHA may cut one."""
+    one trial each, side by side); or one trial of 2 DDP workers."""
     stability = seeds > 1
     space = make_space(
         tmp_path,
         backend,
-        trials=3 - seeds,
+        trials=1,
         concurrent=2 if stability else 1,
         seeds=seeds,
         workers=workers,
@@ -154,7 +148,7 @@ def test_multi_seed_and_multi_worker_trials(ray_cluster, backend, tmp_path, seed
     exp = client.get_experiment_by_name(space.experiment)
     children = child_runs(client, exp.experiment_id, result.parent_run_id)
     runs = [r for r in children if r.data.tags.get("kind") == "search"]
-    assert len(runs) == 3 - seeds
+    assert len(runs) == 1
     if stability:  # one config run, its seed runs nested under it
         (group,) = [r for r in children if r.data.tags.get("kind") == "stability"]
         seed_runs = child_runs(client, exp.experiment_id, group.info.run_id)
