@@ -16,6 +16,7 @@ search instead of one queue actor per trial.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,17 @@ class FlagASHAScheduler(AsyncHyperBandScheduler):
                 self.stop_reasons[trial.trial_id] = reason
         self._hub.judged.remote(trial.trial_id, iteration, reason)
         return TrialScheduler.CONTINUE
+
+    def restore_rungs(self, objectives: dict[str, list[float]]) -> None:
+        """Put back what the rungs held before a resumed search: `objectives` maps each earlier
+        trial to its objective at evaluations 1, 2, ...; a trial sits in every rung it reached,
+        with its value there (as `on_trial_result` recorded it), so resumed and new trials are
+        judged against the same cutoffs as before the interruption."""
+        for trial_id, values in objectives.items():
+            for bracket in self._brackets:
+                for milestone, recorded in bracket._rungs:
+                    if math.ceil(milestone) <= len(values) and milestone < self._max_t:
+                        recorded[trial_id] = self._metric_op * values[math.ceil(milestone) - 1]
 
     def on_trial_complete(
         self, tune_controller: TuneController, trial: Trial, result: dict

@@ -116,6 +116,10 @@ class SearchMonitor(tune.Callback):
                 continue
             metrics = dict(r.data.metrics)
             evals = self.tracker.client.get_metric_history(r.info.run_id, "evals")
+            objective = {  # one point per step (a final report repeats the last one)
+                m.step: m.value
+                for m in self.tracker.client.get_metric_history(r.info.run_id, "objective")
+            }
             self.records[trial_id] = {
                 "trial": len(self.records) + 1,
                 "trial_id": trial_id,
@@ -126,6 +130,8 @@ class SearchMonitor(tune.Callback):
                 "status": tags.get("status", "running"),
                 "reason": tags.get("status_reason"),
                 "evals": len(evals),
+                # ASHA's view of the trial: its objective at each evaluation, in order
+                "objectives": [objective[k] for k in sorted(objective)][: len(evals)],
                 "last": metrics,
                 "last_step": max((m.step for m in evals), default=0),
                 "worker_failures": int(metrics.get("worker_failures", 0)),

@@ -641,7 +641,9 @@ def run_search(
         )
         monitor.adopt_runs(earlier)
         plan = dataclasses.replace(plan, ended=monitor.ended())
-        for rec in monitor.records.values():  # ASHA's earlier cuts still hold
+        # ASHA's earlier cuts still hold, and its rungs hold what they held.
+        scheduler.restore_rungs({t: r.get("objectives", []) for t, r in monitor.records.items()})
+        for rec in monitor.records.values():
             if rec["status"] == STOPPED_EARLY_ASHA:
                 scheduler.stop_reasons[rec["trial_id"]] = rec["reason"]
                 ray.get(hub.request_stop.remote(rec["trial_id"], rec["reason"]))

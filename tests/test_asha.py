@@ -108,3 +108,28 @@ def test_parent_run_tag_matches_mlflow() -> None:
     from pipelines import tracking
 
     assert tracking.MLFLOW_PARENT_RUN_ID == MLFLOW_PARENT_RUN_ID
+
+
+def test_a_resumed_search_judges_against_the_rungs_it_had() -> None:
+    """Before the interruption a reached 4 evaluations (0.3, 0.6, 0.8, 0.9) and b was cut at
+    the first (0.2). The resumed scheduler starts empty; after `restore_rungs` a new trial is
+    judged against the same cutoffs as before, and a trial already in a rung is not re-judged."""
+    before = scheduler(RecordingHub(), max_t=8)
+    resumed = scheduler(RecordingHub(), max_t=8)
+    resumed.restore_rungs({"a": [0.3, 0.6, 0.8, 0.9], "b": [0.2]})
+    for s in (before, resumed):
+        for t in "abc":
+            s.on_trial_add(None, trial(t))
+    for it, value in enumerate([0.3, 0.6, 0.8, 0.9], 1):
+        report(before, "a", it, value)
+    report(before, "b", 1, 0.2)
+    assert [dict(r) for _, r in resumed._brackets[0]._rungs] == [
+        dict(r) for _, r in before._brackets[0]._rungs
+    ]
+    for s in (before, resumed):
+        report(s, "c", 1, 0.25)  # passes rung 1 (cutoff 0.25 = median of 0.3 and 0.2)
+        report(s, "c", 2, 0.5)  # cut at rung 2: below a's 0.6
+        assert set(s.stop_reasons) == {"b", "c"} - ({"b"} if s is resumed else set())
+        assert "training_iteration=2" in s.stop_reasons["c"]
+    report(resumed, "a", 5, 0.1)  # a continues past its rungs: nothing recorded or cut
+    assert "a" not in resumed.stop_reasons
