@@ -118,8 +118,9 @@ class FlagASHAScheduler(AsyncHyperBandScheduler):
         for trial_id, values in objectives.items():
             for bracket in self._brackets:
                 for milestone, recorded in bracket._rungs:
-                    if math.ceil(milestone) <= len(values) and milestone < self._max_t:
-                        recorded[trial_id] = self._metric_op * values[math.ceil(milestone) - 1]
+                    reached = math.ceil(milestone)  # the first evaluation at or past it
+                    if reached <= len(values) and milestone < self._max_t:
+                        recorded[trial_id] = self._metric_op * values[reached - 1]
 
     def on_trial_complete(
         self, tune_controller: TuneController, trial: Trial, result: dict

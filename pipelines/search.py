@@ -151,6 +151,41 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({**final, "final": 1}, checkpoint=adapter)
 
 
+def seed_trainer(
+    config: dict[str, Any],
+    *,
+    name: str,
+    storage_path: str,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    worker_retries: int,
+    callbacks: list | None = None,
+) -> Any:
+    """The `TorchTrainer` of one seed: `train_fn_per_worker(config)` on `workers` workers,
+    restarted from its last checkpoint up to `worker_retries` times, keeping only the latest
+    checkpoint (a resumable state, or the final adapter). Search trials and the promotion
+    pipeline (`pipelines/train.py`) build their Train runs here."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    per_worker = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=worker_retries),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
 def eval_index(step: int, eval_every: int, max_steps: int) -> int:
     """Which evaluation of a run happens at `step` (1-based; the last step always evaluates)."""
     return step // eval_every + (1 if step == max_steps and step % eval_every else 0)
@@ -233,10 +268,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     Worker failures are reported as `worker_failures` (count) and, with the checkpoints the Train
     runs resumed from, as `recovery_log` (text).
     """
-    import ray.train
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from pipelines.asha import TrialHub
 
@@ -253,36 +285,27 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
     params, seeds = unpack_trial_config(config, plan)
     res = space.resources
-    per_worker = {
-        "CPU": res.cpus_per_worker,
-        **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
-    }
     hub = plan.hub or TrialHub.remote()
 
     def fit(index: int, seed: int) -> None:
         adapter, training = space.configs(params, seed)
-        TorchTrainer(
-            train_fn_per_worker,
-            train_loop_config={
-                "backend": plan.backend,
-                "adapter": adapter,
-                "training": training,
-                "trial_id": trial_id,
-                "hub": hub,
-                "verdict_wait_s": plan.verdict_wait_s,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=res.workers_per_trial,
-                use_gpu=res.gpus_per_worker > 0,
-                resources_per_worker=per_worker,
-            ),
-            run_config=RunConfig(
-                name=f"{trial_id}-seed{seed}",
-                storage_path=plan.storage_path,
-                callbacks=[_make_relay(hub, trial_id, index)],
-                failure_config=FailureConfig(max_failures=res.worker_retries),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-            ),
+        config = {
+            "backend": plan.backend,
+            "adapter": adapter,
+            "training": training,
+            "trial_id": trial_id,
+            "hub": hub,
+            "verdict_wait_s": plan.verdict_wait_s,
+        }
+        seed_trainer(
+            config,
+            name=f"{trial_id}-seed{seed}",
+            storage_path=plan.storage_path,
+            workers=res.workers_per_trial,
+            cpus_per_worker=res.cpus_per_worker,
+            gpus_per_worker=res.gpus_per_worker,
+            worker_retries=res.worker_retries,
+            callbacks=[_make_relay(hub, trial_id, index)],
         ).fit()
 
     state = _DriverState.load(ray.tune.get_checkpoint())
@@ -885,14 +908,13 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint (--space is then ignored: the space as first run is used)",
     )
     parser.add_argument("--output-dir", help="results folder (default: $GRAPHLORA_HOME/searches/)")
-    flags = {
-        "trials": "budget",
-        "max_steps": "budget",
-        "eval_every": "budget",
-        "stability_configs": "stability",
+    flags = {  # flag -> the space entry it overrides
+        "trials": ("budget", "trials"),
+        "max_steps": ("budget", "max_steps"),
+        "eval_every": ("budget", "eval_every"),
+        "stability_configs": ("stability", "top_k_configs"),
     }
-    for key, section in flags.items():
-        field = "top_k_configs" if key == "stability_configs" else key
+    for key, (section, field) in flags.items():
         parser.add_argument(
             f"--{key.replace('_', '-')}",
             type=int,
@@ -900,9 +922,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     args = parser.parse_args(argv)
     overrides: dict[str, dict[str, int]] = {}
-    for key, section in flags.items():
+    for key, (section, field) in flags.items():
         if getattr(args, key) is not None:
-            field = "top_k_configs" if key == "stability_configs" else key
             overrides.setdefault(section, {})[field] = getattr(args, key)
     # Everything that can be checked is checked before Ray starts or MLflow records anything.
     try:

@@ -232,33 +232,22 @@ def plan_promotion(
 
 def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> Any:
     """One Ray Train run of one seed; returns its `Result` (metrics + adapter checkpoint)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from pipelines.search import seed_trainer
 
-    from pipelines.search import train_fn_per_worker
-
-    per_worker = {
-        "CPU": plan.cpus_per_worker,
-        **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {}),
+    config = {
+        "backend": plan.backend,
+        "adapter": plan.adapter,
+        "training": {**plan.training, "seed": seed},
+        "save_adapter": True,
     }
-    return TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={
-            "backend": plan.backend,
-            "adapter": plan.adapter,
-            "training": {**plan.training, "seed": seed},
-            "save_adapter": True,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=plan.workers,
-            use_gpu=plan.gpus_per_worker > 0,
-            resources_per_worker=per_worker,
-        ),
-        run_config=RunConfig(
-            name=f"{run_name}-seed{seed}",
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=plan.worker_retries),
-        ),
+    return seed_trainer(
+        config,
+        name=f"{run_name}-seed{seed}",
+        storage_path=storage,
+        workers=plan.workers,
+        cpus_per_worker=plan.cpus_per_worker,
+        gpus_per_worker=plan.gpus_per_worker,
+        worker_retries=plan.worker_retries,
     ).fit()
 
 
