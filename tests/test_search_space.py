@@ -235,6 +235,33 @@ def test_shipped_spaces_are_the_documented_ones():
     assert len(compare.search["method"].values) == 9
 
 
+# What the platform promises to explore for GraphLoRA (the coordination losses as two coefficients).
+GRAPHLORA_KNOBS = {
+    "num_experts",
+    "top_k",
+    "rank",
+    "edge_density",
+    "poisson_coef",
+    "normal_coef",
+    "learning_rate",
+}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_each_graphlora_space_searches_all_six(path):
+    """Experts, top-k, rank, edge density, loss coefficients and learning rate, in every shipped
+    space that fixes the method to GraphLoRA (a method comparison keeps each preset's shape)."""
+    space = load_search_space(path)
+    if space.method != "graphlora":
+        assert "method" in space.search, f"{path.name}: no method and no method search"
+        return
+    assert GRAPHLORA_KNOBS <= set(space.search), GRAPHLORA_KNOBS - set(space.search)
+    for coef in ("poisson_coef", "normal_coef"):  # around the paper's 0.005 and 8, log scale
+        assert space.search[coef].type == "loguniform"
+    assert space.search["poisson_coef"].low < 0.005 < space.search["poisson_coef"].high
+    assert space.search["normal_coef"].low < 8 < space.search["normal_coef"].high
+
+
 @pytest.mark.parametrize("name", ["paper.yaml", "quickstart.yaml"])
 def test_define_by_run_never_proposes_top_k_above_num_experts(name):
     space = load_search_space(ROOT / "search_spaces" / name)
