@@ -1,6 +1,8 @@
-"""The user's day through a real job server: `ray start --head` on 127.0.0.1, a second node
+"""The user's day through a real job server, with the README's commands on a fresh home folder:
+a Ray token generated, `ray start --head` on 127.0.0.1 with token authentication on, a second node
 joining it, `ray job submit --working-dir . -- python pipelines/search.py --space
-search_spaces/quickstart.yaml` (budget cut down by flags), records in the MLflow store."""
+search_spaces/quickstart.yaml` (budget cut down by flags), records in the MLflow store; a client
+without the token is refused."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -76,12 +80,20 @@ def two_node_cluster(tmp_path):
     for temp_dir in temp_dirs:
         shutil.rmtree(temp_dir, ignore_errors=True)
     gcs, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # A fresh home folder with no Ray token in it, as on a new machine; the README's commands
+    # create the token there and turn token authentication on for the servers and clients.
+    home = tmp_path / "user-home"
+    home.mkdir()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(home)}
     # Nothing of this test process's own Ray or MLflow may leak into the cluster's processes
     # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; the job must use its default store).
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "GRAPHLORA_HOME"):
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "GRAPHLORA_HOME", "RAY_AUTH_TOKEN"):
         env.pop(key, None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     try:
+        _ray(["get-auth-token", "--generate"], env)
+        assert (home / ".ray" / "auth_token").is_file()
+        env["RAY_AUTH_MODE"] = "token"
         _ray(
             [
                 "start",
@@ -116,7 +128,7 @@ def two_node_cluster(tmp_path):
                 str(temp_dirs[1]),
                 *_node_ports(),
             ],
-            {**env, "RAY_AUTH_MODE": "token"},
+            env,
         )
         yield {"dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
@@ -128,7 +140,7 @@ def two_node_cluster(tmp_path):
 def test_search_through_ray_job_submit(two_node_cluster, tmp_path):
     home = tmp_path / "home"  # where the job's MLflow store and results land, outliving the job
     runtime_env = {"env_vars": {"GRAPHLORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}}
-    env = {**two_node_cluster["env"], "RAY_AUTH_MODE": "token"}
+    env = two_node_cluster["env"]
     job = _ray(
         [
             "job",
@@ -178,3 +190,12 @@ def test_search_through_ray_job_submit(two_node_cluster, tmp_path):
     assert {"space.yaml", "results.csv", "best_config.yaml"} <= artifacts
     # Artifacts live under the fixed home, not in the job's temporary copy of the project.
     assert list((home / "mlartifacts").rglob("best_config.yaml"))
+
+    # The job server refuses a client without the token (and one with a wrong token).
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        request = urllib.request.Request(
+            f"{two_node_cluster['dashboard']}/api/jobs/", headers=headers
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code in (401, 403), refused.value
