@@ -97,7 +97,9 @@ class MoELoRAConfig:
     gcn_layers: int = 2
     """GCN layers L of the graph router."""
     gcn_hidden: int = 256
-    """GCN node feature size d_gcn (capped at the model's hidden size)."""
+    """GCN node feature size d_gcn asked for. The router uses at most the model's hidden size:
+    ``gcn_hidden_for(hidden_size)`` gives the width actually built, which ``save_adapter``
+    records as ``gcn_hidden_used``."""
     edge_density: float = 0.1
     """Expert-expert edge density beta in [0, 1]."""
     graph_seed: int = 0
@@ -204,6 +206,21 @@ class MoELoRAConfig:
     def top_k_for(self, num_experts: int) -> int:
         """Top-k of a layer with ``num_experts`` experts (dense routes to all)."""
         return num_experts if self.router == "dense" else self.top_k
+
+    def gcn_hidden_for(self, hidden_size: int) -> int | None:
+        """The GCN width d_gcn the graph router is built with on a model of width ``hidden_size``.
+
+        A GCN wider than the token's own representation buys nothing, so ``gcn_hidden`` is capped
+        at ``hidden_size``. None when the router is not the graph router (no GCN is built).
+
+        Args:
+            hidden_size: the base model's hidden size d (``config.hidden_size`` of the model).
+        """
+        if self.router != "graph":
+            return None
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size: must be >= 1 (got {hidden_size!r})")
+        return min(self.gcn_hidden, hidden_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Resolved, JSON-ready values of every field."""

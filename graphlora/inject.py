@@ -5,7 +5,8 @@ MLP (found by structure: a module with ``gate_proj``, ``up_proj`` and ``down_pro
 wrapped in a ``MoELoRAMLP``, and optionally its attention's q/k/v/o projections in ``LoRALinear``.
 Two hooks on the model pass the padding mask to the blocks and add the weighted auxiliary losses to
 the output (``output.loss`` = task loss + aux; ``output.task_loss``, ``output.aux_loss`` and
-``output.aux_losses`` hold the parts).
+``output.aux_losses`` hold the parts). ``model.graphlora_context`` (a ``RoutingContext``) says how
+the Normal loss's load is summed over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from graphlora.config import MoELoRAConfig
 from graphlora.losses import weighted_aux_loss
 from graphlora.moe import LoRALinear, MoELoRAMLP, RoutingContext
+from graphlora.routers import GraphRouter
 
 ADAPTER_MARKERS = ("lora_", "router_", "coord_")
 """A parameter or buffer whose name contains one of these belongs to the adapter."""
@@ -146,13 +148,15 @@ def inject_adapter(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
             context=context,
             layer_seed=layer,
         )
-        block.to(device=mlp.gate_proj.weight.device)
+        # The new modules follow the model's mode: an eval model stays in eval.
+        block.to(device=mlp.gate_proj.weight.device).train(mlp.training)
         _replace_module(model, name, block)
         if config.attention_lora:
             for proj in _attention_of(model, name):
                 base = model.get_submodule(proj)
                 lora = LoRALinear(base, config.rank, config.alpha, config.dropout)
-                _replace_module(model, proj, lora.to(device=base.weight.device))
+                lora.to(device=base.weight.device).train(base.training)
+                _replace_module(model, proj, lora)
     model.graphlora_config = config
     model.graphlora_context = context
     mark_only_adapter_trainable(model)
@@ -251,6 +255,13 @@ def load_fractions(model: nn.Module) -> list[list[float]]:
     return out
 
 
+def gcn_hidden_used(model: nn.Module) -> int | None:
+    """The GCN width d_gcn the model's graph routers were built with (``gcn_hidden`` capped at
+    the hidden size); None when the adapter has no graph router."""
+    widths = {m.gcn_hidden for m in model.modules() if isinstance(m, GraphRouter)}
+    return max(widths) if widths else None
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter parameters and persistent buffers (the graph included), by name."""
     return {k: v for k, v in model.state_dict().items() if is_adapter_name(k)}
@@ -260,6 +271,9 @@ def save_adapter(
     model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None
 ) -> Path:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into folder ``path``.
+
+    ``adapter_config.json`` holds the config as asked for (``adapter``) and, for a graph router,
+    ``gcn_hidden_used``: the GCN width actually built (``gcn_hidden`` capped at the hidden size).
 
     Args:
         model: a model carrying an adapter.
@@ -274,6 +288,9 @@ def save_adapter(
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS_NAME)
     doc = {"format_version": FORMAT_VERSION, "adapter": config.to_dict(), **(metadata or {})}
+    used = gcn_hidden_used(model)
+    if used is not None:
+        doc["gcn_hidden_used"] = used
     (out / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
     return out
 

@@ -43,6 +43,7 @@ __all__ = [
     "build_byte_tokenizer",
     "build_preset_model",
     "load_model_and_tokenizer",
+    "model_hidden_size",
     "resolve_dtype",
 ]
 
@@ -482,3 +483,32 @@ def check_model_reference(name_or_path: str, *, revision: str | None = None) -> 
             f"{_first_line(err)}"
         ) from err
     return "hub"
+
+
+def model_hidden_size(name_or_path: str, *, revision: str | None = None) -> int:
+    """The hidden size d of a model reference, read from its config without loading weights.
+
+    Presets answer from :data:`PRESETS`; a local directory's ``config.json`` and a Hub id's
+    config (fetched, or read from the local cache when offline) are read with ``AutoConfig``.
+    Multimodal configs answer with their text model's size.
+
+    Raises:
+        ModelLoadError: the reference cannot be resolved (as ``check_model_reference``), or its
+            config names no ``hidden_size``.
+    """
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path].hidden_size
+    kind = check_model_reference(name_or_path, revision=revision)  # one-line errors
+    from transformers import AutoConfig
+
+    if kind == "local":
+        config = AutoConfig.from_pretrained(Path(name_or_path).expanduser(), local_files_only=True)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    size = getattr(config.get_text_config(), "hidden_size", None)
+    if not isinstance(size, int):
+        raise ModelLoadError(
+            f"{name_or_path!r}: its config ({type(config).__name__}) names no hidden_size; "
+            "use a decoder with a gated MLP (Llama, Qwen2, Mistral, Yi, Gemma)"
+        )
+    return size

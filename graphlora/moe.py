@@ -7,14 +7,21 @@ The block computes the frozen ``W_gate h`` and ``W_up h`` once for all tokens; o
 are per expert, and only the tokens routed to an expert pass through it. Because the down projection
 is linear, ``sum_i g_i W_down h_i = W_down (sum_i g_i h_i)``: the frozen down projection also runs
 once, on the routing-weighted sum of the experts' intermediate activations.
+
+Under ``torch.distributed`` every rank sees only its shard of the batch, but the Normal loss is a
+function of the load c of the whole batch: each training forward sums this batch's contribution
+over the ranks (``global_load``), so every rank computes the loss a single process would compute
+on the global batch, with the same gradient once the ranks' gradients are averaged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,10 +31,18 @@ from graphlora.routers import GraphRouter, Routing, SoftmaxRouter, route
 
 
 class RoutingContext:
-    """Per-forward state shared by the blocks of one model: the padding mask of the batch."""
+    """State shared by the blocks of one model: the padding mask of the current batch, and how
+    the Normal loss's load c is summed over data-parallel ranks."""
 
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
+        self.sync_load: bool = True
+        """Sum each training batch's load contribution over the ranks of ``load_group`` when
+        torch.distributed is initialised with more than one rank. Every rank must then run the
+        same number of training forwards and backwards (as data-parallel training does); turn it
+        off to train ranks independently."""
+        self.load_group: dist.ProcessGroup | None = None
+        """Process group of the data-parallel ranks (None: the default group)."""
 
     def token_mask(self, batch_shape: torch.Size) -> torch.Tensor | None:
         """(T,) bool mask of real tokens for hidden states of shape ``batch_shape`` = (B, S)."""
@@ -38,6 +53,38 @@ class RoutingContext:
             return None
         # With a KV cache the mask covers past tokens too: the current ones are the last S.
         return mask[:, -batch_shape[1] :].reshape(-1).bool()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward is the all-reduce (sum) of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def global_load(contrib: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum of every rank's load contribution ``contrib`` (N,), differentiable; the identity when
+    torch.distributed is not initialised or has one rank.
+
+    Why the gradient comes out right: every rank computes the same loss L(c) of the same global
+    c = c_prev + sum_q b_q (b_q: rank q's contribution). The backward all-reduce sums the ranks'
+    incoming gradients, so rank r gets W * dL/dc * db_r/dtheta (W ranks). Averaging the ranks'
+    gradients (data-parallel training) gives dL/dc * sum_r db_r/dtheta: the gradient of one
+    process on the global batch. A detached sum would give 1/W of it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return contrib
+    return _SumOverRanks.apply(contrib, group)
 
 
 def _kaiming_(t: torch.Tensor) -> torch.Tensor:
@@ -108,8 +155,7 @@ class MoELoRAMLP(nn.Module):
             self.router: nn.Module | None = GraphRouter(
                 d,
                 n,
-                # A GCN wider than the token's own representation buys nothing: cap it at d.
-                gcn_hidden=min(config.gcn_hidden, d),
+                gcn_hidden=config.gcn_hidden_for(d),
                 gcn_layers=config.gcn_layers,
                 edge_density=config.edge_density,
                 graph_seed=config.graph_seed + layer_seed,
@@ -134,7 +180,8 @@ class MoELoRAMLP(nn.Module):
             )
         # c of the Normal loss: cumulative top-k weight per expert this training run.
         self.register_buffer("coord_load", torch.zeros(n), persistent=False)
-        # Detached diagnostics: (token, slot) assignments per expert since the last reset.
+        # Detached diagnostics: (token, slot) assignments per expert, training tokens of this
+        # rank only, since the last reset.
         self.register_buffer("routing_counts", torch.zeros(n), persistent=False)
         self.aux: dict[str, torch.Tensor] = {}
 
@@ -161,20 +208,22 @@ class MoELoRAMLP(nn.Module):
         return route(self.router(x), self.top_k)
 
     def _update_stats(self, routing: Routing, mask: torch.Tensor | None) -> None:
+        if not self.training:  # evaluation passes touch neither the load nor the diagnostics
+            self.aux = {}
+            return
         idx = routing.indices if mask is None else routing.indices[mask]
         topk = routing.topk_probs if mask is None else routing.topk_probs[mask]
         with torch.no_grad():
             counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
             self.routing_counts += counts.to(self.routing_counts.dtype)
-        if not self.training:
-            self.aux = {}
-            return
         aux: dict[str, torch.Tensor] = {}
         if self.use_poisson:
             aux["poisson"] = poisson_distinction_loss(routing.probs, self.lam, mask)
         if self.use_normal:
             contrib = torch.zeros(self.num_experts, device=topk.device, dtype=torch.float32)
             contrib = contrib.index_add(0, idx.reshape(-1), topk.reshape(-1).float())
+            if self.context.sync_load:
+                contrib = global_load(contrib, self.context.load_group)  # all ranks: global batch
             load = self.coord_load.detach() + contrib  # c_now = c_prev.detach() + this batch
             self.coord_load.copy_(load.detach())
             aux["normal"] = normal_balance_loss(load, self.sigma)

@@ -90,6 +90,7 @@ class GraphRouter(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.gcn_hidden = gcn_hidden
         self.act = act
         edge_index = build_moe_graph(num_experts, edge_density, graph_seed)
         # Saved with the adapter: evaluation uses the same graph as training.

@@ -67,3 +67,12 @@ def test_dense_router_uses_all_experts_and_mola_layout():
     mola = MoELoRAConfig(method="mola")
     assert [mola.experts_for(i, 8) for i in range(8)] == [5, 5, 7, 7, 9, 9, 11, 11]
     assert [mola.experts_for(i, 2) for i in range(2)] == [5, 9]
+
+
+def test_gcn_width_is_capped_at_the_hidden_size():
+    g = MoELoRAConfig(method="graphlora")  # gcn_hidden 256
+    assert g.gcn_hidden_for(3584) == 256 and g.gcn_hidden_for(128) == 128
+    assert MoELoRAConfig(method="graphlora", gcn_hidden=16).gcn_hidden_for(128) == 16
+    assert MoELoRAConfig(method="mixlora").gcn_hidden_for(128) is None  # no GCN is built
+    with pytest.raises(ValueError, match="^hidden_size:"):
+        g.gcn_hidden_for(0)

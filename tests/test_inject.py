@@ -12,10 +12,12 @@ from graphlora.config import MoELoRAConfig
 from graphlora.inject import (
     UnsupportedModelError,
     count_trainable_parameters,
+    gcn_hidden_used,
     inject_adapter,
     is_adapter_name,
     load_adapter,
     moe_blocks,
+    read_adapter_config,
     reset_load_state,
     routing_stats,
     save_adapter,
@@ -86,6 +88,7 @@ def test_sparse_dispatch_matches_naive_top_k_mixture(method):
             p.data.normal_(std=0.3)  # non-zero B so experts differ
     x = torch.randn(2, 5, 32)
     block.reset_load()
+    block.train()  # routing counts are kept for training tokens only
     out = block(x).reshape(-1, 32)
     flat = x.reshape(-1, 32)
     routing = block._route(flat)
@@ -106,12 +109,12 @@ def test_sparse_dispatch_matches_naive_top_k_mixture(method):
 def test_padding_excluded_from_statistics(batch):
     model = inject_adapter(tiny_base(), _cfg("mixlora"))
     reset_load_state(model)
+    model.train()
     model(**batch)
     real = int(batch["attention_mask"].sum())
     for block in moe_blocks(model):
         assert block.routing_counts.sum().item() == real * block.top_k
     # Aux losses must not change when only padded positions change.
-    model.train()
     a = model(**batch, labels=batch["input_ids"]).aux_losses["balance"]
     ids2 = batch["input_ids"].clone()
     ids2[batch["attention_mask"] == 0] = 5
@@ -197,6 +200,22 @@ def test_save_load_reproduces_outputs_exactly(method, batch, tmp_path):
         assert torch.equal(a.router_edge_index, b.router_edge_index)
 
 
+def test_capped_gcn_width_is_recorded(batch, tmp_path):
+    cfg = _cfg("graphlora", gcn_hidden=256)  # wider than the tiny model (hidden 32)
+    model = inject_adapter(tiny_base(), cfg)
+    assert gcn_hidden_used(model) == cfg.gcn_hidden_for(32) == 32
+    assert moe_blocks(model)[0].router.router_gcn_weights[0].shape == (32, 32)
+    save_adapter(model, tmp_path / "ad")
+    saved, meta = read_adapter_config(tmp_path / "ad")
+    assert saved.gcn_hidden == 256 and meta["gcn_hidden_used"] == 32  # asked, and built
+    loaded = load_adapter(tiny_base(), tmp_path / "ad")
+    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    plain = inject_adapter(tiny_base(), _cfg("mixlora"))
+    assert gcn_hidden_used(plain) is None
+    save_adapter(plain, tmp_path / "plain")
+    assert "gcn_hidden_used" not in read_adapter_config(tmp_path / "plain")[1]
+
+
 def test_load_into_wrong_base_fails_clearly(batch, tmp_path):
     model = inject_adapter(tiny_base(layers=2), _cfg("mixlora"))
     save_adapter(model, tmp_path / "ad")
@@ -222,9 +241,25 @@ def test_target_layers_and_double_injection():
         inject_adapter(tiny_base(), _cfg("mixlora", target_layers=[5]))
 
 
-def test_routing_stats(batch):
+def test_injected_modules_follow_the_model_mode():
+    model = inject_adapter(tiny_base(), _cfg("graphlora"))  # tiny_base is in eval mode
+    assert not any(m.training for m in model.modules())
+    model = inject_adapter(tiny_base().train(), _cfg("graphlora"))
+    assert all(m.training for m in model.modules())
+
+
+def test_routing_stats_count_training_tokens_only(batch):
     model = inject_adapter(tiny_base(), _cfg("graphlora"))
+    model.train()
+    model(**batch, labels=batch["input_ids"])
+    block = moe_blocks(model)[0]
+    counts = block.routing_counts.clone()
+    real = int(batch["attention_mask"].sum())
+    assert counts.sum().item() == real * block.top_k
+    # Validation passes in the middle of training (as run_training does) change nothing.
+    model.eval()
     model(**batch)
+    assert torch.equal(block.routing_counts, counts), "evaluation tokens were counted"
     stats = routing_stats(model)
     assert {"layer0/load_cv", "layer1/load_entropy", "routing/load_max_frac"} <= set(stats)
     assert 0 <= stats["routing/load_entropy"] <= 1
