@@ -11,6 +11,12 @@ rung where it decided, as the algorithm intends, at the cost of one round trip p
 
 The hub also carries each Train run's reports to its trial driver (`put`/`take`): one actor per
 search instead of one queue actor per trial.
+
+The hub is a named actor, and everything that needs it (the scheduler, the trial plan, the Train
+workers) holds a `HubRef`: its name, looked up on first use. Ray Tune pickles the scheduler and
+the trial plan into its saved experiment state; an actor handle there would mean nothing to the
+new Ray cluster a resumed search runs on (a machine restart, an OOM kill), and unpickling it
+fails. A name is recreated on start (`HubRef.start`).
 """
 
 from __future__ import annotations
@@ -84,6 +90,51 @@ class TrialHub:
         return self._mail.pop(trial_id, [])
 
 
+HUB_NAMESPACE = "graphlora"  # fixed, so a trial driver or Train worker of any job finds the hub
+
+
+class HubRef:
+    """A `TrialHub` by name: pickles as its name only, looks the actor up on first use.
+
+    Calls go through as on a handle (`ref.put.remote(...)`). The actor is created by the search
+    driver (`HubRef.start`) and, as a non-detached actor, dies with it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._handle: Any = None
+
+    @classmethod
+    def start(cls, name: str) -> HubRef:
+        """Create the hub `name` in this cluster (or reuse a live one) and return a reference."""
+        ref = cls(name)
+        ref._handle = TrialHub.options(
+            name=name, namespace=HUB_NAMESPACE, get_if_exists=True
+        ).remote()
+        return ref
+
+    @property
+    def handle(self) -> Any:
+        """The live actor handle (looked up in this process's cluster on first use)."""
+        if self._handle is None:
+            self._handle = ray.get_actor(self.name, namespace=HUB_NAMESPACE)
+        return self._handle
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):  # pickle and copy probe dunders before __init__ has run
+            raise AttributeError(attr)
+        return getattr(self.handle, attr)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name, "_handle": None}  # a handle is only valid in its cluster
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"HubRef({self.name!r})"
+
+
 class FlagASHAScheduler(AsyncHyperBandScheduler):
     """`AsyncHyperBandScheduler` whose decisions go to a `TrialHub`; it never stops a trial.
 
@@ -91,9 +142,9 @@ class FlagASHAScheduler(AsyncHyperBandScheduler):
     Trials that reach `max_t` end on their own as well (their loop is at max_steps).
     """
 
-    def __init__(self, hub: Any, **kwargs: Any) -> None:
+    def __init__(self, hub: HubRef, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._hub = hub
+        self._hub = hub  # a reference by name: Tune pickles the scheduler into its saved state
         self.stop_reasons: dict[str, str] = {}
 
     def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:

@@ -16,7 +16,7 @@ import yaml
 from ray import tune
 
 from pipelines.space import SearchSpace
-from pipelines.tracking import COMPLETED, FAILED, STOPPED_EARLY_ASHA, Tracker
+from pipelines.tracking import COMPLETED, FAILED, INTERRUPTED, STOPPED_EARLY_ASHA, Tracker
 
 _SKIP_METRICS = {
     "step",
@@ -39,7 +39,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _params_str(params: dict[str, Any]) -> str:
+def format_params(params: dict[str, Any]) -> str:
+    """`name=value ...` for progress lines: floats to 4 significant digits, others as they are
+    (a searched `method` is a string)."""
     return " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
 
 
@@ -82,6 +84,7 @@ class SearchMonitor(tune.Callback):
         self.records: dict[str, dict[str, Any]] = {}
         self.best: tuple[float, int] | None = None
         self.better = max if space.objective.mode == "max" else min
+        self._hidden_size: int | None = None  # the model's width, read once
         self.started = time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -107,7 +110,8 @@ class SearchMonitor(tune.Callback):
     def adopt_runs(self, runs: list[Any]) -> None:
         """Take over this stage's MLflow runs from before a resume (`Tracker.child_runs`).
 
-        Finished ones become rows as they were; unfinished ones are reused when Ray Tune
+        Finished ones become rows as they were; unfinished ones (still `running` after a
+        killed driver, or `interrupted` by Ctrl-C / SIGTERM) are re-opened when Ray Tune
         restarts their trial (`on_trial_start`), so a resumed search never duplicates a run.
         """
         for r in sorted(runs, key=lambda r: r.info.start_time):
@@ -135,7 +139,8 @@ class SearchMonitor(tune.Callback):
                 "last": metrics,
                 "last_step": max((m.step for m in evals), default=0),
                 "worker_failures": int(metrics.get("worker_failures", 0)),
-                "kept": tags.get("status", "running") != "running",  # ended before the resume
+                # ended before the resume (an interrupted trial has not: it continues)
+                "kept": tags.get("status", "running") not in ("running", INTERRUPTED),
             }
 
     def ended(self) -> dict[str, dict | None]:
@@ -152,7 +157,7 @@ class SearchMonitor(tune.Callback):
         will never end; returns their trial ids."""
         lost = []
         for trial_id, rec in self.records.items():
-            if rec["status"] == "running":
+            if rec["status"] in ("running", INTERRUPTED):
                 rec["status"] = FAILED
                 rec["reason"] = (
                     "interrupted: the search driver stopped before Ray Tune saved this trial"
@@ -162,13 +167,41 @@ class SearchMonitor(tune.Callback):
                 lost.append(trial_id)
         return lost
 
+    def close_interrupted(self, reason: str) -> list[str]:
+        """The search was stopped (Ctrl-C, SIGTERM): close the runs of trials still running as
+        `interrupted` (MLflow: KILLED), not failed; `--resume` re-opens and continues them.
+        Returns their trial ids."""
+        stopped = []
+        for trial_id, rec in self.records.items():
+            if rec["status"] == "running":
+                rec["status"], rec["reason"] = INTERRUPTED, reason
+                self.tracker.finish(rec["run_id"], INTERRUPTED, reason)
+                self._print(f"{rec['name']} {INTERRUPTED} at eval {rec['evals']} ({reason})")
+                stopped.append(trial_id)
+        return stopped
+
+    def _gcn_hidden_used(self, params: dict[str, Any]) -> int | None:
+        """`gcn_hidden` as the graph router is built for these params: capped at the model's
+        hidden size, read from the model's config (no weights). None: no graph router."""
+        from graphlora.config import MoELoRAConfig
+        from graphlora.models import model_hidden_size
+
+        adapter, training = self.space.configs(params, self.space.seed)
+        if self._hidden_size is None:
+            self._hidden_size = model_hidden_size(
+                training["model"], revision=training.get("model_revision")
+            )
+        return MoELoRAConfig(**adapter).gcn_hidden_for(self._hidden_size)
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.records.get(trial.trial_id)
         if rec is not None and rec.get("kept"):
             self._print(f"{rec['name']} had ended ({rec['status']}) before the resume; kept")
             return
         if rec is not None:  # resumed: same MLflow run, continued
-            rec["status"] = "running"
+            rec["status"], rec["reason"] = "running", None
+            self.tracker.reopen(rec["run_id"])
+            self.tracker.set_tags(rec["run_id"], {"status": "running", "status_reason": ""})
             self._print(f"{rec['name']} resumed at eval {rec['evals']} {self._counts()}")
             return
         number = len(self.records) + 1
@@ -185,6 +218,9 @@ class SearchMonitor(tune.Callback):
                     str(self.space.seed + i) for i in range(self.space.seeds_per_trial)
                 )
             }
+        used = self._gcn_hidden_used(params)
+        if used is not None:  # the graph router's width as built (capped at the model's width)
+            extra["gcn_hidden_used"] = used
         tags = {"kind": self.stage, "trial_id": trial.trial_id, "trial_params": json.dumps(params)}
         if run:
             tags["stability_run"] = json.dumps(run)
@@ -204,7 +240,7 @@ class SearchMonitor(tune.Callback):
             "last_step": 0,
             "worker_failures": 0,
         }
-        self._print(f"{name} started: {_params_str(params)} {self._counts()}")
+        self._print(f"{name} started: {format_params(params)} {self._counts()}")
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -287,7 +323,6 @@ class SearchMonitor(tune.Callback):
                     "params": rec["params"],
                     "objective": last.get("objective"),
                     metric: last.get(metric),
-                    "test_accuracy": last.get("test_accuracy"),
                     "trainable_params": last.get("trainable_params"),
                     "samples_per_sec": last.get("samples_per_sec"),
                 }
@@ -338,7 +373,7 @@ class SearchMonitor(tune.Callback):
     def print_table(self, rows: list[dict[str, Any]], title: str) -> None:
         metric = self.space.objective.metric
         names = list(self.space.search)
-        header = ["trial", "status", *names, "evals", "objective", metric, "test_acc"]
+        header = ["trial", "status", *names, "evals", "objective", metric]
         table = [
             [
                 f"{r['trial']:02d}",
@@ -347,7 +382,6 @@ class SearchMonitor(tune.Callback):
                 str(r["evals"]),
                 _fmt(r["objective"]),
                 _fmt(r[metric]),
-                _fmt(r["test_accuracy"]),
             ]
             for r in rows
         ]

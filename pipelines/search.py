@@ -29,10 +29,12 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,7 +53,13 @@ from pipelines.space import (
     field_names,
     load_space,
 )
-from pipelines.tracking import STOPPED_EARLY_ASHA, Tracker, TrackingError, graphlora_home
+from pipelines.tracking import (
+    INTERRUPTED,
+    STOPPED_EARLY_ASHA,
+    Tracker,
+    TrackingError,
+    graphlora_home,
+)
 
 DEFAULT_BACKEND = "graphlora"
 # backend -> (module with TrainConfig and run_training, module with MoELoRAConfig)
@@ -102,9 +110,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     Args:
         config: `backend`, `adapter` and `training` dicts (the dataclasses are built here, at the
             library's edge); optionally `save_adapter` (rank 0 attaches the trained adapter
-            folder to the final report as a checkpoint), `hub` (a `TrialHub`), `trial_id` and
-            `verdict_wait_s`: after its k-th evaluation the run waits up to that long for the
-            scheduler's verdict on iteration k, and returns if the trial must stop.
+            folder to the final report as a checkpoint), `hub` (a `pipelines.asha.HubRef`: the
+            search's trial hub, by name), `trial_id` and `verdict_wait_s`: after its k-th
+            evaluation the run waits up to that long for the scheduler's verdict on iteration k,
+            and returns if the trial must stop.
     """
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
@@ -202,8 +211,12 @@ class TrialPlan:
     backend: str
     seeds: tuple[int, ...]
     storage_path: str
-    hub: Any = None  # TrialHub handle; None: the trial makes its own
+    hub: Any = None  # asha.HubRef (a name, never a live handle); None: the trial makes its own
     verdict_wait_s: float = 0.0  # > 0 when a FlagASHAScheduler judges every evaluation
+    # Search trials are chosen on validation and never see the test split (a test figure on
+    # every trial invites choosing on it, and costs every ASHA-stopped trial a test pass); the
+    # stability stage's runs do evaluate it.
+    eval_test: bool = False
     # On a resume: trials MLflow already holds as ended (id -> last metrics, None if failed).
     # Ray Tune may restart one it had not yet saved as ended; it is answered, never re-run.
     ended: dict[str, dict | None] = dataclasses.field(default_factory=dict)
@@ -258,9 +271,10 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     """One Tune trial: one TorchTrainer per seed, side by side; reports seed statistics.
 
     Each evaluation step is reported once every seed has reported it (or has finished), with the
-    seed mean of every metric, `<objective metric>_std`, and `objective`: the best so far of
-    `mean -/+ std_penalty * std` (Optuna is told the last value of a trial ASHA cut short, so it
-    must be the best so far). A last report carries the final (test) metrics.
+    seed mean of every metric, `<objective metric>_std`, and `objective`: that evaluation's
+    `mean -/+ std_penalty * std`. A trial is scored by its last evaluation, the weights it ships
+    (docs/method.md, "Selection"): ASHA judges each rung on it, and Optuna is told the last one.
+    A last report carries the final metrics (test metrics only where `plan.eval_test`).
 
     Every report carries a small Tune checkpoint of this driver's state (steps reported, best so
     far, worker failures), so a resumed search continues the trial without repeating a report;
@@ -289,6 +303,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
 
     def fit(index: int, seed: int) -> None:
         adapter, training = space.configs(params, seed)
+        training["eval_test"] = plan.eval_test
         config = {
             "backend": plan.backend,
             "adapter": adapter,
@@ -311,7 +326,6 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     state = _DriverState.load(ray.tune.get_checkpoint())
     evals: list[dict[int, dict]] = [{} for _ in seeds]  # per seed: step -> metrics
     finals: dict[int, dict] = {}
-    better = max if obj.mode == "max" else min
 
     def report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="graphlora-trial-") as tmp:
@@ -334,10 +348,9 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
             if not all(step in evals[i] or i in finished for i in range(len(seeds))):
                 return  # wait: a seed still running has not reached this step
             stats = _seed_stats([e[step] for e in evals if step in e])
-            score = obj.score(stats[obj.metric], stats[f"{obj.metric}_std"])
-            state.best = score if state.best is None else better(state.best, score)
+            state.last = obj.score(stats[obj.metric], stats[f"{obj.metric}_std"])
             state.reported.add(step)
-            report({**stats, "step": step, "objective_now": score, OBJECTIVE: state.best})
+            report({**stats, "step": step, OBJECTIVE: state.last})
 
     with ThreadPoolExecutor(len(seeds), thread_name_prefix="seed") as pool:
         futures = [pool.submit(fit, i, s) for i, s in enumerate(seeds)]
@@ -371,7 +384,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
             raise f.exception()
     flush(set(range(len(seeds))))
     last = _seed_stats([finals[i] for i in sorted(finals)])
-    report({**last, "step": max(state.reported, default=0), OBJECTIVE: state.best, "final": 1})
+    report({**last, "step": max(state.reported, default=0), OBJECTIVE: state.last, "final": 1})
 
 
 @dataclass
@@ -379,7 +392,7 @@ class _DriverState:
     """What a trial driver must remember across a resumed search (its Tune checkpoint)."""
 
     reported: set[int] = dataclasses.field(default_factory=set)
-    best: float | None = None
+    last: float | None = None  # the objective of the last evaluation reported
     failures: list[str] = dataclasses.field(default_factory=list)  # worker errors
     log: list[str] = dataclasses.field(default_factory=list)  # errors and resumes, in order
 
@@ -388,7 +401,7 @@ class _DriverState:
     def save(self, folder: Path) -> None:
         doc = {
             "reported": sorted(self.reported),
-            "best": self.best,
+            "last": self.last,
             "failures": self.failures,
             "log": self.log,
         }
@@ -400,14 +413,16 @@ class _DriverState:
             return cls()
         with checkpoint.as_directory() as folder:
             doc = json.loads((Path(folder) / cls.FILE).read_text())
-        return cls(set(doc["reported"]), doc["best"], list(doc["failures"]), list(doc["log"]))
+        last = doc.get("last", doc.get("best"))  # "best": written by an older version
+        return cls(set(doc["reported"]), last, list(doc["failures"]), list(doc["log"]))
 
 
 # --- layer 3: the search ------------------------------------------------------------------------
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """`ray.init` for the CLI and tests: `RAY_ADDRESS` if set, else a local cluster."""
+    """`ray.init` for the CLI and tests: `RAY_ADDRESS` if set, else a fresh local cluster of
+    its own (token authentication on)."""
     import ray
 
     if ray.is_initialized():
@@ -425,8 +440,26 @@ def init_ray(num_cpus: int | None = None) -> None:
             log_to_driver=False,
             runtime_env=None if in_job else env,
         )
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env)
+        return
+    # A fresh local Ray of the search's own, whatever else is on the machine: address="local"
+    # never reads /tmp/ray/ray_current_cluster, which a Ray head killed without `ray stop` (OOM,
+    # reboot) leaves behind pointing at a dead address that plain `ray.init()` would retry for
+    # minutes. Ray 2.60's servers listen on every interface (it maps a loopback node address to
+    # the machine's address), so what keeps other machines out is token authentication: Ray's
+    # default for a local cluster, forced on here so that an inherited RAY_AUTH_MODE=disabled
+    # cannot turn it off. The token is ~/.ray/auth_token (created on first use).
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config  # Ray reads the mode from its cached config
+
+        Config.initialize("")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=env,
+    )
 
 
 @dataclass
@@ -441,6 +474,104 @@ class SearchResult:
     ui_link: str
 
 
+class SearchInterrupted(Exception):  # noqa: N818 - a stop a person asked for, not an error
+    """The search was stopped by SIGINT (Ctrl-C) or SIGTERM; its state is saved and
+    `python pipelines/search.py --resume <name>` continues it."""
+
+    def __init__(self, signum: int, name: str = "") -> None:
+        self.signum, self.name = signum, name
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_status(self) -> int:
+        """What a shell reports for a process ended by this signal (130, 143)."""
+        return 128 + self.signum
+
+    def resume_hint(self) -> str:
+        return f"interrupted: continue with: python pipelines/search.py --resume {self.name}"
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM while a search runs (installed by `run_search` in the main thread).
+
+    The first signal is recorded; inside a Tune run it also ends that run the way Tune's own
+    Ctrl-C handling does (the loop stops, the experiment state is saved with the running trials
+    still running, so a restore continues them), through the SIGUSR1 handler Tune installs for
+    exactly that. Tune's own SIGINT handler is off (`TUNE_DISABLE_SIGINT_HANDLER`): it would
+    return from `fit` as if the search had ended. `_fit` then raises `SearchInterrupted`.
+    A second signal stops at once (the saved state resumes as after a killed driver).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.name = ""
+        self.in_tune = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            print(
+                f"\nstopped at once; continue with: python pipelines/search.py --resume "
+                f"{self.name}",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(128 + signum)
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping the search after saving its state "
+            "(again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if self.in_tune and callable(tune_stop):
+            tune_stop(signal.SIGUSR1, frame)
+
+    def check(self, monitor: Any = None) -> None:
+        """Raise `SearchInterrupted` if a stop was asked for, closing `monitor`'s running
+        trials as interrupted first."""
+        if self.signum is None:
+            return
+        if monitor is not None:
+            monitor.close_interrupted(
+                f"the search was stopped by {signal.Signals(self.signum).name}"
+            )
+        raise SearchInterrupted(self.signum, self.name)
+
+
+_STOP = _StopRequest()
+
+
+class _StopSignals:
+    """`_STOP` handles SIGINT and SIGTERM between `install` and `restore`, in the main thread
+    only (signal handlers can only be set there; a search run from another thread keeps Tune's
+    own handling)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.saved: dict[int, Any] = {}
+        self.env: str | None = None
+
+    def install(self) -> None:
+        _STOP.__init__()
+        _STOP.name = self.name
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, _STOP.handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        if self.saved:
+            if self.env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self.env
+
+
 def _fit(
     trainable: Any,
     plan: TrialPlan,
@@ -453,9 +584,17 @@ def _fit(
 
     On a restore, Ray Tune brings back its trials (finished ones stay finished, unfinished ones
     restart from their last checkpoint) and the searcher's history; the scheduler and the
-    monitor are this run's fresh objects (the saved ones hold handles of the dead driver).
+    monitor are this run's fresh objects (the saved ones were pickled when the experiment
+    started, so they lack the rungs and records rebuilt from MLflow since). Nothing in the saved
+    state is a live Ray object (the hub is a `HubRef`), so the restore works on any cluster.
+
+    Raises:
+        SearchInterrupted: SIGINT or SIGTERM stopped it (the monitor's running trials are then
+            closed as interrupted; the saved experiment continues them on the next call).
     """
     from ray import tune
+
+    _STOP.check(monitor)
 
     # The trial driver only waits on its Train runs, so it reserves no CPU of its own (the Train
     # controller is num_cpus=0 too); the workers reserve what `resources` asks for. Tune wants a
@@ -491,7 +630,16 @@ def _fit(
         tuner = tune.Tuner(
             trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
         )
-    tuner.fit()
+    # SIGUSR1 is Tune's "stop and save" signal; until this fit installs its handler, a stale
+    # one from an earlier fit must not swallow a stop (the check below catches it instead).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    _STOP.in_tune = True
+    try:
+        tuner.fit()
+    finally:
+        _STOP.in_tune = False
+    _STOP.check(monitor)
 
 
 def _optuna_search_class() -> type:
@@ -562,14 +710,17 @@ def run_search(
 
     Raises:
         TrackingError: MLflow is unreachable or misconfigured (checked before any trial).
+        SearchInterrupted: SIGINT (Ctrl-C) or SIGTERM stopped it (when run in the main
+            thread); the running trials and the search's MLflow runs say `interrupted`, and
+            `resume=True` continues it.
     """
     import optuna
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from pipelines.asha import FlagASHAScheduler, TrialHub
-    from pipelines.monitor import SearchMonitor, write_results
+    from pipelines.asha import FlagASHAScheduler, HubRef
+    from pipelines.monitor import SearchMonitor, format_params, write_results
     from pipelines.space import DefineByRun
 
     _OptunaSearch = _optuna_search_class()  # noqa: N806 - a class
@@ -631,7 +782,11 @@ def run_search(
     storage = state["storage_path"]
 
     _warn_if_too_small(space, out)
-    hub = TrialHub.remote()
+    # By name (recreated here on every start): Tune saves the scheduler and the trial plan, and
+    # a resume may run on another Ray cluster than the one the search started on.
+    hub = HubRef.start(f"trial-hub:{name}")
+    stop_signals = _StopSignals(name)
+    stop_signals.install()
     try:
         scheduler = FlagASHAScheduler(
             hub,
@@ -703,22 +858,38 @@ def run_search(
             tracker.log_metrics(parent, {f"best_{k}": v for k, v in best["scores"].items()})
         tracker.finish(parent, "completed")
         _write_state(output_dir, {**state, "finished": True})
+    except SearchInterrupted as exc:
+        # Trial runs were closed by their stage's monitor; what else is open (a stability
+        # config's run) and the search's own run say `interrupted` too. search.json stays
+        # unfinished, so `--resume` continues.
+        for run in tracker.child_runs(parent):
+            if run.info.status == "RUNNING":
+                tracker.finish(run.info.run_id, INTERRUPTED, str(exc))
+        tracker.finish(parent, INTERRUPTED, str(exc))
+        print(f"search {name}: {exc}; its state is saved", file=out, flush=True)
+        raise
     except BaseException as exc:
         tracker.finish(parent, "failed", f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        ray.kill(hub)
+        stop_signals.restore()
+        ray.kill(hub.handle)
     link = tracker.ui_link()
     if best:
         print(
-            f"best: {best['source']}: "
-            + " ".join(f"{k}={v:.4g}" for k, v in best["params"].items())
-            + " -> "
+            f"best: {best['source']}: {format_params(best['params'])} -> "
             + ", ".join(
                 f"{k}={v:.4f}" for k, v in best["scores"].items() if not k.endswith("_seeds")
             ),
             file=out,
         )
+        if not stability:
+            print(
+                "test: not evaluated (search trials are chosen on validation only); the "
+                "stability stage (stability.top_k_configs > 0) or promotion "
+                "(pipelines/train.py) reports the test split",
+                file=out,
+            )
     print(f"results: {output_dir}\nMLflow runs: {link}", file=out, flush=True)
     return SearchResult(output_dir, parent, trials, stability, best, link)
 
@@ -807,7 +978,8 @@ def _stability_stage(
             }
             for s in seeds
         ]
-    plan = dataclasses.replace(search_plan, verdict_wait_s=0.0)  # no ASHA here
+    # No ASHA here; these runs report the test split (of the weights they end with).
+    plan = dataclasses.replace(search_plan, verdict_wait_s=0.0, eval_test=True)
     monitor = SearchMonitor(tracker, parent, space, out=out, total=len(runs), stage="stability")
     monitor.adopt_runs(seed_runs)
     plan = dataclasses.replace(plan, ended=monitor.ended())
@@ -947,10 +1119,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RuntimeError) as exc:
         print(f"error: cannot connect to Ray: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    if args.resume:
-        run_search(space, output_dir=folder, resume=True)
-    else:
-        run_search(space, output_dir=args.output_dir)
+    try:
+        if args.resume:
+            run_search(space, output_dir=folder, resume=True)
+        else:
+            run_search(space, output_dir=args.output_dir)
+    except SearchInterrupted as exc:
+        print(exc.resume_hint(), flush=True)  # the last line a person sees
+        return exc.exit_status
     return 0
 
 

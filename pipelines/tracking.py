@@ -32,6 +32,7 @@ MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_P
 COMPLETED = "completed"
 STOPPED_EARLY_ASHA = "stopped_early_asha"
 FAILED = "failed"
+INTERRUPTED = "interrupted"  # the search was stopped (Ctrl-C, SIGTERM); `--resume` continues it
 
 
 _SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
@@ -180,13 +181,15 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def finish(self, run_id: str, status: str, reason: str | None = None) -> None:
-        """Tag a trial or seed run with `status` (completed / stopped_early_asha / failed) and
-        close it; MLflow's own status is FAILED for failures, FINISHED otherwise."""
+        """Tag a run with `status` (completed / stopped_early_asha / failed / interrupted) and
+        close it; MLflow's own status is FAILED for failures, KILLED for an interrupted run (a
+        resumed search re-opens it), FINISHED otherwise."""
         tags = {"status": status}
         if reason:
             tags["status_reason"] = reason
         self.set_tags(run_id, tags)
-        self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
+        mlflow_status = {FAILED: "FAILED", INTERRUPTED: "KILLED"}.get(status, "FINISHED")
+        self.client.set_terminated(run_id, mlflow_status)
 
     def reopen(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed search or trial); `finish` closes it again."""

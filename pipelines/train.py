@@ -28,6 +28,8 @@ import argparse
 import math
 import os
 import re
+import shlex
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -50,7 +52,7 @@ from pipelines.best_config import (
 from pipelines.evaluate import quiet_progress_bars
 from pipelines.search import DEFAULT_BACKEND, TRAIN_POLL_S, init_ray
 from pipelines.space import SpaceError
-from pipelines.tracking import Tracker, TrackingError, graphlora_home
+from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
 
 SOURCE_TAG = "graphlora.source_search_run"
 KIND = "final"  # `kind` tag of promotion runs (searches: search / stability)
@@ -237,7 +239,7 @@ def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> An
     config = {
         "backend": plan.backend,
         "adapter": plan.adapter,
-        "training": {**plan.training, "seed": seed},
+        "training": {**plan.training, "seed": seed, "eval_test": True},  # promotion reports test
         "save_adapter": True,
     }
     return seed_trainer(
@@ -359,11 +361,27 @@ def _register(
     )
 
 
+def _drop_versions(model_name: str, run_id: str) -> list[str]:
+    """Delete the versions of `model_name` registered from `run_id` (a registration cut short:
+    the version exists but its tags or alias may not); returns the versions deleted."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    except Exception:  # no such registered model: nothing was registered
+        return []
+    for v in versions:
+        client.delete_model_version(model_name, v.version)
+    return [v.version for v in versions]
+
+
 def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
     """Train the plan's seeds on Ray Train, record the run in MLflow, register the model.
 
-    Needs a running Ray (`init_ray`). The MLflow run is marked failed if anything fails, and no
-    model version is registered then.
+    Needs a running Ray (`init_ray`). The MLflow run is marked failed if anything fails, or
+    `interrupted` (MLflow KILLED) on Ctrl-C (`KeyboardInterrupt`), and no model version is
+    registered then: a version registered from this run before the stop is deleted again.
     """
     from graphlora.train import summarize_seeds
 
@@ -406,7 +424,12 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
         )
         tracker.finish(run_id, "completed")
     except BaseException as exc:
-        tracker.finish(run_id, "failed", f"{type(exc).__name__}: {first_line(exc)}")
+        _drop_versions(plan.model_name, run_id)  # a half-done registration, if any
+        if isinstance(exc, KeyboardInterrupt):
+            why = f"stopped ({first_line(exc)}) before the model was registered"
+            tracker.finish(run_id, INTERRUPTED, why)
+        else:
+            tracker.finish(run_id, "failed", f"{type(exc).__name__}: {first_line(exc)}")
         raise
     print(
         f"final: test_accuracy {summary['test_accuracy_mean']:.4f} +- "
@@ -448,7 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", type=float, help="passes over the train split (sets max_steps from its size)"
     )
     parser.add_argument("--dataset", help="task name or path (default: the search's)")
-    parser.add_argument("--data-dir", help="folder laid out like shared/datasets/commonsense")
+    parser.add_argument(
+        "--data-dir",
+        help="folder with one LLM-Adapters folder per task (ARC-Challenge/train.json, test.json); "
+        "default: the search's, else $GRAPHLORA_DATA_DIR, else the copy shipped with graphlora",
+    )
     parser.add_argument("--max-test-examples", type=int, help="cap on test examples (default all)")
     parser.add_argument("--workers", type=int, help="Ray Train workers per seed (DDP)")
     parser.add_argument("--cpus-per-worker", type=float)
@@ -473,14 +500,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     init_ray()
+    # SIGTERM (`ray job stop`, a scheduler) stops a promotion as Ctrl-C does: nothing registered.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         promote(plan)
+    except KeyboardInterrupt as exc:
+        args = sys.argv[1:] if argv is None else argv
+        again = shlex.join(["python", "pipelines/train.py", *args])
+        print(f"interrupted: nothing was registered; run it again with: {again}", flush=True)
+        return 143 if exc.args == ("SIGTERM",) else 130
     except Exception as exc:
         from pipelines.monitor import error_line
 
         print(f"error: promotion failed: {error_line(str(exc))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

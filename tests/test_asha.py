@@ -133,3 +133,20 @@ def test_a_resumed_search_judges_against_the_rungs_it_had() -> None:
         assert "training_iteration=2" in s.stop_reasons["c"]
     report(resumed, "a", 5, 0.1)  # a continues past its rungs: nothing recorded or cut
     assert "a" not in resumed.stop_reasons
+
+
+def test_hub_ref_pickles_as_its_name_only() -> None:
+    """Tune pickles the scheduler (and the trial plan) into its saved experiment; a live actor
+    handle there cannot be unpickled on the new cluster a resumed search runs on."""
+    import pickle
+
+    from pipelines.asha import HubRef
+
+    ref = HubRef("trial-hub:s1")
+    ref._handle = object()  # a looked-up handle, valid only in this cluster
+    s = scheduler(ref)
+    back = pickle.loads(pickle.dumps(s))
+    assert isinstance(back._hub, HubRef) and back._hub.name == "trial-hub:s1"
+    assert back._hub._handle is None  # looked up again on first use
+    assert ref._handle is not None  # pickling did not drop the live one here
+    assert not hasattr(HubRef("x"), "__setstate_probe__")  # dunders never reach Ray

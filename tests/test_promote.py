@@ -3,6 +3,7 @@ nothing started or registered), and the registered pyfunc model's predict path."
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -258,3 +259,33 @@ def test_evaluate_cli(registered, capsys):
         assert evaluate_cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_ctrl_c_during_registration_leaves_no_model_version(
+    best_file, store, monkeypatch, tmp_path
+):
+    """Ctrl-C after MLflow created the model version but before its tags and alias: the version
+    is deleted again and the run says `interrupted` (MLflow KILLED), not failed. (The seeds'
+    training is stood in for: this is about the registration, on a real MLflow store.)"""
+    plan = train.plan_promotion(config=best_file, seeds="2", output_dir=str(tmp_path / "out"))
+    per_seed = [{"seed": s, "test_accuracy": 0.5 + s / 10, "val_accuracy": 0.5} for s in (0, 1)]
+    monkeypatch.setattr(train, "_train_seeds", lambda *args: per_seed)
+    client = MlflowClient(tracking_uri())
+
+    def register_then_ctrl_c(plan, run_id, chosen, summary):  # noqa: ANN001, ANN202
+        client.create_registered_model(plan.model_name)
+        client.create_model_version(plan.model_name, str(tmp_path), run_id=run_id)
+        assert client.search_model_versions(f"name='{plan.model_name}'")  # half registered
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_register", register_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train.promote(plan, out=io.StringIO())
+    assert client.search_model_versions(f"name='{plan.model_name}'") == []
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(plan.experiment).experiment_id],
+        filter_string="tags.kind = 'final'",
+    )
+    assert run.info.status == "KILLED" and run.data.tags["status"] == "interrupted"
+    assert "before the model was registered" in run.data.tags["status_reason"]
+    client.delete_registered_model(plan.model_name)  # the module's other tests expect none

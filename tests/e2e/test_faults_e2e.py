@@ -1,6 +1,8 @@
-"""Faults done for real on a local Ray and a real MLflow store: the search driver SIGKILLed and
-resumed, a Ray Train worker SIGKILLed mid-trial, a NaN loss in one trial. After each, the MLflow
-store holds exactly one run per trial, with the right status, and nothing is left running."""
+"""Faults done for real on a local Ray and a real MLflow store: a search stopped as users stop
+one (Ctrl-C to its terminal, or the machine stopping: SIGKILL to the search and to the local Ray
+it started) and resumed, a Ray Train worker SIGKILLed mid-trial, a NaN loss in one trial. After
+each, the MLflow store holds exactly one run per trial, with the right status, and nothing is
+left running."""
 
 from __future__ import annotations
 
@@ -9,13 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import optuna
 import psutil
-import ray
 from mlflow.tracking import MlflowClient
 from test_search_e2e import child_runs, live_placement_groups, make_space
 
@@ -51,77 +53,247 @@ def _assert_clean_history(client: MlflowClient, run) -> None:
     assert steps == sorted(set(steps)), (run.info.run_name, steps)
 
 
-def test_search_driver_sigkilled_then_resumed(ray_cluster, graphlora_home, tmp_path):
-    """SIGKILL `pipelines/search.py` once one trial has finished and another has evaluated, then
-    `--resume`: finished trials are not re-run, the interrupted one continues from its
-    checkpoint, Optuna keeps its history, MLflow ends with one run per trial, none running."""
-    space = make_space(tmp_path, "graphlora", trials=3, experiment="kill")
+STALE_CLUSTER = "127.0.0.1:1"  # what a Ray head killed without `ray stop` leaves behind
+
+# Reads a saved Tune experiment with plain pickle, in a process with no Ray cluster, and lists
+# every live Ray object (actor handle, object reference) the pickles would recreate.
+_SCAN = r"""
+import json, pickle, sys
+from pathlib import Path
+live = []
+LIVE = ("ActorHandle", "ObjectRef", "_actor_handle_deserializer", "_object_ref_deserializer")
+class Scan(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in LIVE or "ObjectRef" in name:
+            live.append(f"{module}.{name}")
+            return lambda *args, **kwargs: None  # recreating it needs that cluster
+        return super().find_class(module, name)
+def scan(data, where):
+    n = len(live)
+    Scan(__import__("io").BytesIO(data)).load()
+    if len(live) > n:
+        print(where, live[n:])
+def walk(doc, where):
+    if isinstance(doc, dict):
+        if doc.get("_type") == "CLOUDPICKLE_FALLBACK":
+            scan(bytes.fromhex(doc["value"]), where)
+        for v in doc.values():
+            walk(v, where)
+    elif isinstance(doc, list):
+        for v in doc:
+            walk(v, where)
+    elif isinstance(doc, str) and doc.lstrip().startswith(("{", "[")):
+        try:
+            walk(json.loads(doc), where)
+        except ValueError:
+            pass
+folder = Path(sys.argv[1])
+files = sorted(folder.glob("*.pkl")) + sorted(folder.glob("*.json"))
+assert any(f.name == "tuner.pkl" for f in files), files
+for f in files:
+    data = f.read_bytes()
+    try:
+        doc = json.loads(data)
+    except ValueError:  # some of Tune's "*.json" files are pickles
+        scan(data, f.name)
+    else:
+        walk(doc, f.name)
+print("live Ray objects:", len(live))
+sys.exit(1 if live else 0)
+"""
+
+
+def _search_env(graphlora_home: Path, ray_tmp: Path) -> dict[str, str]:
+    """The default a user runs: no RAY_ADDRESS (the search starts its own local Ray), here in
+    its own Ray temp folder, which holds a stale `ray_current_cluster` pointing at nothing."""
+    (ray_tmp / "ray").mkdir(parents=True, exist_ok=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(STALE_CLUSTER)
     env = {
         **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
         "GRAPHLORA_HOME": str(graphlora_home),
         "HF_HUB_OFFLINE": "1",
+        "RAY_TMPDIR": str(ray_tmp),
     }
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TUNE_DISABLE_SIGINT_HANDLER"):
+        env.pop(key, None)
+    return env
+
+
+def _ray_pids(ray_tmp: Path) -> list[int]:
+    """Processes of the local Ray started under `ray_tmp` (head services, workers)."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if str(ray_tmp) in " ".join(proc.info["cmdline"] or []):
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def _kill_everything(search: subprocess.Popen, ray_tmp: Path) -> None:
+    """What a machine stop does: SIGKILL to the search's process group and to every process of
+    the Ray cluster it started (some of which may have left the group)."""
+    os.killpg(search.pid, signal.SIGKILL)
+    for pid in _ray_pids(ray_tmp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    search.wait(30)
+    _wait(lambda: not _ray_pids(ray_tmp), 30, "the killed Ray processes to go")
+
+
+def _small_space(tmp_path: Path, experiment: str):
+    """3 trials of 20 steps (2 evaluations), 2 at a time on the search's own 2-CPU Ray."""
+    make_space(tmp_path, "graphlora", trials=3, experiment=experiment)
+    path = tmp_path / "space.yaml"
+    path.write_text(path.read_text().replace("max_steps: 40", "max_steps: 20"))
+    from pipelines.search import load_search_space
+
+    return load_search_space(path)
+
+
+def _start(tmp_path: Path, space, env: dict) -> tuple[subprocess.Popen, MlflowClient, str]:
+    """`pipelines/search.py` in its own process group (as a terminal runs it); returns it, an
+    MLflow client and the search's parent run id once it exists."""
     cmd = [sys.executable, "pipelines/search.py", "--space", str(tmp_path / "space.yaml")]
-    log1 = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT)
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - the child holds it; closed at exit
+    search = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     client = MlflowClient(tracking_uri())
-    try:
-        (parent,) = _wait(lambda: _runs(client, space.experiment), 120, "the search's MLflow run")
-        parent_id = parent.info.run_id
+    (parent,) = _wait(lambda: _runs(client, space.experiment), 180, "the search's MLflow run")
+    return search, client, parent
 
-        def one_done_one_evaluated():
-            runs = _runs(client, space.experiment, parent_id)
-            done = [r for r in runs if r.info.status == "FINISHED"]
-            going = [
-                r
-                for r in runs
-                if r.info.status == "RUNNING" and r.data.metrics.get("evals", 0) >= 1
-            ]
-            return (done, going) if done and going else None
 
-        done, going = _wait(one_done_one_evaluated, 420, "one finished and one evaluated trial")
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait(30)
-        log1.close()
-    finished_before = {r.info.run_id: r.info.end_time for r in done}
-    name = parent.data.tags["search_name"]
-    # The dead driver's job is cleaned up by Ray: its trials and Train runs go away.
-    _wait(lambda: live_placement_groups() == [], 120, "the killed search's placement groups")
+def _first_log(tmp_path: Path) -> str:
+    return (tmp_path / "first.log").read_text()
 
+
+def _resume(name: str, env: dict, tmp_path: Path) -> str:
     resumed = subprocess.run(
         [sys.executable, "pipelines/search.py", "--resume", name],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=600,
+        start_new_session=True,
     )
     out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, (Path(tmp_path / "first.log").read_text(), out)
+    assert resumed.returncode == 0, (_first_log(tmp_path), out)
     assert f"search {name}: resuming" in out
-    assert "resumed at eval" in out
+    return out
 
+
+def _assert_resumed_cleanly(client, space, parent_id, finished_before, continued_ids) -> None:
+    """One run per trial, none running, none failed by the interruption; finished trials not
+    re-run; interrupted ones went on from their Train checkpoint, not from step 0."""
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "completed"
     assert parent.data.tags["resumes"] == "1"
     runs = _runs(client, space.experiment, parent_id)
     trial_ids = [r.data.tags["trial_id"] for r in runs]
     assert len(runs) == 3 == len(set(trial_ids)), [r.info.run_name for r in runs]
-    assert all(r.info.status != "RUNNING" for r in runs)
-    assert {r.data.tags["status"] for r in runs} <= {"completed", "stopped_early_asha", "failed"}
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    assert {r.data.tags["status"] for r in runs} <= {"completed", "stopped_early_asha"}
     for run in runs:
         _assert_clean_history(client, run)
         if run.info.run_id in finished_before:  # not re-run
             assert run.info.end_time == finished_before[run.info.run_id]
-    # The interrupted trial went on from its Train checkpoint, not from step 0.
-    continued = [r for r in runs if r.info.run_id in {g.info.run_id for g in going}]
-    for run in continued:
-        if run.data.tags["status"] != "failed":
-            assert "resumed from its checkpoint at step" in run.data.tags.get("recovery_log", "")
-    # Optuna: one study, its trials = the search's trials, all told.
+        if run.info.run_id in continued_ids:
+            log = run.data.tags.get("recovery_log", "")
+            assert "resumed from its checkpoint at step" in log, (run.info.run_name, log)
+    assert continued_ids
+
+
+def _evaluated(client, space, parent_id, need_done: bool):
+    runs = _runs(client, space.experiment, parent_id)
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    going = [r for r in runs if r.info.status == "RUNNING" and r.data.metrics.get("evals", 0) >= 1]
+    return (done, going) if going and (done or not need_done) else None
+
+
+def test_ctrl_c_stops_the_search_resumably(graphlora_home, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) after the first evaluations, on the
+    local Ray the search started: it exits 130 saying how to resume, running trials are
+    `interrupted` (MLflow KILLED), not failed; `--resume` continues them and finishes."""
+    space = _small_space(tmp_path, "ctrlc")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths
+    env = _search_env(graphlora_home, ray_tmp)
+    search, client, parent = _start(tmp_path, space, env)
+    parent_id, name = parent.info.run_id, parent.data.tags["search_name"]
+    try:
+        done, going = _wait(
+            lambda: _evaluated(client, space, parent_id, need_done=False),
+            300,
+            "a trial with one evaluation",
+        )
+        os.killpg(search.pid, signal.SIGINT)
+        assert search.wait(120) == 130, _first_log(tmp_path)
+    finally:
+        if search.poll() is None:
+            _kill_everything(search, ray_tmp)
+    log = _first_log(tmp_path).rstrip().splitlines()
+    assert log[-1] == f"interrupted: continue with: python pipelines/search.py --resume {name}"
+    # The local Ray went with the search.
+    _wait(lambda: not _ray_pids(ray_tmp), 60, "the search's local Ray to stop")
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
+    runs = _runs(client, space.experiment, parent_id)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert "failed" not in {r.data.tags.get("status") for r in runs}
+    stopped = [r for r in runs if r.data.tags.get("status") == "interrupted"]
+    assert {g.info.run_id for g in going} <= {r.info.run_id for r in stopped}
+    assert all(r.info.status == "KILLED" for r in stopped)
+    stopped_ids = {r.info.run_id for r in stopped}
+    finished_before = {
+        r.info.run_id: r.info.end_time for r in runs if r.info.run_id not in stopped_ids
+    }
+    assert not (graphlora_home / "searches" / name / "best_config.yaml").exists()
+
+    out = _resume(name, env, tmp_path)
+    assert "resumed at eval" in out
+    _assert_resumed_cleanly(client, space, parent_id, finished_before, stopped_ids)
+    assert (graphlora_home / "searches" / name / "best_config.yaml").is_file()
+
+
+def test_machine_stop_then_resume_on_a_new_local_ray(graphlora_home, tmp_path):
+    """SIGKILL to the search and to the local Ray it started (a reboot, an OOM kill) once one
+    trial has finished and another has evaluated; the saved Tune state holds no live Ray
+    object, and `--resume` on a new local Ray (past the stale `ray_current_cluster` the dead
+    head left) finishes: finished trials kept, the interrupted one continued, Optuna's history
+    kept, one MLflow run per trial, none running or failed."""
+    space = _small_space(tmp_path, "kill")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
+    env = _search_env(graphlora_home, ray_tmp)
+    search, client, parent = _start(tmp_path, space, env)
+    parent_id, name = parent.info.run_id, parent.data.tags["search_name"]
+    try:
+        done, going = _wait(
+            lambda: _evaluated(client, space, parent_id, need_done=True),
+            420,
+            "one finished and one evaluated trial",
+        )
+    finally:
+        _kill_everything(search, ray_tmp)
+    # A dead head's address is what plain `ray.init()` would try first: the resume must not.
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(STALE_CLUSTER)
+    finished_before = {r.info.run_id: r.info.end_time for r in done}
+    experiment = graphlora_home / "ray_results" / name
+    scan = subprocess.run(
+        [sys.executable, "-c", _SCAN, str(experiment)],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert scan.returncode == 0, scan.stdout + scan.stderr
+
+    out = _resume(name, env, tmp_path)
+    assert "resumed at eval" in out
+    _assert_resumed_cleanly(
+        client, space, parent_id, finished_before, {g.info.run_id for g in going}
+    )
     storage = f"sqlite:///{graphlora_home / 'searches' / name / 'optuna.db'}"
     (study_name,) = optuna.get_all_study_names(storage)
     study = optuna.load_study(study_name=study_name, storage=storage)

@@ -87,7 +87,7 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
     assert all(t["evals"] < space.budget.max_evals for t in stopped)
     assert "stopped_early_asha (ASHA: objective=" in log and "to go 0]" in log
 
-    # Optuna was told every trial, ASHA-stopped ones as complete with their best value.
+    # Optuna was told every trial, ASHA-stopped ones as complete with their last value.
     study = optuna.load_study(
         study_name=optuna.get_all_study_names(f"sqlite:///{result.output_dir / 'optuna.db'}")[0],
         storage=f"sqlite:///{result.output_dir / 'optuna.db'}",
@@ -112,6 +112,14 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
             assert run.data.tags["status_reason"].startswith("ASHA:")
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history][: t["evals"]] == [10 * (i + 1) for i in range(t["evals"])]
+        # Scored by its last evaluation (the weights it ends with), never by an earlier peak;
+        # chosen on validation, a search trial never evaluates the test split.
+        objectives = client.get_metric_history(run.info.run_id, "objective")
+        assert t["objective"] == history[-1].value == objectives[-1].value
+        assert [o.value for o in objectives][: t["evals"]] == [m.value for m in history][
+            : t["evals"]
+        ]
+        assert not any(k.startswith("test_") for k in run.data.metrics), run.data.metrics
 
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"space.yaml", "results.csv", "best_config.yaml"} <= artifacts
@@ -155,11 +163,14 @@ def test_multi_seed_and_multi_worker_trials(ray_cluster, backend, tmp_path, seed
         assert sorted(r.data.params["seed"] for r in seed_runs) == ["100", "101"]
         assert {r.data.tags["status"] for r in seed_runs} == {"completed"}
         assert "val_accuracy_std" in group.data.metrics and "score" in group.data.metrics
+        # The stability runs report the test split, of the weights they end with.
+        assert "test_accuracy_mean" in group.data.metrics
+        assert all("test_accuracy" in r.data.metrics for r in seed_runs)
         assert result.best["source"].startswith("stability config-1")
         artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
         assert "stability.csv" in artifacts
     for run in runs:
         assert run.data.params["seeds"] == ",".join(str(s) for s in range(seeds))
-        assert "val_accuracy_std" in run.data.metrics and "test_accuracy" in run.data.metrics
+        assert "val_accuracy_std" in run.data.metrics and "test_accuracy" not in run.data.metrics
         if seeds > 1:  # two Train runs side by side: their mean, and a spread between them
             assert run.data.metrics["val_accuracy_std"] > 0
