@@ -1,9 +1,9 @@
 """Forward+backward time of one MoE-LoRA FFN block for every method, side by side.
 
 Shape (issue 2): hidden 1024, intermediate 2816, 2048 tokens, 8 experts, top-2, rank 8; GraphLoRA
-with SPEC defaults (d_gcn 256, 2 GCN layers, density 0.1). Methods are timed round-robin in the same
-process so machine noise hits them alike; each figure is the median over rounds. The last line
-printed is one JSON object with the per-method seconds and the ratios the issue asks for.
+with the paper's defaults (d_gcn 256, 2 GCN layers, density 0.1). Methods are timed round-robin in
+the same process so machine noise hits them alike; each figure is the median over rounds. The last
+line printed is one JSON object with the per-method seconds and the ratios the issue asks for.
 
     python benchmarks/moe_layer.py [--tokens 2048] [--rounds 7] [--device cuda] [--dtype bf16]
 """

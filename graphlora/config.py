@@ -1,6 +1,6 @@
 """Adapter configuration: one dataclass for every MoE-LoRA knob, and the method presets.
 
-A method (SPEC.md section 4) is only a set of defaults over the same block: router x top-k x
+A method (docs/method.md section 4) is only a set of defaults over the same block: router x top-k x
 auxiliary losses x expert layout. Any field left as ``None`` is filled from the method's preset in
 ``__post_init__``; any field given explicitly wins. ``to_dict`` always writes the resolved values,
 so a saved config reloads to exactly the same adapter.
@@ -74,7 +74,7 @@ _BASE_DEFAULTS: dict[str, Any] = {
 
 @dataclass
 class MoELoRAConfig:
-    """Every knob of the MoE-LoRA adapter (SPEC.md sections 1-4).
+    """Every knob of the MoE-LoRA adapter (docs/method.md sections 1-4).
 
     Fields set to ``None`` take the value of ``method``'s preset (see ``METHOD_PRESETS``).
     """

@@ -15,13 +15,15 @@ and the candidates are the labels of the ``Answer format`` line with a leading s
 without a space and each candidate starts with one, so BPE tokenizers split ``prompt +
 candidate`` exactly at the boundary (the space belongs to the candidate's first token).
 
-Sources, in the order :func:`load_task` tries them:
+Where a task comes from (details in :func:`load_task`):
 
 1. a path: a folder holding ``train.json``/``test.json`` (or only ``test.json``), or one ``.json``
    file, in the LLM-Adapters "commonsense" format;
-2. a data dir (``data_dir=`` or the ``GRAPHLORA_DATA_DIR`` environment variable) laid out like
-   LLM-Adapters' ``dataset/`` folder (``ARC-Challenge/``, ``boolq/``, ``social_i_qa/``...);
-3. the Hugging Face Hub, in the datasets' original schemas;
+2. a task name (``arc-challenge``, ``boolq``...): the task's folder under a data dir
+   (``data_dir=``, else the ``GRAPHLORA_DATA_DIR`` environment variable), else under the copy
+   shipped with graphlora (:data:`SHIPPED_DATA_DIR`), so a task name works offline;
+3. ``hub:<task>`` (``hub:arc-challenge``): the Hugging Face Hub, in the datasets' original schemas
+   and published splits (so its numbers are not comparable with the LLM-Adapters files');
 
 plus ``synthetic``, a generated offline task (:func:`make_synthetic_task`).
 """
@@ -41,6 +43,8 @@ from typing import Any
 __all__ = [
     "ANSWER_PREFIX",
     "DATA_DIR_ENV",
+    "HUB_PREFIX",
+    "SHIPPED_DATA_DIR",
     "TASKS",
     "DataError",
     "DatasetSplits",
@@ -56,7 +60,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "GRAPHLORA_DATA_DIR"
-"""Environment variable naming a folder laid out like LLM-Adapters' ``dataset/``."""
+"""Environment variable naming a data dir: one folder per task (``ARC-Challenge/``, ``boolq/``...)
+holding the LLM-Adapters ``train.json``/``test.json``."""
+
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "task_data" / "commonsense"
+"""The seven LLM-Adapters commonsense tasks shipped with graphlora (package data; sources and
+licences in ``task_data/README.md``); used when no data dir is given."""
+
+HUB_PREFIX = "hub:"
+"""Task-name prefix that loads the Hugging Face Hub version of a task: ``hub:arc-challenge``."""
 
 ANSWER_PREFIX = "\n\nAnswer:"
 """Appended to every instruction; candidates start with a space and follow it directly."""
@@ -363,7 +375,7 @@ class TaskSpec:
 
     Attributes:
         name: Canonical name (``load_task`` accepts it and its aliases).
-        local_dir: Folder name under an LLM-Adapters style data dir.
+        local_dir: The task's folder under a data dir and under :data:`SHIPPED_DATA_DIR`.
         hub_path: Hub dataset id in its original schema, or None when there is no usable one.
         hub_config: Hub config name, if any.
         hub_test_split: Hub split used for test; ``"validation"`` means the test labels are
@@ -413,7 +425,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("synthetic", ""),
     )
 }
-"""Named tasks; ``piqa`` and ``winogrande`` are local-only, ``synthetic`` is generated."""
+"""Named tasks; ``piqa`` and ``winogrande`` have no ``hub:`` version, ``synthetic`` is generated."""
 
 _ALIASES = {alias: spec.name for spec in TASKS.values() for alias in (spec.name, *spec.aliases)}
 
@@ -440,19 +452,17 @@ def _load_hub_dataset(path: str, config: str | None) -> Any:
     return datasets.load_dataset(path, config)
 
 
-def _load_hub_task(spec: TaskSpec, seed: int, tried: list[str]) -> DatasetSplits:
+def _load_hub_task(spec: TaskSpec, seed: int) -> DatasetSplits:
     assert spec.hub_path is not None
     hub_name = spec.hub_path + (f" (config {spec.hub_config})" if spec.hub_config else "")
     try:
         dataset = _load_hub_dataset(spec.hub_path, spec.hub_config)
     except Exception as err:  # datasets raises ConnectionError, OSError, ValueError, ...
-        tried_text = ", ".join(tried) if tried else "none (no path and no data dir given)"
         raise DataError(
-            f"Could not load task {spec.name!r}: the Hugging Face Hub dataset {hub_name} failed "
-            f"to load ({type(err).__name__}: {_first_line(err)}). Local paths tried: "
-            f"{tried_text}. To use local LLM-Adapters files, pass --data-dir DIR (or set "
-            f"{DATA_DIR_ENV}=DIR) where DIR/{spec.local_dir}/ holds train.json and test.json, "
-            "or pass the task folder or a .json file as the task."
+            f"Could not load task {HUB_PREFIX}{spec.name}: the Hugging Face Hub dataset "
+            f"{hub_name} failed to load ({type(err).__name__}: {_first_line(err)}). Check the "
+            "network (and HF_HUB_OFFLINE), or drop the 'hub:' prefix to use the LLM-Adapters "
+            "files shipped with graphlora (or those under --data-dir)."
         ) from err
 
     convert = _HUB_CONVERTERS[spec.name]
@@ -489,6 +499,32 @@ def _is_task_folder(path: Path) -> bool:
     return path.is_dir() and (path / "test.json").is_file()
 
 
+def _hub_task(raw: str, task: str, seed: int) -> DatasetSplits:
+    """Loads ``hub:<task>``: the named task's Hugging Face Hub version."""
+    name = canonical_task_name(task)
+    on_hub = [spec.name for spec in TASKS.values() if spec.hub_path is not None]
+    if name is None or TASKS[name].hub_path is None:
+        what = (
+            "is not a task"
+            if name is None
+            else "has no Hugging Face Hub version here (drop the 'hub:' prefix for local files)"
+        )
+        raise DataError(
+            f"{raw}: {task!r} {what}. Hub tasks: {', '.join(HUB_PREFIX + n for n in on_hub)}."
+        )
+    return _load_hub_task(TASKS[name], seed)
+
+
+def _data_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    """Returns the data dir to read task folders from, and where that choice came from."""
+    if data_dir is not None and os.fspath(data_dir):
+        return Path(data_dir).expanduser(), "--data-dir"
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser(), DATA_DIR_ENV
+    return SHIPPED_DATA_DIR, "the copy shipped with graphlora"
+
+
 def load_task(
     name_or_path: str | os.PathLike[str],
     *,
@@ -502,10 +538,16 @@ def load_task(
     1. ``name_or_path`` is an existing folder with ``test.json`` (and optionally ``train.json``)
        or an existing ``.json`` file: local LLM-Adapters files.
     2. ``name_or_path`` is a task name (see :data:`TASKS`; aliases such as ``arc_challenge``,
-       ``obqa``, ``social_i_qa`` work). ``synthetic`` is generated. Otherwise, when a data dir is
-       given (``data_dir``, else the ``GRAPHLORA_DATA_DIR`` environment variable) and holds the
-       task's folder (``ARC-Challenge/``, ``boolq/``, ``social_i_qa/``...), that folder is used.
-    3. Otherwise the Hugging Face Hub, in the original schemas.
+       ``obqa``, ``social_i_qa`` work); ``synthetic`` is generated. Its folder (``ARC-Challenge/``,
+       ``boolq/``, ``social_i_qa/``...) is read from the first of: ``data_dir``, the
+       ``GRAPHLORA_DATA_DIR`` environment variable, the copy shipped with graphlora
+       (:data:`SHIPPED_DATA_DIR`). A data dir that is given must hold the task: there is no
+       silent fall-back to another copy.
+    3. ``hub:<task>`` (e.g. ``hub:arc-challenge``) is the one way to the Hugging Face Hub: the
+       datasets in their original schemas and published splits. The splits differ from the
+       LLM-Adapters files' (the Hub's own validation splits instead of 10% of train; BoolQ and
+       SIQA test on half of their validation split), so accuracies are not comparable with runs
+       on the local files. ``data_dir`` is ignored.
 
     Splits: local files carve validation out of ``train.json`` (10%, at most 500); a task with
     only ``test.json`` (siqa, piqa, winogrande) is split into train (60%), validation (10%, at
@@ -514,17 +556,20 @@ def load_task(
     is a deterministic function of ``split_seed``.
 
     Args:
-        name_or_path: Task name or path.
-        data_dir: Folder laid out like LLM-Adapters' ``dataset/``; overrides the environment.
+        name_or_path: Task name, ``hub:<task>``, or path.
+        data_dir: Folder holding one LLM-Adapters folder per task; overrides the environment.
         split_seed: Seed for the validation/test carving (and for the synthetic task).
 
     Returns:
         The task's :class:`DatasetSplits`.
 
     Raises:
-        DataError: Unknown name, malformed files, or no local files and the Hub load failed.
+        DataError: Unknown name, malformed files, a data dir without the task, or a failed
+            Hub load.
     """
     raw = os.fspath(name_or_path)
+    if raw.lower().startswith(HUB_PREFIX):
+        return _hub_task(raw, raw[len(HUB_PREFIX) :], split_seed)
     path = Path(raw).expanduser()
     if path.is_file() or _is_task_folder(path):
         return _load_local_task(path, split_seed)
@@ -539,37 +584,34 @@ def load_task(
         if raw.endswith(".json") or os.sep in raw or raw.startswith((".", "~")):
             raise DataError(f"{raw}: no such file or folder. Give an existing path or a task name.")
         raise DataError(
-            f"Unknown task {raw!r}. Use one of {', '.join(TASKS)}, a folder holding "
-            "train.json/test.json, or a .json file in the LLM-Adapters format."
+            f"Unknown task {raw!r}. Use one of {', '.join(TASKS)} (or hub:<task> for the "
+            "Hugging Face Hub version), a folder holding train.json/test.json, or a .json file "
+            "in the LLM-Adapters format."
         )
     if name == "synthetic":
         return make_synthetic_task(seed=split_seed)
 
     spec = TASKS[name]
+    root, chosen_by = _data_dir(data_dir)
     tried: list[str] = []
-    root_text = os.fspath(data_dir) if data_dir is not None else os.environ.get(DATA_DIR_ENV)
-    if root_text:
-        root = Path(root_text).expanduser()
-        for folder in dict.fromkeys((spec.local_dir, spec.name, raw)):
-            candidate = root / folder
-            if _is_task_folder(candidate):
-                return _load_local_task(candidate, split_seed)
-            tried.append(str(candidate))
-    if spec.hub_path is None:
-        tried_text = ", ".join(tried) if tried else "none (no data dir given)"
+    for folder in dict.fromkeys((spec.local_dir, spec.name, raw)):
+        candidate = root / folder
+        if _is_task_folder(candidate):
+            return _load_local_task(candidate, split_seed)
+        tried.append(str(candidate))
+    if root == SHIPPED_DATA_DIR:
         raise DataError(
-            f"Task {name!r} has no Hugging Face Hub source here; it needs local LLM-Adapters "
-            f"files. Local paths tried: {tried_text}. Pass --data-dir DIR (or set "
+            f"Task {name!r}: the copy shipped with graphlora is missing ({tried[0]}/test.json); "
+            "reinstall graphlora, or pass --data-dir DIR (or set "
             f"{DATA_DIR_ENV}=DIR) where DIR/{spec.local_dir}/test.json exists."
         )
-    if tried:
-        logger.warning(
-            "Task %r not found under the data dir (tried %s); loading %s from the Hub.",
-            name,
-            ", ".join(tried),
-            spec.hub_path,
-        )
-    return _load_hub_task(spec, split_seed, tried)
+    hub_hint = f", or use {HUB_PREFIX}{name} for the Hub version" if spec.hub_path else ""
+    raise DataError(
+        f"Task {name!r} not found in the data dir given by {chosen_by}: tried "
+        f"{', '.join(tried)} (none holds test.json). Put the LLM-Adapters files in "
+        f"{root / spec.local_dir}/, or drop --data-dir and unset {DATA_DIR_ENV} to use the copy "
+        f"shipped with graphlora{hub_hint}."
+    )
 
 
 # ----------------------------------------------------------------------------------------------

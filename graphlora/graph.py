@@ -1,4 +1,4 @@
-"""The per-layer MoE graph of GraphLoRA (SPEC.md section 2, paper eqs. 3-4).
+"""The per-layer MoE graph of GraphLoRA (docs/method.md section 2, paper eqs. 3-4).
 
 Nodes 0..N-1 are the experts, node N is the input token. The token node is connected to every
 expert; expert-expert edges are random, undirected, ``round(beta * N(N-1)/2)`` of them, drawn with a

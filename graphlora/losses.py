@@ -1,4 +1,4 @@
-"""Auxiliary routing losses (SPEC.md section 3) and the one place that weights them.
+"""Auxiliary routing losses (docs/method.md section 3) and the one place that weights them.
 
 Every loss is a free function over routing tensors; none applies a coefficient.
 ``weighted_aux_loss`` is where the coefficients c_P, c_N and the balance coefficient are applied.

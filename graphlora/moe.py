@@ -1,4 +1,4 @@
-"""The MoE-LoRA feed-forward block and the plain LoRA linear (SPEC.md section 1).
+"""The MoE-LoRA feed-forward block and the plain LoRA linear (docs/method.md section 1).
 
 Both wrap a frozen base module rather than subclassing it. LoRA ``B`` matrices start at zero, so
 right after injection the model computes exactly what the base model computes.

@@ -1,4 +1,4 @@
-"""Routers: token -> probabilities over experts (SPEC.md section 2).
+"""Routers: token -> probabilities over experts (docs/method.md section 2).
 
 Every router computes in fp32 whatever the model dtype (autocast is switched off inside) and
 returns full probabilities; ``route`` turns them into top-k weights and indices.
@@ -64,7 +64,7 @@ class SoftmaxRouter(nn.Module):
 
 
 class GraphRouter(nn.Module):
-    """GraphLoRA's GCN router (paper eqs. 3-4, SPEC.md section 2).
+    """GraphLoRA's GCN router (paper eqs. 3-4, docs/method.md section 2).
 
     Every token has its own copy of the (N+1)-node MoE graph, and all copies share one normalised
     adjacency A_hat. Expert node features do not depend on the token, so the first GCN layer splits

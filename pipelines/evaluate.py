@@ -3,7 +3,7 @@
     python pipelines/evaluate.py --model models:/graphlora-synthetic@champion
     python pipelines/evaluate.py --adapter ~/.graphlora/final/<name>/seed0 --dataset synthetic
     python pipelines/evaluate.py --model runs:/<run id>/model --dataset boolq \\
-        --data-dir ../shared/datasets/commonsense --split validation --log-to-mlflow
+        --split validation --log-to-mlflow
 
 `--model` takes any MLflow model URI of a promoted model (`models:/<name>@<alias>`,
 `models:/<name>/<version>`, `runs:/<run id>/model`) and predicts through its pyfunc, as a
@@ -161,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--adapter", help="a model folder or an adapter folder")
     parser.add_argument("--base-model", help="with a bare --adapter: the base to load instead")
     parser.add_argument("--dataset", help="task name or path (default: the model's)")
-    parser.add_argument("--data-dir", help="folder laid out like shared/datasets/commonsense")
+    parser.add_argument(
+        "--data-dir",
+        help="folder with one LLM-Adapters folder per task (ARC-Challenge/train.json, test.json); "
+        "default: the model's when --dataset is not given, else $GRAPHLORA_DATA_DIR, else the "
+        "copy shipped with graphlora",
+    )
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--max-examples", type=int, help="evaluate the first N examples only")
     parser.add_argument(

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,6 +12,7 @@ from graphlora import data
 from graphlora.data import (
     ANSWER_PREFIX,
     DATA_DIR_ENV,
+    SHIPPED_DATA_DIR,
     TASKS,
     DataError,
     DatasetSplits,
@@ -23,27 +24,10 @@ from graphlora.data import (
     synthetic_answer,
 )
 
+SHIPPED = SHIPPED_DATA_DIR
+REPO = Path(__file__).resolve().parents[1]
 
-def _shared_data_dir() -> Path | None:
-    env = os.environ.get(DATA_DIR_ENV)
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "commonsense")
-    for candidate in candidates:
-        if (candidate / "boolq" / "test.json").is_file():
-            return candidate
-    return None
-
-
-SHARED = _shared_data_dir()
-needs_shared = pytest.mark.skipif(
-    SHARED is None,
-    reason=(
-        "LLM-Adapters commonsense files not found: set GRAPHLORA_DATA_DIR or place them in "
-        "../shared/datasets/commonsense/ (see shared/datasets/README.md)"
-    ),
-)
-
-# (local folder, train rows, test rows, number of candidates allowed) from the datasets README.
+# (local folder, train rows, test rows, number of candidates allowed) from task_data/README.md.
 README_COUNTS = {
     "ARC-Challenge": (1119, 1172, {3, 4, 5}),
     "ARC-Easy": (2251, 2376, {3, 4, 5}),
@@ -99,35 +83,32 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 # Real LLM-Adapters files
 
 
-@needs_shared
 @pytest.mark.parametrize("folder", sorted(README_COUNTS))
 def test_real_files_match_readme_counts(folder: str) -> None:
     n_train, n_test, allowed = README_COUNTS[folder]
-    test = load_llm_adapters_file(SHARED / folder / "test.json")
+    test = load_llm_adapters_file(SHIPPED / folder / "test.json")
     assert len(test) == n_test
     _check_examples(test, allowed)
     if n_train is not None:
-        train = load_llm_adapters_file(SHARED / folder / "train.json")
+        train = load_llm_adapters_file(SHIPPED / folder / "train.json")
         assert len(train) == n_train
         _check_examples(train, allowed)
 
 
-@needs_shared
 def test_real_file_prompt_form() -> None:
-    ex = load_llm_adapters_file(SHARED / "ARC-Challenge" / "train.json")[0]
+    ex = load_llm_adapters_file(SHIPPED / "ARC-Challenge" / "train.json")[0]
     assert ex.prompt.startswith("Please choose the correct answer to the question: George")
     assert "Answer1: dry palms" in ex.prompt
     assert ex.prompt.endswith("Answer format: answer1/answer2/answer3/answer4\n\nAnswer:")
     assert ex.candidates == (" answer1", " answer2", " answer3", " answer4")
     assert ex.label == 0 and ex.answer == " answer1"
-    boolq = load_llm_adapters_file(SHARED / "boolq" / "train.json")[0]
+    boolq = load_llm_adapters_file(SHIPPED / "boolq" / "train.json")[0]
     assert boolq.candidates == (" true", " false") and boolq.label == 0
     # WinoGrande puts "Answer format:" on the same line as the options.
-    wino = load_llm_adapters_file(SHARED / "winogrande" / "test.json")[0]
+    wino = load_llm_adapters_file(SHIPPED / "winogrande" / "test.json")[0]
     assert wino.candidates == (" option1", " option2") and wino.label == 1
 
 
-@needs_shared
 @pytest.mark.parametrize(
     ("name", "sizes"),
     [
@@ -139,26 +120,48 @@ def test_real_file_prompt_form() -> None:
         ("winogrande", (760, 127, 380)),
     ],
 )
-def test_load_task_from_data_dir(name: str, sizes: tuple[int, int, int]) -> None:
-    splits = load_task(name, data_dir=SHARED, split_seed=0)
+def test_task_name_loads_the_shipped_copy(name: str, sizes: tuple[int, int, int]) -> None:
+    splits = load_task(name, split_seed=0)  # no data dir, no environment variable
     assert (len(splits.train), len(splits.validation), len(splits.test)) == sizes
-    assert splits.source == f"local:{SHARED / TASKS[name].local_dir}"
+    assert splits.source == f"local:{SHIPPED / TASKS[name].local_dir}"
     assert not set(map(id, splits.train)) & set(map(id, splits.validation))
 
 
-@needs_shared
+def test_shipped_copy_has_every_local_task_and_its_licences() -> None:
+    assert SHIPPED.is_relative_to(Path(data.__file__).resolve().parent), "inside the package"
+    for spec in TASKS.values():
+        if spec.name != "synthetic":
+            assert (SHIPPED / spec.local_dir / "test.json").is_file(), spec.name
+    readme = (SHIPPED.parent / "README.md").read_text()
+    for licence in ("CC BY-SA 4.0", "CC BY-SA 3.0", "Apache-2.0", "CC BY 4.0", "AFL-3.0"):
+        assert licence in readme
+    assert "Clark et al." in readme and "LLM-Adapters" in readme
+
+
+def test_shipped_copy_is_package_data() -> None:
+    """Every shipped file matches pyproject's package-data globs, so a wheel carries it."""
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["graphlora"]
+    package = Path(data.__file__).resolve().parent
+    shipped = {p for p in SHIPPED.parent.rglob("*") if p.is_file()}
+    assert len(shipped) == 12  # 11 JSON files and the README
+    missing = shipped - {p for g in globs for p in package.glob(g)}
+    assert not missing, f"not in a wheel: {sorted(map(str, missing))}; add them to package-data"
+
+
 def test_local_splits_are_deterministic_and_disjoint() -> None:
-    a = load_task("siqa", data_dir=SHARED, split_seed=0)
-    b = load_task("siqa", data_dir=SHARED, split_seed=0)
-    c = load_task("siqa", data_dir=SHARED, split_seed=1)
+    a = load_task("siqa", data_dir=SHIPPED, split_seed=0)
+    b = load_task("siqa", data_dir=SHIPPED, split_seed=0)
+    c = load_task("siqa", data_dir=SHIPPED, split_seed=1)
     assert a == b
     assert a.test != c.test
-    everything = load_llm_adapters_file(SHARED / "social_i_qa" / "test.json")
+    everything = load_llm_adapters_file(SHIPPED / "social_i_qa" / "test.json")
     parts = a.train + a.validation + a.test
     assert Counter(parts) == Counter(everything)  # a partition of the file (it has duplicates)
 
-    boolq = load_task("boolq", data_dir=SHARED, split_seed=5)
-    assert boolq.test == load_llm_adapters_file(SHARED / "boolq" / "test.json")
+    boolq = load_task("boolq", data_dir=SHIPPED, split_seed=5)
+    assert boolq.test == load_llm_adapters_file(SHIPPED / "boolq" / "test.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def test_names_and_aliases() -> None:
     assert canonical_task_name("imagenet") is None
 
 
-def test_resolution_folder_file_data_dir_and_env(
+def test_resolution_folder_file_data_dir_env_and_shipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = _tiny_task(tmp_path / "arg", "ARC-Challenge")
@@ -196,15 +199,19 @@ def test_resolution_folder_file_data_dir_and_env(
 
     assert load_task("arc_challenge", data_dir=tmp_path / "arg").source == f"local:{folder}"
 
+    assert load_task("arc_challenge").source == f"local:{SHIPPED / 'ARC-Challenge'}"
     env_folder = _tiny_task(tmp_path / "env", "ARC-Challenge", train=False)
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "env"))
     assert load_task("arc-challenge").source == f"local:{env_folder}"
     # An explicit data_dir wins over the environment.
     assert load_task("arc-challenge", data_dir=tmp_path / "arg").source == f"local:{folder}"
+    # An empty variable counts as unset.
+    monkeypatch.setenv(DATA_DIR_ENV, "")
+    assert load_task("arc-challenge").source == f"local:{SHIPPED / 'ARC-Challenge'}"
 
 
 def test_unknown_name_and_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="Unknown task 'imagenet'.*arc-challenge"):
+    with pytest.raises(DataError, match=r"Unknown task 'imagenet'.*arc-challenge.*hub:<task>"):
         load_task("imagenet")
     with pytest.raises(DataError, match="no such file or folder"):
         load_task(str(tmp_path / "nope.json"))
@@ -212,36 +219,53 @@ def test_unknown_name_and_missing_path(tmp_path: Path) -> None:
         load_task(tmp_path)
 
 
-def test_local_only_task_without_files_names_tried_paths(tmp_path: Path) -> None:
+def test_data_dir_without_the_task_names_tried_paths(tmp_path: Path) -> None:
+    # A data dir that is given must hold the task: no silent fall-back to the shipped copy.
     with pytest.raises(DataError) as excinfo:
         load_task("piqa", data_dir=tmp_path)
     message = str(excinfo.value)
-    assert str(tmp_path / "piqa") in message
-    assert "--data-dir" in message and DATA_DIR_ENV in message
+    assert str(tmp_path / "piqa") in message and "given by --data-dir" in message
+    assert DATA_DIR_ENV in message and "shipped with graphlora" in message
+    assert "hub:" not in message  # piqa has no Hub version
+    with pytest.raises(DataError, match=r"or use hub:boolq for the Hub version"):
+        load_task("boolq", data_dir=tmp_path)
+
+
+def test_env_data_dir_without_the_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(DataError, match=rf"given by {DATA_DIR_ENV}: tried {tmp_path / 'boolq'}"):
+        load_task("boolq")
 
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face Hub
 
 
-def test_offline_hub_failure_is_fast_and_explains_what_to_do(tmp_path: Path) -> None:
+def test_offline_hub_failure_is_fast_and_explains_what_to_do() -> None:
     start = time.monotonic()
     with pytest.raises(DataError) as excinfo:
-        load_task("boolq", data_dir=tmp_path)
+        load_task("hub:boolq")
     assert time.monotonic() - start < 10.0, "offline hub failure must not retry for seconds"
     message = str(excinfo.value)
-    assert "google/boolq" in message
-    assert str(tmp_path / "boolq") in message
-    assert "--data-dir" in message and DATA_DIR_ENV in message
+    assert message.startswith("Could not load task hub:boolq: ")
+    assert "google/boolq" in message and "drop the 'hub:' prefix" in message
 
 
-def test_hub_failure_without_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_is_only_used_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(path: str, config: str | None) -> None:
         raise ConnectionError(f"Couldn't reach '{path}' on the Hub")
 
     monkeypatch.setattr(data, "_load_hub_dataset", fail)
-    with pytest.raises(DataError, match=r"allenai/ai2_arc \(config ARC-Challenge\).*no path"):
-        load_task("arc-challenge")
+    assert load_task("arc-challenge").source.startswith("local:")  # never touches the Hub
+    with pytest.raises(DataError, match=r"allenai/ai2_arc \(config ARC-Challenge\)"):
+        load_task("HUB:ARC_Challenge")
+
+
+def test_hub_prefix_needs_a_hub_task() -> None:
+    with pytest.raises(DataError, match=r"^hub:piqa: 'piqa' has no Hugging Face Hub.*hub:boolq"):
+        load_task("hub:piqa")
+    with pytest.raises(DataError, match=r"^hub:imagenet: 'imagenet' is not a task"):
+        load_task("hub:imagenet")
 
 
 def _fake_hub(monkeypatch: pytest.MonkeyPatch, splits: dict[str, list[dict]]) -> list:
@@ -262,7 +286,7 @@ def test_hub_arc_schema(monkeypatch: pytest.MonkeyPatch) -> None:
         "answerKey": "B",
     }
     calls = _fake_hub(monkeypatch, {"train": [row], "validation": [row] * 2, "test": [row] * 3})
-    splits = load_task("arc-challenge")
+    splits = load_task("hub:arc-challenge", data_dir="/no/such/folder")  # data_dir is ignored
     assert calls == [("allenai/ai2_arc", "ARC-Challenge")]
     assert splits.source == "hub:allenai/ai2_arc/ARC-Challenge"
     assert splits.sizes() == {"train": 1, "validation": 2, "test": 3}
@@ -279,19 +303,19 @@ def test_hub_openbookqa_numeric_keys(monkeypatch: pytest.MonkeyPatch) -> None:
         "answerKey": "1",
     }
     _fake_hub(monkeypatch, {"train": [row], "validation": [row], "test": [row]})
-    assert load_task("obqa").train[0].label == 0
+    assert load_task("hub:obqa").train[0].label == 0
 
 
 def test_hub_boolq_halves_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = [{"question": f"is {i} even", "passage": "...", "answer": i % 2 == 0} for i in range(10)]
     _fake_hub(monkeypatch, {"train": rows, "validation": rows[:9]})
-    splits = load_task("boolq", split_seed=0)
+    splits = load_task("hub:boolq", split_seed=0)
     assert (len(splits.validation), len(splits.test)) == (5, 4)
     ex = splits.train[0]
     assert ex.candidates == (" true", " false") and ex.label == 0
     assert "question: is 0 even?\n\nAnswer format: true/false" in ex.prompt
     assert splits.train[1].label == 1
-    assert load_task("boolq", split_seed=0) == splits
+    assert load_task("hub:boolq", split_seed=0) == splits
 
 
 def test_hub_siqa_schema(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,7 +328,7 @@ def test_hub_siqa_schema(monkeypatch: pytest.MonkeyPatch) -> None:
         "label": "3",
     }
     _fake_hub(monkeypatch, {"train": [row], "validation": [row] * 4})
-    splits = load_task("social_i_qa")
+    splits = load_task("hub:social_i_qa")
     assert splits.train[0].label == 2 and len(splits.train[0].candidates) == 3
     assert "Tracy stayed out. What will Tracy do?" in splits.train[0].prompt
     assert (len(splits.validation), len(splits.test)) == (2, 2)
@@ -313,7 +337,7 @@ def test_hub_siqa_schema(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hub_schema_change_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_hub(monkeypatch, {"train": [{"question": "q"}], "validation": [], "test": []})
     with pytest.raises(DataError, match=r"split 'train', row 0.*schema"):
-        load_task("arc-easy")
+        load_task("hub:arc-easy")
 
 
 # ---------------------------------------------------------------------------------------------

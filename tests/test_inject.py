@@ -67,7 +67,7 @@ def test_only_adapter_parameters_change(method, batch):
 
 
 def _naive_expert(block: MoELoRAMLP, e: int, x: torch.Tensor) -> torch.Tensor:
-    """E_e(h) straight from SPEC.md section 1, with full weight matrices."""
+    """E_e(h) straight from docs/method.md section 1, with full weight matrices."""
     r, s, b = block.lora_B_gate.shape[-1], block.scaling, block.base_mlp
     a_gate, a_up = block.lora_A_gate_up[e][:r], block.lora_A_gate_up[e][r:]
     w_gate = b.gate_proj.weight + s * block.lora_B_gate[e] @ a_gate

@@ -10,21 +10,16 @@ from pathlib import Path
 import pytest
 
 from graphlora.config import MoELoRAConfig
-from graphlora.data import make_synthetic_task
+from graphlora.data import DATA_DIR_ENV, make_synthetic_task
 from graphlora.train import (
     NonFiniteLossError,
     TrainConfig,
     lr_factor,
+    main,
     run_training,
     summarize_seeds,
 )
 
-SHARED = Path(
-    os.environ.get(
-        "GRAPHLORA_DATA_DIR",
-        Path(__file__).resolve().parents[2] / "shared" / "datasets" / "commonsense",
-    )
-)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -183,16 +178,33 @@ def test_tiny_preset_learns_the_synthetic_task():
     assert m["best_val_accuracy"] >= 0.8, m
 
 
-@pytest.mark.parametrize("task", ["ARC-Challenge", "boolq"])
-def test_real_benchmark_files_end_to_end(task, tmp_path):
-    if not (SHARED / task).is_dir():
-        pytest.skip(f"{SHARED / task} not found: set GRAPHLORA_DATA_DIR to the commonsense folder")
+@pytest.mark.parametrize("task", ["arc-challenge", "boolq"])
+def test_real_benchmark_files_end_to_end(task, tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)  # the copy shipped with graphlora
     m = run_training(
-        _quick(dataset=str(SHARED / task), max_length=256, output_dir=str(tmp_path / "a")),
+        _quick(dataset=task, max_length=256, output_dir=str(tmp_path / "a")),
         MoELoRAConfig(method="graphlora", gcn_hidden=16),
     )
     assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["val_accuracy"] <= 1
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_trains_on_a_task_name_offline_with_no_data_dir(tmp_path, monkeypatch, capsys):
+    # The fresh-clone promise: `python -m graphlora.train --model tiny-qwen2 --dataset
+    # arc-challenge --max-steps 5` works with no variable set and no network (HF_HUB_OFFLINE is
+    # set by conftest). Batch and evaluation are capped so the test takes seconds.
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing is read relative to the working directory
+    caps = tmp_path / "caps.yaml"
+    caps.write_text(
+        "training: {batch_size: 4, max_eval_examples: 8, max_test_examples: 8, max_length: 256}\n"
+    )
+    argv = ["--model", "tiny-qwen2", "--dataset", "arc-challenge", "--max-steps", "5"]
+    assert main([*argv, "--config", str(caps)]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["per_seed"][0]["step"] == 5 and 0 <= doc["test_accuracy_mean"] <= 1
+    assert "task_data/commonsense/ARC-Challenge" in err  # the shipped copy was read
 
 
 def test_cli_prints_json_last_and_rejects_bad_input(tmp_path):
