@@ -15,8 +15,14 @@ from typing import Any
 
 import yaml
 
-from pipelines.search import DEFAULT_BACKEND, training_api
-from pipelines.space import Checker, SpaceError, field_names, parse_yaml
+from pipelines.space import (
+    DEFAULT_BACKEND,
+    Checker,
+    SpaceError,
+    field_names,
+    parse_yaml,
+    training_api,
+)
 from pipelines.tracking import check_store, tracking_uri
 
 BEST_CONFIG = "best_config.yaml"

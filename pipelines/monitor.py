@@ -8,6 +8,7 @@ import json
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,22 +16,22 @@ from typing import Any
 import yaml
 from ray import tune
 
-from pipelines.space import SearchSpace
+from pipelines.records import config_params, load_map, log_lineage, tidy_metrics
+from pipelines.space import DEFAULT_BACKEND, SearchSpace
 from pipelines.tracking import COMPLETED, FAILED, INTERRUPTED, STOPPED_EARLY_ASHA, Tracker
 
-_SKIP_METRICS = {
-    "step",
-    "final",
-    "seeds",
-    "training_iteration",
-    "time_this_iter_s",
-    "timestamp",
-    "time_total_s",
-    "pid",
-    "iterations_since_restore",
-    "done",
-    "resumed",
-}
+LOAD_MAP = "routing_counts.json"  # a trial run's artifact: layers x experts, training tokens
+# Summed over a stage's runs into the search run's cost (`SearchMonitor.cost`).
+COST_METRICS = (
+    "wall_time_s",
+    "device_seconds",
+    "startup_time_s",
+    "setup_time_s",
+    "train_time_s",
+    "eval_time_total_s",
+    "checkpoint_time_s",
+    "test_time_s",
+)
 
 
 def _fmt(value: Any) -> str:
@@ -73,6 +74,7 @@ class SearchMonitor(tune.Callback):
         out: Any = None,
         total: int = 0,
         stage: str = "search",
+        backend: str = DEFAULT_BACKEND,
     ) -> None:
         self.tracker, self.parent, self.space = tracker, parent_run_id, space
         self.scheduler, self.out, self.total, self.stage = (
@@ -81,6 +83,7 @@ class SearchMonitor(tune.Callback):
             total,
             stage,
         )
+        self.backend = backend
         self.records: dict[str, dict[str, Any]] = {}
         self.best: tuple[float, int] | None = None
         self.better = max if space.objective.mode == "max" else min
@@ -193,6 +196,13 @@ class SearchMonitor(tune.Callback):
             )
         return MoELoRAConfig(**adapter).gcn_hidden_for(self._hidden_size)
 
+    def run_config(self, params: dict[str, Any], seed: int) -> tuple[dict, dict]:
+        """(adapter, training) of one run of this stage, as the trial trains it (search trials
+        never evaluate test; stability runs do)."""
+        adapter, training = self.space.configs(params, seed)
+        training["eval_test"] = self.stage == "stability"
+        return adapter, training
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.records.get(trial.trial_id)
         if rec is not None and rec.get("kept"):
@@ -207,11 +217,11 @@ class SearchMonitor(tune.Callback):
         number = len(self.records) + 1
         run = trial.config.get("_run")
         if run:  # stability: one seed of one top config
-            params, parent = run["params"], run["group_run_id"]
-            name = f"stability {run['group']} seed {run['seeds'][0]}"
-            extra = {"seed": run["seeds"][0], "group": run["group"]}
+            params, parent, seed = run["params"], run["group_run_id"], run["seeds"][0]
+            name = f"stability {run['group']} seed {seed}"
+            extra = {"group": run["group"]}
         else:
-            params, parent = dict(trial.config), self.parent
+            params, parent, seed = dict(trial.config), self.parent, self.space.seed
             name = f"trial {number:02d} {trial.trial_id}"
             extra = {
                 "seeds": ",".join(
@@ -221,12 +231,18 @@ class SearchMonitor(tune.Callback):
         used = self._gcn_hidden_used(params)
         if used is not None:  # the graph router's width as built (capped at the model's width)
             extra["gcn_hidden_used"] = used
+        adapter, training = self.run_config(params, seed)
         tags = {"kind": self.stage, "trial_id": trial.trial_id, "trial_params": json.dumps(params)}
         if run:
             tags["stability_run"] = json.dumps(run)
         run_id = self.tracker.start_run(
-            name, parent_run_id=parent, params={**params, **extra}, tags=tags
+            name,
+            parent_run_id=parent,
+            params={**config_params(adapter, training, self.backend), **extra},
+            tags=tags,
         )
+        contexts = ("train", "validation") + (("test",) if training["eval_test"] else ())
+        log_lineage(self.tracker, run_id, training, contexts)
         self.records[trial.trial_id] = {
             "trial": number,
             "trial_id": trial.trial_id,
@@ -249,7 +265,7 @@ class SearchMonitor(tune.Callback):
         if rec.get("kept"):
             return
         step = int(result.get("step", 0))
-        metrics = {k: v for k, v in result.items() if k not in _SKIP_METRICS}
+        metrics = tidy_metrics(result)
         failures = int(result.get("worker_failures", 0))
         log = str(result.get("recovery_log", ""))
         if log and log != rec.get("recovery_log"):
@@ -262,6 +278,10 @@ class SearchMonitor(tune.Callback):
             new = {k: v for k, v in metrics.items() if rec["last"].get(k) != v}
             self.tracker.log_metrics(rec["run_id"], new, step=step)
             rec["last"].update(metrics)
+            counts = load_map(result)
+            if counts:
+                rec["load_map"] = counts
+                self.tracker.log_text(rec["run_id"], json.dumps(counts), LOAD_MAP)
             return
         if step <= rec["last_step"]:
             return  # already logged before a resume

@@ -28,14 +28,16 @@ Schema (every key; `?` marks optional ones, with their default)::
     objective?: {metric: val_accuracy, mode: max, std_penalty: 0.0}   # mean -/+ penalty * std
     mlflow?: {experiment: <file stem>}
 
-Allowed `adapter:`/`training:`/`search:` names come from the caller (`field_names(SomeDataclass)`),
-so this module does not depend on the library.
+Allowed `adapter:`/`training:`/`search:` names come from the training library's dataclasses
+(`field_names(SomeDataclass)`). `load_search_space` validates against the library a search runs
+(`BACKENDS`, imported by name when called); `load_space` takes the names from the caller.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import sys
 from collections.abc import Collection, Iterable, Mapping
@@ -654,10 +656,39 @@ class DefineByRun:
                 experts = value
 
 
+DEFAULT_BACKEND = "graphlora"
+# backend -> (module with TrainConfig and run_training, module with MoELoRAConfig)
+BACKENDS = {"graphlora": ("graphlora.train", "graphlora.config")}
+
+
+def training_api(backend: str = DEFAULT_BACKEND) -> tuple[type, type, Any]:
+    """(TrainConfig, MoELoRAConfig, run_training) of a backend."""
+    train_mod, config_mod = (importlib.import_module(m) for m in BACKENDS[backend])
+    return train_mod.TrainConfig, config_mod.MoELoRAConfig, train_mod.run_training
+
+
+def load_search_space(
+    path: str | Path,
+    backend: str = DEFAULT_BACKEND,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> SearchSpace:
+    """Load and validate a space file against the backend's config dataclasses (`overrides`:
+    section -> key -> value, replacing the file's entries before validation)."""
+    train_cls, adapter_cls, _ = training_api(backend)
+    methods = getattr(importlib.import_module(BACKENDS[backend][1]), "METHOD_PRESETS", None)
+    space = load_space(
+        path,
+        adapter_fields=field_names(adapter_cls),
+        training_fields=field_names(train_cls),
+        methods=methods,
+        overrides=overrides,
+    )
+    check_constructible(space, train_cls, adapter_cls)
+    return space
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python pipelines/space.py FILE...`: validate space files against the training API."""
-    from pipelines.search import load_search_space  # the API the search itself validates with
-
     paths = (argv if argv is not None else sys.argv[1:]) or ["search_spaces/quickstart.yaml"]
     for p in paths:
         try:

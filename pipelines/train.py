@@ -50,9 +50,10 @@ from pipelines.best_config import (
     read_best_config_file,
 )
 from pipelines.evaluate import quiet_progress_bars
-from pipelines.search import DEFAULT_BACKEND, TRAIN_POLL_S, init_ray
-from pipelines.space import SpaceError
+from pipelines.space import DEFAULT_BACKEND, SpaceError
 from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
+from pipelines.tuning import init_ray
+from pipelines.worker import TRAIN_POLL_S
 
 SOURCE_TAG = "graphlora.source_search_run"
 KIND = "final"  # `kind` tag of promotion runs (searches: search / stability)
@@ -234,7 +235,7 @@ def plan_promotion(
 
 def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> Any:
     """One Ray Train run of one seed; returns its `Result` (metrics + adapter checkpoint)."""
-    from pipelines.search import seed_trainer
+    from pipelines.worker import seed_trainer
 
     config = {
         "backend": plan.backend,

@@ -92,10 +92,11 @@ def test_a_trial_cut_once_stays_cut() -> None:
 
 
 def test_workers_and_drivers_do_not_import_mlflow_or_optuna() -> None:
-    """Every Ray Train worker and Tune trial driver imports pipelines.search; MLflow and Optuna
-    cost seconds to import and are only used by the search's own process."""
+    """Ray Train workers and Tune trial drivers import their layers (and the search module's,
+    which Ray may unpickle there); MLflow and Optuna cost seconds to import and are only used by
+    the search's own process."""
     code = (
-        "import sys, pipelines.search, pipelines.asha; "
+        "import sys, pipelines.worker, pipelines.trial, pipelines.search, pipelines.asha; "
         "print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

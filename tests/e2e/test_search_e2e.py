@@ -13,7 +13,8 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.search import load_search_space, run_search, training_api
+from pipelines.search import run_search
+from pipelines.space import load_search_space, training_api
 from pipelines.tracking import tracking_uri
 
 SPACE = """\

@@ -1,0 +1,284 @@
+"""What one run records in MLflow, the same way for search trials, stability runs and promotion.
+
+- Params: the full resolved configuration, every adapter and training field after the config
+  dataclasses filled in their defaults and method presets, named `adapter.<field>` and
+  `training.<field>` (`config_params`); `config_from_params` reads them back, so any run can be
+  trained again from MLflow alone (`pipelines/train.py --from-run`).
+- Metrics: what the run measured (quality per evaluation, cost, routing), none of Ray Tune's
+  bookkeeping (`tidy_metrics`); `<metric>_std` only for quality metrics over several seeds, with
+  the sample standard deviation (`seed_stats`), as in `graphlora.train.summarize_seeds`.
+- Lineage: the run's data as `mlflow.data` dataset inputs (name, source, digest; train /
+  validation / test contexts) and the base model reference with its revision or checksum as tags
+  (`lineage`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import statistics
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipelines.space import DEFAULT_BACKEND, training_api
+
+# Quality metrics: what `<metric>_std` is reported for when a trial has several seeds.
+QUALITY = frozenset(
+    {
+        "val_accuracy",
+        "val_loss",
+        "best_val_accuracy",
+        "train_loss",
+        "test_accuracy",
+        "test_loss",
+    }
+)
+# Ray Tune's own result keys (ray.tune.result.AUTO_RESULT_KEYS and friends; a test keeps this
+# in step) and the search's plumbing: never logged as metrics.
+BOOKKEEPING = frozenset(
+    {
+        "training_iteration",
+        "time_total_s",
+        "time_this_iter_s",
+        "time_since_restore",
+        "timesteps_total",
+        "timesteps_since_restore",
+        "iterations_since_restore",
+        "episodes_total",
+        "timestamp",
+        "date",
+        "pid",
+        "hostname",
+        "node_ip",
+        "config",
+        "checkpoint_dir_name",
+        "trial_id",
+        "experiment_tag",
+        "done",
+        "should_checkpoint",
+        # the search's own plumbing
+        "step",  # the MLflow step itself
+        "final",
+        "seeds",
+        "resumed",
+        "recovery_log",
+        "stopped_early",  # the run's `status` tag says it (stopped_early_asha)
+    }
+)
+COUNTS_PREFIX = "routing_counts/"  # per layer and expert: the load map, not a metric
+_PER_LAYER = re.compile(r"^layer\d+/")  # per-layer routing figures: the load map shows them
+CONTEXTS = ("train", "validation", "test")
+
+
+def is_quality(key: str) -> bool:
+    """A quality metric (accuracy, loss, aux losses): the ones that get a seed std."""
+    return key in QUALITY or key.startswith("aux_")
+
+
+def seed_stats(rows: list[Mapping[str, Any]], also_std: Iterable[str] = ()) -> dict[str, float]:
+    """Seed mean of every numeric metric all rows have; `<metric>_std` (sample std) for quality
+    metrics and `also_std` only, and only over two seeds or more."""
+    out: dict[str, float] = {}
+    if not rows:
+        return out
+    with_std = set(also_std)
+    for key in rows[0]:
+        vals = [r.get(key) for r in rows]
+        if key == "final" or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in vals
+        ):
+            continue
+        out[key] = statistics.fmean(vals)
+        if len(vals) > 1 and (is_quality(key) or key in with_std):
+            out[f"{key}_std"] = statistics.stdev(vals)
+    return out
+
+
+def tidy_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics of a report worth a person's eye: numeric, no Ray bookkeeping, no per-layer
+    routing figures or routing counts (the load map holds them), `_std` for quality only."""
+    out = {}
+    for key, value in result.items():
+        if key in BOOKKEEPING or key.startswith(COUNTS_PREFIX) or _PER_LAYER.match(key):
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if key.endswith("_std") and not is_quality(key.removesuffix("_std")):
+            continue
+        out[key] = value
+    return out
+
+
+def load_map(metrics: Mapping[str, Any]) -> list[list[float]]:
+    """Layers x experts routing counts from `routing_counts/layer{i}/expert{j}` keys ([] if none)."""
+    cells: dict[tuple[int, int], float] = {}
+    for key, value in metrics.items():
+        m = re.fullmatch(re.escape(COUNTS_PREFIX) + r"layer(\d+)/expert(\d+)", key)
+        if m and isinstance(value, int | float):
+            cells[int(m[1]), int(m[2])] = float(value)
+    if not cells:
+        return []
+    layers = 1 + max(i for i, _ in cells)
+    experts = 1 + max(j for _, j in cells)
+    return [[cells.get((i, j), 0.0) for j in range(experts)] for i in range(layers)]
+
+
+# --- params: the full resolved configuration -------------------------------------------------
+
+# Training fields that say how a run is driven, not what it computes; not params, and set again
+# by whoever trains the configuration (the promotion sets seed and eval_test itself).
+_NOT_PARAMS = {"output_dir", "inject_nan_at_step"}
+
+
+def _param_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_params(
+    adapter: Mapping[str, Any], training: Mapping[str, Any], backend: str = DEFAULT_BACKEND
+) -> dict[str, str]:
+    """`adapter.<field>` and `training.<field>` for every field of the built config dataclasses
+    (defaults and method presets resolved); strings as they are, other values as JSON."""
+    train_cls, adapter_cls, _ = training_api(backend)
+    built_adapter = dataclasses.asdict(adapter_cls(**adapter))
+    built_training = dataclasses.asdict(train_cls(**{"seed": 0, **training}))
+    out = {f"adapter.{k}": _param_value(v) for k, v in built_adapter.items()}
+    out.update(
+        {
+            f"training.{k}": _param_value(v)
+            for k, v in built_training.items()
+            if k not in _NOT_PARAMS and (k != "seed" or "seed" in training)
+        }
+    )
+    return out
+
+
+def _field_is_str(cls: type, name: str) -> bool:
+    hints = typing.get_type_hints(cls)
+    return hints.get(name) is str
+
+
+def config_from_params(
+    params: Mapping[str, str], backend: str = DEFAULT_BACKEND
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(adapter, training) dicts back from `config_params` (other params are ignored).
+
+    Raises:
+        ValueError: No `adapter.` params (a run that is not a trained configuration).
+    """
+    train_cls, adapter_cls, _ = training_api(backend)
+    sections: dict[str, dict[str, Any]] = {"adapter": {}, "training": {}}
+    classes = {"adapter": adapter_cls, "training": train_cls}
+    for key, text in params.items():
+        section, _, name = key.partition(".")
+        if section not in sections or not name:
+            continue
+        if _field_is_str(classes[section], name):
+            value: Any = text
+        else:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = text
+        sections[section][name] = value
+    if not sections["adapter"]:
+        raise ValueError("no adapter.* params: not a run of a trained configuration")
+    return sections["adapter"], sections["training"]
+
+
+# --- lineage: the data and the base model a run saw --------------------------------------------
+
+
+@functools.cache
+def _splits(dataset: str, data_dir: str | None) -> Any:
+    from graphlora.data import load_task
+
+    return load_task(dataset, data_dir=data_dir)
+
+
+def _digest(examples: list[Any]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(dataclasses.asdict(ex), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _source(source: str) -> Any:
+    """An MLflow dataset source for a `DatasetSplits.source` string."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    if source.startswith("hub:"):
+        return HTTPDatasetSource(f"https://huggingface.co/datasets/{source.removeprefix('hub:')}")
+    if source.startswith("local:"):
+        try:
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+            return resolve_dataset_source(Path(source.removeprefix("local:")).as_uri())
+        except Exception:  # no source type for it: say where it came from in a tag
+            pass
+    return CodeDatasetSource({"graphlora.data_source": source})
+
+
+def dataset_inputs(training: Mapping[str, Any], contexts: Iterable[str]) -> list[Any]:
+    """`DatasetInput`s of a run's splits (`contexts` of train / validation / test), each named
+    `<dataset>-<split>` with its source and a digest of its examples."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    data = _splits(str(training["dataset"]), training.get("data_dir"))
+    name = Path(str(training["dataset"])).name
+    out = []
+    for context in contexts:
+        examples = getattr(data, context)
+        if not examples:
+            continue
+        ds = MetaDataset(_source(data.source), name=f"{name}-{context}", digest=_digest(examples))
+        out.append(
+            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        )
+    return out
+
+
+@functools.cache
+def base_model_tags(model: str, revision: str | None) -> dict[str, str]:
+    """`graphlora.base_model*` tags: the reference, its kind, and its revision (a Hub commit
+    when it can be read, `seed=0` for a preset) or the sha256 of a local folder's weights."""
+    from graphlora.inference import weights_sha256
+    from graphlora.models import check_model_reference
+
+    kind = check_model_reference(model, revision=revision)
+    tags = {"graphlora.base_model": model, "graphlora.base_model_kind": kind}
+    if kind == "preset":
+        tags["graphlora.base_model_revision"] = revision or "seed=0"
+    elif kind == "local":
+        tags["graphlora.base_model_sha256"] = weights_sha256(Path(model).expanduser())
+    else:
+        try:
+            from transformers import AutoConfig
+
+            commit = getattr(AutoConfig.from_pretrained(model, revision=revision), "_commit_hash")
+        except Exception:
+            commit = None
+        tags["graphlora.base_model_revision"] = commit or revision or "main"
+    return tags
+
+
+def log_lineage(
+    tracker: Any, run_id: str, training: Mapping[str, Any], contexts: Iterable[str]
+) -> None:
+    """Dataset inputs and base-model tags of a run. Lineage is a record, not the run: a source
+    that cannot be described is reported in a tag instead of failing the run."""
+    try:
+        tracker.client.log_inputs(run_id, datasets=dataset_inputs(training, contexts))
+        tracker.set_tags(
+            run_id, base_model_tags(str(training["model"]), training.get("model_revision"))
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        tracker.set_tags(run_id, {"graphlora.lineage_error": first[:500]})

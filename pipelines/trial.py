@@ -1,0 +1,260 @@
+"""Layer 2 of a search: what one Ray Tune trial does.
+
+`train_driver_fn(config, plan)` launches one `TorchTrainer` per seed side by side
+(`pipelines/worker.py`), gathers their evaluations through the trial hub, and reports the seed
+mean and std and the trial's `objective` with `ray.tune.report`. `TrialPlan` is what every trial
+of one stage shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.records import seed_stats
+from pipelines.space import SearchSpace
+from pipelines.worker import TRAIN_POLL_S, seed_trainer
+
+OBJECTIVE = "objective"  # the score of a trial's last evaluation, reported to ASHA and Optuna
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of one stage shares (passed with `tune.with_parameters`)."""
+
+    space: SearchSpace
+    backend: str
+    seeds: tuple[int, ...]
+    storage_path: str
+    hub: Any = None  # asha.HubRef (a name, never a live handle); None: the trial makes its own
+    verdict_wait_s: float = 0.0  # > 0 when a FlagASHAScheduler judges every evaluation
+    # Search trials are chosen on validation and never see the test split (a test figure on
+    # every trial invites choosing on it, and costs every ASHA-stopped trial a test pass); the
+    # stability stage's runs do evaluate it.
+    eval_test: bool = False
+    # On a resume: trials MLflow already holds as ended (id -> last metrics, None if failed).
+    # Ray Tune may restart one it had not yet saved as ended; it is answered, never re-run.
+    ended: dict[str, dict | None] = dataclasses.field(default_factory=dict)
+
+
+def _make_relay(hub: Any, trial_id: str, seed_index: int) -> Any:
+    """Ray Train callback forwarding rank 0's reports to the trial driver, tagged by seed.
+
+    Like `ray.tune.integration.ray_train.TuneReportCallback` (which puts `metrics[0]` on the Tune
+    session's own queue), but through the hub, so several Train runs can feed one Tune trial.
+    Runs in the Train controller.
+    """
+    import ray
+    from ray.train import UserCallback
+
+    class EvalRelay(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            ray.get(hub.put.remote(trial_id, seed_index, metrics[0]))
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+            # A worker died or raised; Ray Train restarts the group from the last checkpoint
+            # while retries last. The driver records it, so MLflow shows the failure.
+            errors = "; ".join(
+                f"rank {r}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+                for r, e in sorted(worker_exceptions.items())
+            )
+            ray.get(hub.put.remote(trial_id, seed_index, {"worker_error": errors[:1000]}))
+
+    return EvalRelay()
+
+
+# What the library's run time splits into (graphlora.train.run_training); the rest of a trial's
+# wall time is start-up: Ray placing and starting the workers, and waiting for resources.
+_RUN_TIMES = ("setup_time_s", "train_time_s", "eval_time_total_s", "checkpoint_time_s", "test_time_s")
+
+
+def trial_cost(
+    stats: dict[str, float], wall_s: float, seeds: int, plan: TrialPlan
+) -> dict[str, float]:
+    """A trial's cost so far: `wall_time_s`, `startup_time_s` (wall time not spent in the
+    runs' own setup, training, evaluation, checkpoints and test) and `device_seconds`: seeds x
+    workers x GPUs per worker (CPUs when no GPU) x wall time."""
+    res = plan.space.resources
+    per_worker = res.gpus_per_worker or res.cpus_per_worker
+    run = sum(stats.get(k, 0.0) for k in _RUN_TIMES)
+    return {
+        "wall_time_s": wall_s,
+        "startup_time_s": max(0.0, wall_s - run),
+        "device_seconds": seeds * res.workers_per_trial * per_worker * wall_s,
+    }
+
+
+def unpack_trial_config(config: dict[str, Any], plan: TrialPlan) -> tuple[dict, tuple[int, ...]]:
+    """Searched params and seeds of a trial: search trials carry params only; stability trials
+    carry `{"_run": {"params", "seeds", ...}}`."""
+    if "_run" in config:
+        return dict(config["_run"]["params"]), tuple(config["_run"]["seeds"])
+    return {k: v for k, v in config.items() if not k.startswith("_")}, plan.seeds
+
+
+def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
+    """One Tune trial: one TorchTrainer per seed, side by side; reports seed statistics.
+
+    Each evaluation step is reported once every seed has reported it (or has finished), with the
+    seed mean of every metric, `<objective metric>_std`, and `objective`: that evaluation's
+    `mean -/+ std_penalty * std`. A trial is scored by its last evaluation, the weights it ships
+    (docs/method.md, "Selection"): ASHA judges each rung on it, and Optuna is told the last one.
+    A last report carries the final metrics (test metrics only where `plan.eval_test`).
+
+    Every report carries a small Tune checkpoint of this driver's state (steps reported, best so
+    far, worker failures), so a resumed search continues the trial without repeating a report;
+    its Train runs continue from their own checkpoints (same run names, same storage path).
+    Worker failures are reported as `worker_failures` (count) and, with the checkpoints the Train
+    runs resumed from, as `recovery_log` (text).
+    """
+    import ray.tune
+
+    from pipelines.asha import TrialHub
+
+    space, obj = plan.space, plan.space.objective
+    trial_id = ray.tune.get_context().get_trial_id()
+    if trial_id in plan.ended:
+        last = plan.ended[trial_id]
+        if last is None:
+            raise RuntimeError(f"trial {trial_id} had failed before the search was resumed")
+        ray.tune.report({**last, "final": 1})
+        return
+    # Ray Train polls its workers (and so forwards reports) every 2 s by default; that is dead
+    # time per evaluation that the verdict round trip would wait for. Read when the run starts.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    params, seeds = unpack_trial_config(config, plan)
+    res = space.resources
+    hub = plan.hub or TrialHub.remote()
+
+    def fit(index: int, seed: int) -> None:
+        adapter, training = space.configs(params, seed)
+        training["eval_test"] = plan.eval_test
+        config = {
+            "backend": plan.backend,
+            "adapter": adapter,
+            "training": training,
+            "trial_id": trial_id,
+            "hub": hub,
+            "verdict_wait_s": plan.verdict_wait_s,
+        }
+        seed_trainer(
+            config,
+            name=f"{trial_id}-seed{seed}",
+            storage_path=plan.storage_path,
+            workers=res.workers_per_trial,
+            cpus_per_worker=res.cpus_per_worker,
+            gpus_per_worker=res.gpus_per_worker,
+            worker_retries=res.worker_retries,
+            callbacks=[_make_relay(hub, trial_id, index)],
+        ).fit()
+
+    state = _DriverState.load(ray.tune.get_checkpoint())
+    started, wall_before = time.monotonic(), state.wall_s  # a resumed trial adds to its time
+    evals: list[dict[int, dict]] = [{} for _ in seeds]  # per seed: step -> metrics
+    finals: dict[int, dict] = {}
+
+    def report(metrics: dict[str, Any]) -> None:
+        state.wall_s = wall_before + time.monotonic() - started
+        with tempfile.TemporaryDirectory(prefix="graphlora-trial-") as tmp:
+            state.save(Path(tmp))
+            ray.tune.report(
+                {
+                    **metrics,
+                    **trial_cost(metrics, state.wall_s, len(seeds), plan),
+                    "seeds": len(seeds),
+                    "worker_failures": len(state.failures),
+                    "recovery_log": " | ".join(state.log)[-2000:],
+                },
+                checkpoint=ray.tune.Checkpoint.from_directory(tmp),
+            )
+
+    def flush(finished: set[int]) -> None:
+        steps = sorted({s for e in evals for s in e} - state.reported)
+        for step in steps:
+            if step <= max(state.reported, default=0):
+                continue  # an older evaluation re-sent after a restart, already judged
+            if not all(step in evals[i] or i in finished for i in range(len(seeds))):
+                return  # wait: a seed still running has not reached this step
+            stats = seed_stats([e[step] for e in evals if step in e], also_std=[obj.metric])
+            state.last = obj.score(stats[obj.metric], stats.get(f"{obj.metric}_std", 0.0))
+            state.reported.add(step)
+            report({**stats, "step": step, OBJECTIVE: state.last})
+
+    with ThreadPoolExecutor(len(seeds), thread_name_prefix="seed") as pool:
+        futures = [pool.submit(fit, i, s) for i, s in enumerate(seeds)]
+        failed = False
+        while True:
+            done = {i for i, f in enumerate(futures) if f.done()}
+            mail = ray.get(hub.take.remote(trial_id, 0.5))
+            if not mail and len(done) == len(seeds):
+                break
+            for i in done:
+                if futures[i].exception() is not None and not failed:
+                    failed = True  # let the sibling seeds end at their next evaluation
+                    ray.get(hub.request_stop.remote(trial_id, f"seed {seeds[i]} failed"))
+            for index, metrics in mail:
+                if "worker_error" in metrics:
+                    state.failures.append(f"seed {seeds[index]}: {metrics['worker_error']}")
+                    state.log.append(state.failures[-1])
+                    continue
+                if metrics.get("resumed"):
+                    state.log.append(
+                        f"seed {seeds[index]}: resumed from its checkpoint at step "
+                        f"{int(metrics['step'])}"
+                    )
+                if metrics.get("final"):
+                    finals[index] = metrics
+                else:
+                    evals[index][int(metrics["step"])] = metrics
+            flush(done | set(finals))
+    for f in futures:
+        if f.exception() is not None:
+            raise f.exception()
+    flush(set(range(len(seeds))))
+    last = seed_stats([finals[i] for i in sorted(finals)], also_std=[obj.metric])
+    report({**last, "step": max(state.reported, default=0), OBJECTIVE: state.last, "final": 1})
+
+
+@dataclass
+class _DriverState:
+    """What a trial driver must remember across a resumed search (its Tune checkpoint)."""
+
+    reported: set[int] = dataclasses.field(default_factory=set)
+    last: float | None = None  # the objective of the last evaluation reported
+    failures: list[str] = dataclasses.field(default_factory=list)  # worker errors
+    log: list[str] = dataclasses.field(default_factory=list)  # errors and resumes, in order
+    wall_s: float = 0.0  # the trial's wall time up to its last report
+
+    FILE = "driver_state.json"
+
+    def save(self, folder: Path) -> None:
+        doc = {
+            "reported": sorted(self.reported),
+            "last": self.last,
+            "failures": self.failures,
+            "log": self.log,
+            "wall_s": self.wall_s,
+        }
+        (folder / self.FILE).write_text(json.dumps(doc))
+
+    @classmethod
+    def load(cls, checkpoint: Any) -> _DriverState:
+        if checkpoint is None:
+            return cls()
+        with checkpoint.as_directory() as folder:
+            doc = json.loads((Path(folder) / cls.FILE).read_text())
+        last = doc.get("last", doc.get("best"))  # "best": written by an older version
+        return cls(
+            set(doc["reported"]),
+            last,
+            list(doc["failures"]),
+            list(doc["log"]),
+            float(doc.get("wall_s", 0.0)),
+        )

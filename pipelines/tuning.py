@@ -1,0 +1,275 @@
+"""One Ray Tune run over trial drivers, as the search and its stability stage both use it; the
+local Ray a search starts; and a search's stop on SIGINT (Ctrl-C) or SIGTERM.
+
+`fit_experiment` runs one Tune experiment, or continues it from its saved state (`--resume`);
+nothing in that state is a live Ray object, so it continues on any cluster. `init_ray` connects to
+`RAY_ADDRESS` or starts a fresh local Ray of the search's own (`ray.init` only in CLIs and tests).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.trial import TrialPlan
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """`ray.init` for the CLI and tests: `RAY_ADDRESS` if set, else a fresh local cluster of
+    its own (token authentication on)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers import `pipelines` from the project root, whatever the working directory; a job
+    # submitted with `ray job submit --working-dir .` already ships the project to every node.
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {"env_vars": {"PYTHONPATH": path}}
+    # Worker logs stay in the Ray session's log folder; the search prints its own progress.
+    if os.environ.get("RAY_ADDRESS"):
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            log_to_driver=False,
+            runtime_env=None if in_job else env,
+        )
+        return
+    # A fresh local Ray of the search's own, whatever else is on the machine: address="local"
+    # never reads /tmp/ray/ray_current_cluster, which a Ray head killed without `ray stop` (OOM,
+    # reboot) leaves behind pointing at a dead address that plain `ray.init()` would retry for
+    # minutes. Ray 2.60's servers listen on every interface (it maps a loopback node address to
+    # the machine's address), so what keeps other machines out is token authentication: Ray's
+    # default for a local cluster, forced on here so that an inherited RAY_AUTH_MODE=disabled
+    # cannot turn it off. The token is ~/.ray/auth_token (created on first use).
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config  # Ray reads the mode from its cached config
+
+        Config.initialize("")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=env,
+    )
+
+
+def check_ray_address() -> None:
+    """Refuse an unreachable `RAY_ADDRESS` in one line, before anything starts.
+
+    Raises:
+        ConnectionError: the address is malformed, is the job server's HTTP address, or
+            nothing answers there.
+    """
+    addr = os.environ.get("RAY_ADDRESS", "").strip()
+    if not addr or addr == "auto":
+        return
+    if addr.startswith(("http://", "https://")):
+        raise ConnectionError(
+            f"RAY_ADDRESS={addr} is a job server (dashboard) address: submit the search there "
+            "with `ray job submit --address ADDR --working-dir . -- python pipelines/search.py`"
+            ", or set RAY_ADDRESS to the cluster's GCS address (HOST:6379)"
+        )
+    host, _, port = addr.split("://", 1)[-1].rstrip("/").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(
+            f"RAY_ADDRESS={addr}: no Ray cluster answers there ({exc}); start one "
+            "(`ray start --head --node-ip-address 127.0.0.1`) or `ray up cluster.yaml`, or "
+            "unset RAY_ADDRESS to run on this machine"
+        ) from None
+
+
+class SearchInterrupted(Exception):  # noqa: N818 - a stop a person asked for, not an error
+    """The search was stopped by SIGINT (Ctrl-C) or SIGTERM; its state is saved and
+    `python pipelines/search.py --resume <name>` continues it."""
+
+    def __init__(self, signum: int, name: str = "") -> None:
+        self.signum, self.name = signum, name
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_status(self) -> int:
+        """What a shell reports for a process ended by this signal (130, 143)."""
+        return 128 + self.signum
+
+    def resume_hint(self) -> str:
+        return f"interrupted: continue with: python pipelines/search.py --resume {self.name}"
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM while a search runs (installed by `run_search` in the main thread).
+
+    The first signal is recorded; inside a Tune run it also ends that run the way Tune's own
+    Ctrl-C handling does (the loop stops, the experiment state is saved with the running trials
+    still running, so a restore continues them), through the SIGUSR1 handler Tune installs for
+    exactly that. Tune's own SIGINT handler is off (`TUNE_DISABLE_SIGINT_HANDLER`): it would
+    return from `fit` as if the search had ended. `fit_experiment` then raises `SearchInterrupted`.
+    A second signal stops at once (the saved state resumes as after a killed driver).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.name = ""
+        self.in_tune = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            print(
+                f"\nstopped at once; continue with: python pipelines/search.py --resume "
+                f"{self.name}",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(128 + signum)
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping the search after saving its state "
+            "(again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if self.in_tune and callable(tune_stop):
+            tune_stop(signal.SIGUSR1, frame)
+
+    def check(self, monitor: Any = None) -> None:
+        """Raise `SearchInterrupted` if a stop was asked for, closing `monitor`'s running
+        trials as interrupted first."""
+        if self.signum is None:
+            return
+        if monitor is not None:
+            monitor.close_interrupted(
+                f"the search was stopped by {signal.Signals(self.signum).name}"
+            )
+        raise SearchInterrupted(self.signum, self.name)
+
+
+_STOP = _StopRequest()
+
+
+class StopSignals:
+    """`_STOP` handles SIGINT and SIGTERM between `install` and `restore`, in the main thread
+    only (signal handlers can only be set there; a search run from another thread keeps Tune's
+    own handling)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.saved: dict[int, Any] = {}
+        self.env: str | None = None
+
+    def install(self) -> None:
+        _STOP.__init__()
+        _STOP.name = self.name
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, _STOP.handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        if self.saved:
+            if self.env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self.env
+
+
+def fit_experiment(
+    trainable: Any,
+    plan: TrialPlan,
+    name: str,
+    tune_config: Any,
+    monitor: Any,
+    param_space: dict | None = None,
+) -> None:
+    """Run one Tune experiment, or continue it when `storage_path/name` holds a saved one.
+
+    On a restore, Ray Tune brings back its trials (finished ones stay finished, unfinished ones
+    restart from their last checkpoint) and the searcher's history; the scheduler and the
+    monitor are this run's fresh objects (the saved ones were pickled when the experiment
+    started, so they lack the rungs and records rebuilt from MLflow since). Nothing in the saved
+    state is a live Ray object (the hub is a `HubRef`), so the restore works on any cluster.
+
+    Raises:
+        SearchInterrupted: SIGINT or SIGTERM stopped it (the monitor's running trials are then
+            closed as interrupted; the saved experiment continues them on the next call).
+    """
+    from ray import tune
+
+    _STOP.check(monitor)
+
+    # The trial driver only waits on its Train runs, so it reserves no CPU of its own (the Train
+    # controller is num_cpus=0 too); the workers reserve what `resources` asks for. Tune wants a
+    # non-empty bundle, hence a token 1 MiB of memory.
+    trainable = tune.with_resources(
+        tune.with_parameters(trainable, plan=plan), {"cpu": 0, "memory": 2**20}
+    )
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=plan.storage_path,
+        callbacks=[monitor],
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=0),
+        # Keeping only the latest driver checkpoint also makes Tune save its experiment state
+        # after every trial checkpoint, so a resume loses at most one evaluation.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
+    path = f"{plan.storage_path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=False, param_space=param_space
+        )
+        internal = getattr(tuner, "_local_tuner", None)
+        if internal is None or not hasattr(internal, "_tune_config"):
+            raise RuntimeError(
+                f"cannot resume {name}: this Ray version's Tuner has no _local_tuner._tune_config"
+                "; resume needs ray==2.60 (pyproject) or a fresh search"
+            )
+        internal._tune_config.scheduler = tune_config.scheduler
+        internal.set_run_config_and_remote_string_queue(run_config, None)
+        internal.clear_remote_string_queue()
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
+        )
+    # SIGUSR1 is Tune's "stop and save" signal; until this fit installs its handler, a stale
+    # one from an earlier fit must not swallow a stop (the check below catches it instead).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    _STOP.in_tune = True
+    try:
+        tuner.fit()
+    finally:
+        _STOP.in_tune = False
+    _STOP.check(monitor)
+
+
+def optuna_search_class() -> type:
+    from optuna.exceptions import UpdateFinishedTrialError
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ResumableOptunaSearch(OptunaSearch):
+        """OptunaSearch whose study (SQLite, in the search folder) may know more than Tune's
+        last snapshot after a resume: a trial Optuna already holds as finished is not told
+        again (Optuna would raise and stop the search)."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            try:
+                super().on_trial_result(trial_id, result)
+            except UpdateFinishedTrialError:
+                pass
+
+    return ResumableOptunaSearch
