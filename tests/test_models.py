@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -7,11 +8,16 @@ import pytest
 import torch
 
 from graphlora.models import (
+    PACKAGED_MODELS,
     PRESETS,
     ModelInfo,
     ModelLoadError,
     build_byte_tokenizer,
+    check_model_reference,
+    is_encoder_config,
     load_model_and_tokenizer,
+    model_hidden_size,
+    packaged_model_dir,
     resolve_dtype,
 )
 
@@ -29,15 +35,23 @@ def _ids(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
+def _output(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden states of an encoder."""
+    out = model(input_ids=ids)
+    return out.logits if "logits" in out else out.last_hidden_state
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_builds_offline_and_runs(name: str, offline: None) -> None:
     model, tokenizer, info = load_model_and_tokenizer(name, dtype="float32")
+    encoder = PRESETS[name].architecture == "bert"
     assert info == ModelInfo(
         name=name,
         kind="preset",
         revision="seed=0",
         num_parameters=sum(p.numel() for p in model.parameters()),
         dtype="float32",
+        architecture="encoder" if encoder else "decoder",
     )
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.model_type == PRESETS[name].architecture
@@ -46,9 +60,10 @@ def test_preset_builds_offline_and_runs(name: str, offline: None) -> None:
     assert not model.training
     ids = _ids(tokenizer, "color of K\n\nAnswer: gold")
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    assert logits.shape == (1, ids.shape[1], len(tokenizer))
-    assert torch.isfinite(logits).all()
+        out = _output(model, ids)
+    width = model.config.hidden_size if encoder else len(tokenizer)
+    assert out.shape == (1, ids.shape[1], width)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -100,6 +115,7 @@ def test_save_and_load_local_directory(name: str, tmp_path: Path, offline: None)
     tokenizer.save_pretrained(tmp_path)
 
     loaded, loaded_tok, info = load_model_and_tokenizer(str(tmp_path))
+    assert type(loaded) is type(model), "an encoder loads as its base class, not a causal LM"
     assert info.kind == "local"
     assert info.revision is None
     assert info.num_parameters == sum(p.numel() for p in model.parameters())
@@ -109,7 +125,7 @@ def test_save_and_load_local_directory(name: str, tmp_path: Path, offline: None)
     assert loaded_tok.pad_token == tokenizer.pad_token
     ids = _ids(tokenizer, "options: blue gold\ncolor of K\n\nAnswer: gold")
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+        assert torch.equal(_output(model, ids), _output(loaded, ids))
 
 
 def test_local_directory_without_checkpoint_fails_clearly(tmp_path: Path, offline: None) -> None:
@@ -163,3 +179,31 @@ def test_preset_dtype_is_applied() -> None:
     model, _, info = load_model_and_tokenizer("tiny-qwen2", dtype="bfloat16")
     assert next(model.parameters()).dtype is torch.bfloat16
     assert info.dtype == "bfloat16"
+
+
+def test_encoder_detection() -> None:
+    from transformers import BertConfig, GPT2Config, RobertaConfig
+
+    assert is_encoder_config(BertConfig()) and is_encoder_config(RobertaConfig())
+    assert not is_encoder_config(BertConfig(is_decoder=True))
+    assert not is_encoder_config(BertConfig(architectures=["BertLMHeadModel"]))
+    assert not is_encoder_config(GPT2Config())
+
+
+def test_packaged_model_resolves_offline_and_falls_back_to_the_hub(
+    monkeypatch: pytest.MonkeyPatch, offline: None
+) -> None:
+    entry = PACKAGED_MODELS["minilm-l6"]
+    folder = packaged_model_dir("minilm-l6")  # the dev set-up installs the package
+    assert folder is not None and (folder / "model.safetensors").is_file()
+    assert check_model_reference("minilm-l6") == "package"
+    assert model_hidden_size("minilm-l6") == 384
+    # Without the package the name means the Hub copy (offline here: a clear refusal).
+    monkeypatch.setitem(
+        PACKAGED_MODELS, "minilm-l6", dataclasses.replace(entry, module="no_such_module_xyz")
+    )
+    assert packaged_model_dir("minilm-l6") is None
+    with pytest.raises(ModelLoadError, match=f"{entry.hub_id}.*offline"):
+        load_model_and_tokenizer("minilm-l6")
+    with pytest.raises(ModelLoadError, match=entry.hub_id):
+        check_model_reference("minilm-l6")

@@ -1,0 +1,91 @@
+"""Encoders score multiple choice through a similarity head over option texts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphlora.config import MoELoRAConfig
+from graphlora.data import Example, load_task, parse_listed_options
+from graphlora.encoder import attach_head, option_logits, option_loss
+from graphlora.inject import inject_adapter, is_adapter_name, load_adapter, save_adapter
+from graphlora.models import load_model_and_tokenizer
+
+
+def test_listed_options_are_parsed_from_llm_adapters_instructions():
+    arc = (
+        "Please choose the correct answer to the question: Which gas do plants take in?\n\n"
+        "Answer1: oxygen Answer2: carbon dioxide Answer3: helium\n\n"
+        "Answer format: answer1/answer2/answer3"
+    )
+    assert parse_listed_options(arc, ["answer1", "answer2", "answer3"]) == (
+        "Which gas do plants take in?",
+        ("oxygen", "carbon dioxide", "helium"),
+    )
+    wino = (
+        "Please choose the correct answer to fill in the blank to complete the given sentence: "
+        "Sarah beat Maria so _ won.\n\nOption1: Sarah Option2: Maria Answer format: option1/option2"
+    )
+    assert parse_listed_options(wino, ["option1", "option2"])[1] == ("Sarah", "Maria")
+    boolq = "Please answer the following question with true or false, question: is it?\n\n"
+    assert parse_listed_options(boolq + "Answer format: true/false", ["true", "false"]) == (
+        "is it?",
+        (),
+    )
+
+
+@pytest.mark.parametrize("task", ["arc-easy", "openbookqa", "siqa", "piqa", "winogrande"])
+def test_shipped_tasks_carry_option_texts(task):
+    test = load_task(task).test
+    assert all(len(ex.options) == len(ex.candidates) for ex in test)
+    assert all(all(ex.options) and ex.question for ex in test)
+    assert not load_task("boolq").test[0].options  # BoolQ's files carry no passage
+
+
+def test_options_must_match_candidates():
+    with pytest.raises(ValueError, match="one option text per candidate"):
+        Example(prompt="q", candidates=(" a", " b"), label=0, options=("x",))
+
+
+def _examples() -> list[Example]:
+    return [
+        Example("p", (" answer1", " answer2", " answer3"), 1, "why?", ("yes", "no", "maybe")),
+        Example("p", (" option1", " option2"), 0, "fill _ in", ("Sarah", "Maria")),
+    ]
+
+
+def test_similarity_head_trains_with_the_adapter_and_is_saved_with_it(tmp_path):
+    model, tokenizer, info = load_model_and_tokenizer("tiny-bert", dtype="float32")
+    assert info.architecture == "encoder"
+    inject_adapter(model, MoELoRAConfig(method="graphlora", num_experts=4, gcn_hidden=16))
+    attach_head(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "graphlora_head.log_scale" in trainable and all(is_adapter_name(n) for n in trainable)
+    examples = _examples()
+    logits = option_logits(model, tokenizer, examples)
+    assert [lg.shape for lg in logits] == [torch.Size([3]), torch.Size([2])]
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = option_loss(option_logits(model, tokenizer, examples), [ex.label for ex in examples])
+        loss.backward()
+        assert model.graphlora_head.log_scale.grad is not None
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert model.graphlora_head.log_scale.item() != pytest.approx(torch.tensor(20.0).log().item())
+    with torch.no_grad():
+        want = option_logits(model, tokenizer, examples)
+    save_adapter(model, tmp_path / "ad")
+    fresh, _, _ = load_model_and_tokenizer("tiny-bert", dtype="float32")
+    loaded = load_adapter(fresh, tmp_path / "ad").eval()
+    with torch.no_grad():
+        got = option_logits(loaded, tokenizer, examples)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_examples_without_option_texts_are_refused():
+    model, tokenizer, _ = load_model_and_tokenizer("tiny-bert", dtype="float32")
+    attach_head(model)
+    with pytest.raises(ValueError, match=r"example 0 has no option texts.*not BoolQ"):
+        option_logits(model, tokenizer, [Example("p", (" true", " false"), 0)])
