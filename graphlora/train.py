@@ -35,11 +35,13 @@ import torch.distributed as dist
 from graphlora.checkpoint import load_training_state, save_training_state
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DatasetSplits, Example, load_task
-from graphlora.evaluate import EvalResult, encode_pair, evaluate_examples, pad_batch
+from graphlora.evaluate import EvalResult, encode_pair, evaluate_examples, head_at, pad_batch
 from graphlora.inject import (
     count_trainable_parameters,
+    gcn_hidden_used,
     inject_adapter,
     reset_load_state,
+    routing_counts,
     routing_stats,
     save_adapter,
 )
@@ -67,7 +69,9 @@ class TrainConfig:
     """Task name (arc-challenge, boolq, openbookqa, siqa, synthetic, ...) or a path to
     LLM-Adapters JSON files."""
     data_dir: str | None = None
-    """Folder laid out like shared/datasets/commonsense (else env GRAPHLORA_DATA_DIR, else Hub)."""
+    """Folder holding one LLM-Adapters folder per task (``ARC-Challenge/train.json``,
+    ``test.json``); default: env GRAPHLORA_DATA_DIR, else the copy shipped with graphlora. A
+    ``dataset`` of ``hub:<task>`` loads the Hugging Face Hub version instead."""
     seed: int = 0
     """Seed of adapter init, data order and dropout."""
     max_steps: int = 300
@@ -213,6 +217,24 @@ def _encode_train(tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa
     return out
 
 
+def _forward_loss(model, batch: dict[str, torch.Tensor]):  # noqa: ANN001, ANN202
+    """``model(**batch)`` with the same ``loss`` (mean cross-entropy of the labelled tokens, plus
+    the adapter's auxiliary loss), but the output head runs only where a label is predicted: no
+    (batch, length, vocab) logits tensor. ``logits`` come out as (labelled tokens, vocab)."""
+    if model.get_output_embeddings() is None:
+        return model(**batch)
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    select = torch.nn.functional.pad(keep, (0, 1), value=False)  # (B, S): predicts a label
+    with head_at(model, select):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    task = torch.nn.functional.cross_entropy(out.logits.float(), target[keep])
+    aux = out.get("aux_loss")
+    out["task_loss"] = task
+    out["loss"] = task if aux is None else task + aux.to(task.dtype)
+    return out
+
+
 def _evaluate(model, tokenizer, examples, cfg: TrainConfig, device) -> EvalResult:  # noqa: ANN001
     rank, world = _world()
     shard = list(examples)[rank::world]
@@ -227,6 +249,13 @@ def _evaluate(model, tokenizer, examples, cfg: TrainConfig, device) -> EvalResul
     sums = torch.tensor([res.correct, res.total, res.nll_sum, res.nll_tokens], dtype=torch.float64)
     sums = _all_reduce_sum(sums.to(device)).cpu().tolist()
     return EvalResult(int(sums[0]), int(sums[1]), sums[2], int(sums[3]), res.predictions)
+
+
+def _add_counts(total: list[list[float]], new: list[list[float]]) -> list[list[float]]:
+    """Per-layer routing counts added up (``total`` empty: ``new``)."""
+    if not total:
+        return [list(layer) for layer in new]
+    return [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(total, new, strict=True)]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -264,7 +293,10 @@ def run_training(
         Final flat metrics: ``val_accuracy``, ``val_loss``, ``best_val_accuracy``,
         ``test_accuracy``/``test_loss`` (if ``eval_test``), ``train_loss``, aux losses,
         routing statistics, ``trainable_params``, ``samples_per_sec``, ``peak_memory_mb``,
-        ``steps``, ``stopped_early`` (0/1), and where the time went, in seconds:
+        ``steps``, ``stopped_early`` (0/1), ``gcn_hidden_used`` (graph router only: the GCN
+        width built, ``gcn_hidden`` capped at the hidden size),
+        ``routing_counts/layer{i}/expert{j}`` (the whole run's routing counts of training tokens
+        per MoE layer and expert, on this rank: the load map), and where the time went, in seconds:
         ``setup_time_s`` (data, model, adapter, encoding; resuming included),
         ``train_time_s`` (optimizer steps), ``eval_time_total_s`` (validation),
         ``checkpoint_time_s`` (writing ``checkpoint`` states), ``test_time_s``.
@@ -290,6 +322,7 @@ def run_training(
     inject_adapter(model, adapter_cfg)
     model.to(device)
     reset_load_state(model)
+    counts: list[list[float]] = []  # the whole run's routing counts (evaluations reset them)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = count_trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -338,6 +371,7 @@ def run_training(
         eval_time = float(progress.get("eval_time", 0.0))
         checkpoint_time = float(progress.get("checkpoint_time", 0.0))
         metrics = dict(progress["metrics"])
+        counts = progress.get("routing_counts") or []
         _log(f"[graphlora] resumed from {resume_from} at step {start}/{cfg.max_steps}")
     loss_acc, aux_acc, loss_n = 0.0, {}, 0
     setup_time = time.perf_counter() - started  # data, model, adapter, encoding (and resume)
@@ -353,7 +387,7 @@ def run_training(
             chunk = global_idx[a * micro * world : (a + 1) * micro * world][rank::world]
             batch = pad_batch([encoded[i] for i in chunk], pad, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = model(**batch)
+                out = _forward_loss(model, batch)
             if cfg.inject_nan_at_step == step + 1:
                 out["loss"] = out.loss * float("nan")
             (out.loss / cfg.grad_accum).backward()
@@ -395,6 +429,7 @@ def run_training(
             res = _evaluate(model, tokenizer, val, cfg, device)
             model.train()
             best_val = max(best_val, res.accuracy)
+            counts = _add_counts(counts, routing_counts(model))
             metrics = {
                 "step": float(done),
                 "val_accuracy": res.accuracy,
@@ -432,6 +467,7 @@ def run_training(
                             "checkpoint_time": checkpoint_time,
                             "samples": samples,
                             "metrics": metrics,
+                            "routing_counts": counts,
                         }
                         state_dir = save_training_state(
                             tmp,
@@ -453,6 +489,10 @@ def run_training(
                 _log(f"[graphlora] stopped early at step {done} (asked by the caller)")
                 break
     metrics["stopped_early"] = float(stopped_early)
+    for i, layer in enumerate(counts):  # the load map of the run (training tokens, this rank)
+        metrics.update({f"routing_counts/layer{i}/expert{j}": n for j, n in enumerate(layer)})
+    if (used := gcn_hidden_used(model)) is not None:
+        metrics["gcn_hidden_used"] = float(used)
     if cfg.eval_test and data.test:
         test = data.test[: cfg.max_test_examples] if cfg.max_test_examples else data.test
         t1 = time.perf_counter()
@@ -495,7 +535,7 @@ def run_seeds(
     Returns:
         ``{"seeds": [...], "per_seed": [metrics...], "test_accuracy_mean", "test_accuracy_std",
         "val_accuracy_mean", "val_accuracy_std", "trainable_params"}`` (std is the sample
-        standard deviation; 0 for one seed).
+        standard deviation; no ``_std`` for one seed).
     """
     data = data if data is not None else load_task(train_cfg.dataset, data_dir=train_cfg.data_dir)
     per_seed = []
@@ -509,13 +549,15 @@ def run_seeds(
 
 
 def summarize_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
-    """Mean and sample standard deviation of accuracy metrics over seeds."""
+    """Mean and sample standard deviation of accuracy metrics over seeds (no ``_std`` for one
+    seed: its spread is unknown, not zero; docs/method.md, "Selection")."""
     out: dict[str, float] = {}
     for key in ("test_accuracy", "val_accuracy", "best_val_accuracy"):
         values = [m[key] for m in per_seed if key in m]
         if values:
             out[f"{key}_mean"] = statistics.fmean(values)
-            out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if len(values) > 1:
+                out[f"{key}_std"] = statistics.stdev(values)
     if per_seed and "trainable_params" in per_seed[0]:
         out["trainable_params"] = per_seed[0]["trainable_params"]
     return out
@@ -557,7 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="hub id, local path, or preset (tiny-qwen2, tiny-llama)")
     p.add_argument("--dataset", help="task name or path to LLM-Adapters JSON (file or folder)")
-    p.add_argument("--data-dir", help="folder laid out like shared/datasets/commonsense")
+    p.add_argument(
+        "--data-dir",
+        help="folder with one LLM-Adapters folder per task (ARC-Challenge/train.json, test.json); "
+        "default: $GRAPHLORA_DATA_DIR, else the copy shipped with graphlora "
+        "(--dataset hub:<task> loads the Hugging Face Hub version instead)",
+    )
     p.add_argument("--method", help="lora, mixlora, loramoe, mingmoe, mola, graphlora, ...")
     p.add_argument("--seeds", type=int, nargs="+", help="one or more seeds (default 0)")
     p.add_argument("--max-steps", type=int)
