@@ -30,6 +30,7 @@ _TOP_LEVEL = {"source", "objective", "scores", "adapter", "training"}
 # Training fields the promotion sets itself: a seed in the file is an error (the search writes
 # none, and --seeds would silently win); the others are overridden.
 _SET_HERE = {"seed", "output_dir", "eval_test"}
+_OBJECTIVE_KEYS = {"metric", "mode", "std_penalty"}  # what a best config's objective holds
 # TrainConfig field -> the flag that overrides it (to blame the flag, not the file).
 _FLAGS = {
     "max_steps": "--max-steps/--epochs",
@@ -94,7 +95,11 @@ def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> B
         origin=name,
         adapter=sections["adapter"],
         training=sections["training"],
-        objective=c.section("objective", raw.get("objective")),
+        objective={  # what promotion uses: the primary objective (a secondary is the search's)
+            k: v
+            for k, v in c.section("objective", raw.get("objective")).items()
+            if k in _OBJECTIVE_KEYS
+        },
         scores=dict(scores),
         source=str(raw.get("source") or ""),
         text=text,
@@ -244,4 +249,69 @@ def best_config_from_search(ref: str, backend: str = DEFAULT_BACKEND) -> BestCon
     best.search_run_id = run_id
     best.experiment = client.get_experiment(run.info.experiment_id).name
     best.resources = dict((space or {}).get("resources") or {})
+    return best
+
+
+def best_config_from_run(run_id: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
+    """The configuration one run trained (a search trial, a stability run or config, a
+    promotion), rebuilt from its `adapter.*` / `training.*` params (`pipelines/records.py`);
+    objective and resources come from its search's `space.yaml` when it has one.
+
+    Raises:
+        PromotionError: No such run, or a run without a configuration in its params.
+        SpaceError: The configuration no longer validates.
+        TrackingError: The MLflow store is unreachable.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from pipelines.records import config_from_params
+
+    uri = tracking_uri()
+    check_store(uri)
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise PromotionError(
+            f"--from-run {run_id}: no MLflow run with this id in {uri}; see `mlflow ui` (a trial "
+            "run's id is on its run page)"
+        ) from None
+    try:
+        adapter, training = config_from_params(run.data.params, backend)
+    except ValueError as exc:
+        raise PromotionError(
+            f"--from-run {run_id}: {run.info.run_name} holds {exc}; pass a trial, stability or "
+            "promotion run (or --from-search for a search run)"
+        ) from None
+    for key in _SET_HERE:
+        training.pop(key, None)
+    # The search the run belongs to (a stability seed run sits two levels down).
+    space: dict[str, Any] = {}
+    parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+    while parent and not space:
+        up = client.get_run(parent)
+        if up.data.tags.get("kind") == "search":
+            names = {a.path for a in client.list_artifacts(parent)}
+            if "space.yaml" in names:
+                with tempfile.TemporaryDirectory(prefix="graphlora-run-") as tmp:
+                    path = client.download_artifacts(parent, "space.yaml", tmp)
+                    space = yaml.safe_load(Path(path).read_text()) or {}
+            break
+        parent = up.data.tags.get(MLFLOW_PARENT_RUN_ID)
+    objective = {k: v for k, v in (space.get("objective") or {}).items() if k in _OBJECTIVE_KEYS}
+    source = f"{run.info.run_name} ({run_id})"
+    doc = {
+        "source": source,
+        "objective": objective,
+        "adapter": adapter,
+        "training": training,
+    }
+    text = yaml.safe_dump(doc, sort_keys=False)
+    best = parse_best_config(text, f"run {run_id}: params", backend)
+    best.origin = f"run {run_id}"
+    best.search_run_id = run_id
+    best.experiment = client.get_experiment(run.info.experiment_id).name
+    best.resources = dict(space.get("resources") or {})
     return best

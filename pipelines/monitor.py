@@ -345,8 +345,42 @@ class SearchMonitor(tune.Callback):
                     metric: last.get(metric),
                     "trainable_params": last.get("trainable_params"),
                     "samples_per_sec": last.get("samples_per_sec"),
+                    "wall_time_s": last.get("wall_time_s"),
+                    "device_seconds": last.get("device_seconds"),
+                    "peak_memory_mb": last.get("peak_memory_mb"),
+                    "run_id": rec["run_id"],
                 }
             )
+        return out
+
+    def cost(self) -> dict[str, float]:
+        """This stage's cost: `COST_METRICS` summed over its runs (`trial_<name>` on the
+        search run), the largest `peak_memory_mb`, and the mean `gpu_util_mean` where measured."""
+        lasts = [rec["last"] for rec in self.records.values()]
+        out = {k: sum(float(m.get(k) or 0.0) for m in lasts) for k in COST_METRICS}
+        peaks = [m["peak_memory_mb"] for m in lasts if m.get("peak_memory_mb") is not None]
+        if peaks:
+            out["peak_memory_mb"] = max(peaks)
+        utils = [m["gpu_util_mean"] for m in lasts if m.get("gpu_util_mean") is not None]
+        if utils:
+            out["gpu_util_mean"] = statistics.fmean(utils)
+        return out
+
+    def load_maps(self, trial_ids: list[str]) -> dict[str, list[list[float]]]:
+        """The load maps of these trials (from memory, else the run's `routing_counts.json`)."""
+        out = {}
+        for tid in trial_ids:
+            rec = self.records.get(tid)
+            if rec is None:
+                continue
+            if "load_map" not in rec:
+                try:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = self.tracker.client.download_artifacts(rec["run_id"], LOAD_MAP, tmp)
+                        rec["load_map"] = json.loads(Path(path).read_text())
+                except Exception:  # no counts (a failed trial, an older search): no picture
+                    continue
+            out[tid] = rec["load_map"]
         return out
 
     def stability_groups(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -374,15 +408,18 @@ class SearchMonitor(tune.Callback):
         out = []
         for g in groups.values():
             scores: dict[str, float] = {}
-            for key, vals in g.pop("values").items():
+            for key, vals in g["values"].items():  # sample std, as everywhere (records.py)
                 name = obj.metric if key == "objective" else key
                 scores[f"{name}_mean"] = statistics.fmean(vals)
-                scores[f"{name}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+                if len(vals) > 1:
+                    scores[f"{name}_std"] = statistics.stdev(vals)
                 scores[f"{name}_seeds"] = len(vals)
             if f"{obj.metric}_mean" not in scores:
                 self.tracker.finish(g["run_id"], FAILED, "every seed failed")
                 continue
-            g["score"] = obj.score(scores[f"{obj.metric}_mean"], scores[f"{obj.metric}_std"])
+            g["score"] = obj.score(
+                scores[f"{obj.metric}_mean"], scores.get(f"{obj.metric}_std", 0.0)
+            )
             g["scores"] = {"score": g["score"], **scores}
             self.tracker.log_metrics(g["run_id"], g["scores"])
             self.tracker.finish(g["run_id"], COMPLETED)
@@ -415,7 +452,7 @@ class SearchMonitor(tune.Callback):
                 g["group"],
                 f"{g['from_trial']:02d}",
                 _fmt(g["scores"][f"{metric}_mean"]),
-                _fmt(g["scores"][f"{metric}_std"]),
+                _fmt(g["scores"].get(f"{metric}_std")),
                 _fmt(g["scores"].get("test_accuracy_mean")),
                 _fmt(g["scores"].get("test_accuracy_std")),
                 _fmt(g["score"]),

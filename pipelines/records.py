@@ -71,6 +71,7 @@ BOOKKEEPING = frozenset(
     }
 )
 COUNTS_PREFIX = "routing_counts/"  # per layer and expert: the load map, not a metric
+_PARAMS_NOT_METRICS = {"gcn_hidden_used"}  # a fact of the configuration: a param of the run
 _PER_LAYER = re.compile(r"^layer\d+/")  # per-layer routing figures: the load map shows them
 CONTEXTS = ("train", "validation", "test")
 
@@ -104,7 +105,9 @@ def tidy_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     routing figures or routing counts (the load map holds them), `_std` for quality only."""
     out = {}
     for key, value in result.items():
-        if key in BOOKKEEPING or key.startswith(COUNTS_PREFIX) or _PER_LAYER.match(key):
+        if key in BOOKKEEPING or key in _PARAMS_NOT_METRICS:
+            continue
+        if key.startswith(COUNTS_PREFIX) or _PER_LAYER.match(key):
             continue
         if not isinstance(value, int | float) or isinstance(value, bool):
             continue
@@ -115,7 +118,7 @@ def tidy_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 
 
 def load_map(metrics: Mapping[str, Any]) -> list[list[float]]:
-    """Layers x experts routing counts from `routing_counts/layer{i}/expert{j}` keys ([] if none)."""
+    """Layers x experts counts from `routing_counts/layer{i}/expert{j}` keys ([] if none)."""
     cells: dict[tuple[int, int], float] = {}
     for key, value in metrics.items():
         m = re.fullmatch(re.escape(COUNTS_PREFIX) + r"layer(\d+)/expert(\d+)", key)
@@ -262,7 +265,7 @@ def base_model_tags(model: str, revision: str | None) -> dict[str, str]:
         try:
             from transformers import AutoConfig
 
-            commit = getattr(AutoConfig.from_pretrained(model, revision=revision), "_commit_hash")
+            commit = AutoConfig.from_pretrained(model, revision=revision)._commit_hash
         except Exception:
             commit = None
         tags["graphlora.base_model_revision"] = commit or revision or "main"

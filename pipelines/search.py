@@ -117,6 +117,8 @@ def run_search(
     output_dir: str | Path | None = None,
     out: Any = None,
     resume: bool = False,
+    more_trials: int | None = None,
+    warm_start: Any = None,
 ) -> SearchResult:
     """Search, re-run the top configs with more seeds, pick the best, record it all in MLflow.
 
@@ -132,6 +134,13 @@ def run_search(
         resume: Continue the search whose `search.json` is in `output_dir` (same MLflow parent
             run, same trials: finished ones are kept, unfinished ones continue from their last
             checkpoint, the Optuna history is kept).
+        more_trials: With `resume`, extend a finished search by this many trials: a new Tune
+            experiment (`<name>-more<k>`) under the same search run, whose Optuna study is the
+            search's own (every earlier trial known, none re-run) and whose ASHA rungs hold the
+            earlier trials; then the stability stage runs again over the top configs of all
+            trials (its runs tagged `round=<k>`), and the best config is chosen again.
+        warm_start: A `pipelines.warm_start.WarmStart`: a new search's Optuna study starts with
+            those earlier trials (no retraining).
 
     Raises:
         TrackingError: MLflow is unreachable or misconfigured (checked before any trial).
@@ -159,6 +168,11 @@ def run_search(
         state = json.loads((output_dir / STATE_FILE).read_text())
         name, parent = state["name"], state["parent_run_id"]
         tracker.reopen(parent)
+        if more_trials:  # extend a finished search (a resumed extension keeps its round)
+            state["round"] = state.get("round", 0) + 1
+            state["round_trials"] = more_trials
+            state["finished"] = False
+            _write_state(output_dir, state)
         state["resumes"] = state.get("resumes", 0) + 1
         tracker.set_tags(parent, {"status": "running", "resumes": state["resumes"]})
         earlier = tracker.child_runs(parent)
@@ -184,9 +198,14 @@ def run_search(
             },
             tags={"kind": "search", "status": "running", "search_name": name},
         )
+        from pipelines.records import log_lineage
+
+        log_lineage(tracker, parent, space.configs({}, space.seed)[1], ("train", "validation"))
         space_text = yaml.safe_dump(space.raw, sort_keys=False)
         (output_dir / "space.yaml").write_text(space_text)
         tracker.log_text(parent, space_text, "space.yaml")
+        if warm_start is not None:
+            tracker.set_tags(parent, {"warm_start_from": warm_start.run_id})
         state = {
             "name": name,
             "space_file": space.path,
@@ -205,6 +224,9 @@ def run_search(
             flush=True,
         )
     storage = state["storage_path"]
+    round_ = state.get("round", 0)  # 0: the search as started; k: its k-th extension
+    experiment = name if not round_ else f"{name}-more{round_}"
+    new_trials = state["round_trials"] if round_ else space.budget.trials
 
     _warn_if_too_small(space, out)
     # By name (recreated here on every start): Tune saves the scheduler and the trial plan, and
@@ -223,10 +245,27 @@ def run_search(
             reduction_factor=space.asha.reduction_factor,
         )
         study_storage = f"sqlite:///{output_dir / 'optuna.db'}"
+        if warm_start is not None and not resume:
+            from pipelines.warm_start import seed_study
+
+            seed_study(
+                warm_start,
+                study_storage,
+                name,
+                optuna_objectives(space)[1],
+                optuna.samplers.TPESampler(seed=space.seed),
+            )
+            print(
+                f"warm start: {len(warm_start.trials)} trials of search {warm_start.name} in "
+                "the Optuna study",
+                file=out,
+                flush=True,
+            )
+        metrics, modes = optuna_objectives(space)
         searcher = _OptunaSearch(
             DefineByRun(space),
-            metric=OBJECTIVE,
-            mode=space.objective.mode,
+            metric=metrics if len(metrics) > 1 else metrics[0],
+            mode=modes if len(modes) > 1 else modes[0],
             sampler=optuna.samplers.TPESampler(seed=space.seed),
             storage=optuna.storages.RDBStorage(study_storage),
             study_name=name,
@@ -240,7 +279,13 @@ def run_search(
             VERDICT_WAIT_S,
         )
         monitor = SearchMonitor(
-            tracker, parent, space, scheduler=scheduler, out=out, total=space.budget.trials
+            tracker,
+            parent,
+            space,
+            scheduler=scheduler,
+            out=out,
+            total=new_trials + sum(1 for r in earlier if r.data.tags.get("kind") == "search"),
+            backend=backend,
         )
         monitor.adopt_runs(earlier)
         plan = dataclasses.replace(plan, ended=monitor.ended())
@@ -253,11 +298,11 @@ def run_search(
         fit_experiment(
             train_driver_fn,
             plan,
-            name,
+            experiment,
             tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, space.resources.max_concurrent_trials),
                 scheduler=scheduler,
-                num_samples=space.budget.trials,
+                num_samples=new_trials,
                 max_concurrent_trials=space.resources.max_concurrent_trials,
             ),
             monitor,
@@ -266,21 +311,25 @@ def run_search(
         trials = monitor.rows()
         monitor.print_table(trials, "search")
 
-        stability = run_stability_stage(
-            space, backend, plan, name, trials, tracker, parent, out, earlier
+        stability, stability_cost = run_stability_stage(
+            space, backend, plan, name, trials, tracker, parent, out, earlier, round_=round_
         )
         best = choose_best(space, trials, stability)
         files = write_results(output_dir, space, trials, stability, best)
         study = optuna.load_study(study_name=name, storage=study_storage)
-        from pipelines.tracking import save_optuna_plots
-
-        plots, skipped = save_optuna_plots(study, output_dir / "plots")
+        plots, skipped = _pictures(space, monitor, trials, stability, study, output_dir / "plots")
         for f in files + plots:
             tracker.log_file(parent, f, "plots" if f in plots else None)
         for reason in skipped:
             print(f"plot skipped: {reason}", file=out)
         if best:
             tracker.log_metrics(parent, {f"best_{k}": v for k, v in best["scores"].items()})
+        cost = search_cost(monitor.cost(), stability_cost)
+        tracker.log_metrics(parent, cost)
+        tracker.set_tags(
+            parent,
+            {"mlflow.note.content": describe_search(space, name, trials, best, cost, plots)},
+        )
         tracker.finish(parent, "completed")
         _write_state(output_dir, {**state, "finished": True})
     except SearchInterrupted as exc:
@@ -317,6 +366,103 @@ def run_search(
             )
     print(f"results: {output_dir}\nMLflow runs: {link}", file=out, flush=True)
     return SearchResult(output_dir, parent, trials, stability, best, link)
+
+
+def optuna_objectives(space: SearchSpace) -> tuple[list[str], list[str]]:
+    """What Optuna optimises: the trial's `objective`, and `objective.secondary` when set (a
+    multi-objective study: Optuna searches the Pareto front; ASHA judges the first only)."""
+    metrics, modes = [OBJECTIVE], [space.objective.mode]
+    if space.objective.secondary:
+        metrics.append(space.objective.secondary["metric"])
+        modes.append(space.objective.secondary["mode"])
+    return metrics, modes
+
+
+def _pictures(
+    space: SearchSpace,
+    monitor: Any,
+    trials: list[dict[str, Any]],
+    stability: list[dict[str, Any]],
+    study: Any,
+    out_dir: Path,
+) -> tuple[list[Path], list[str]]:
+    """The search's pictures (`pipelines/pictures.py`) and Optuna's; (files, reasons skipped)."""
+    from pipelines.pictures import best_load_map_trials, save_search_pictures
+    from pipelines.tracking import save_optuna_plots
+
+    obj = space.objective
+    methods = {t["trial_id"]: str(t["params"].get("method", space.method)) for t in trials}
+    chosen = best_load_map_trials(trials, obj.mode, methods)
+    maps = monitor.load_maps([t["trial_id"] for t in chosen])
+    labelled = {}
+    for t in chosen:
+        if t["trial_id"] in maps:
+            value = t.get(obj.metric)
+            score = f"{value:.3f}" if isinstance(value, int | float) else "-"
+            label = f"trial {t['trial']:02d} {methods[t['trial_id']]} ({obj.metric} {score})"
+            labelled[label] = maps[t["trial_id"]]
+    ours, skipped = save_search_pictures(
+        out_dir, trials, stability, labelled, metric=obj.metric, mode=obj.mode
+    )
+    theirs, skipped_optuna = save_optuna_plots(study, out_dir)
+    return ours + theirs, skipped + skipped_optuna
+
+
+def search_cost(search: dict[str, float], stability: dict[str, float]) -> dict[str, float]:
+    """The search run's cost metrics: each stage's sums (`trials_<metric>`,
+    `stability_<metric>`) and `total_device_seconds` / `total_wall_time_s` over both."""
+    out = {f"trials_{k}": v for k, v in search.items()}
+    out.update({f"stability_{k}": v for k, v in stability.items()})
+    for key in ("device_seconds", "wall_time_s"):
+        out[f"total_{key}"] = search.get(key, 0.0) + stability.get(key, 0.0)
+    return out
+
+
+def describe_search(
+    space: SearchSpace,
+    name: str,
+    trials: list[dict[str, Any]],
+    best: dict[str, Any] | None,
+    cost: dict[str, float],
+    plots: list[Path],
+) -> str:
+    """The search run's description (Markdown, the run page's Description box)."""
+    by = [t["status"] for t in trials]
+    lines = [
+        f"**{name}**: {len(trials)} trials of {space.model} on {space.dataset} "
+        f"({by.count('completed')} completed, {by.count(STOPPED_EARLY_ASHA)} stopped by ASHA, "
+        f"{by.count('failed')} failed); objective: {space.objective.mode} "
+        f"{space.objective.metric} (last evaluation).",
+        "",
+    ]
+    if best:
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in best["scores"].items())
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in best["params"].items()
+        )
+        lines += [f"Best: {best['source']}: {params} ({scores}).", ""]
+    lines += [
+        f"Cost: {cost.get('total_device_seconds', 0):.0f} device-seconds, "
+        f"{cost.get('total_wall_time_s', 0):.0f} s of trial wall time in all.",
+        "",
+        "Pictures (Artifacts tab, `plots/`):",
+    ]
+    notes = {
+        "pareto.png": "validation metric against trainable parameters, Pareto front marked",
+        "load_map.png": "expert load per layer (training tokens) of the best trials",
+        "stability.png": "the stability stage: each configuration's seeds, mean and std",
+        "optimization_history.png": "Optuna: objective per trial",
+        "param_importances.png": "Optuna: hyperparameter importances",
+        "parallel_coordinate.png": "Optuna: parallel coordinates",
+    }
+    lines += [f"- `plots/{p.name}`: {notes.get(p.name, '')}" for p in plots]
+    lines += [
+        "",
+        "Every trial run's params are its full configuration: "
+        "`python pipelines/train.py --from-run <trial run id>` trains it again.",
+    ]
+    return "\n".join(lines)
 
 
 def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
@@ -382,7 +528,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SEARCH",
         help="continue an interrupted search: its name (printed when it started) or its "
         "results folder; finished trials are kept, unfinished ones continue from their last "
-        "checkpoint (--space is then ignored: the space as first run is used)",
+        "checkpoint (--space is then ignored: the space as first run is used); with --trials N, "
+        "extend a finished search by N more trials under the same search run (finished trials "
+        "are known to Optuna and ASHA, none re-run; the stability stage runs again)",
+    )
+    parser.add_argument(
+        "--warm-start",
+        metavar="SEARCH",
+        help="start a new search's Optuna study with an earlier search's finished trials (its "
+        "name or search run id; read from MLflow, nothing retrained); the spaces must search "
+        "the same parameters for the same objective",
     )
     parser.add_argument("--output-dir", help="results folder (default: $GRAPHLORA_HOME/searches/)")
     flags = {  # flag -> the space entry it overrides
@@ -404,18 +559,35 @@ def main(argv: list[str] | None = None) -> int:
             overrides.setdefault(section, {})[field] = getattr(args, key)
     # Everything that can be checked is checked before Ray starts or MLflow records anything.
     try:
+        warm = None
         if args.resume:
+            if args.warm_start:
+                raise SpaceError("--warm-start starts a new search; --resume continues one")
             folder = find_search(args.resume)
             state = json.loads((folder / STATE_FILE).read_text())
-            if state.get("finished"):
-                raise SpaceError(f"--resume {args.resume}: that search has already finished")
+            if args.trials is not None and args.trials < 1:
+                raise SpaceError(f"--trials {args.trials}: must be 1 or more")
+            if state.get("finished") and not args.trials:
+                raise SpaceError(
+                    f"--resume {args.resume}: that search has already finished; add --trials N "
+                    "to extend it by N trials"
+                )
+            if args.trials and not state.get("finished"):
+                raise SpaceError(
+                    f"--resume {args.resume} --trials {args.trials}: that search has not "
+                    f"finished; continue it first with --resume {args.resume}"
+                )
             space = load_search_space(folder / "space.yaml")
             space = dataclasses.replace(space, path=state["space_file"])
         else:
             space = load_search_space(args.space, overrides=overrides)
         preflight(space)
         check_ray_address()
-        Tracker(space.experiment)
+        tracker = Tracker(space.experiment)
+        if args.warm_start:
+            from pipelines.warm_start import load_warm_start
+
+            warm = load_warm_start(space, args.warm_start, tracker.client)
     except (SpaceError, TrackingError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -426,9 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.resume:
-            run_search(space, output_dir=folder, resume=True)
+            run_search(space, output_dir=folder, resume=True, more_trials=args.trials)
         else:
-            run_search(space, output_dir=args.output_dir)
+            run_search(space, output_dir=args.output_dir, warm_start=warm)
     except SearchInterrupted as exc:
         print(exc.resume_hint(), flush=True)  # the last line a person sees
         return exc.exit_status

@@ -25,7 +25,8 @@ Schema (every key; `?` marks optional ones, with their default)::
                                     # trial's Train run from its last checkpoint when a worker dies
     seeds_per_trial?: 1             # seeds trained side by side per trial; ASHA/Optuna see the mean
     stability?: {top_k_configs: 0, seeds: 5}    # re-run the best configs with fresh seeds
-    objective?: {metric: val_accuracy, mode: max, std_penalty: 0.0}   # mean -/+ penalty * std
+    objective?: {metric: val_accuracy, mode: max, std_penalty: 0.0,   # mean -/+ penalty * std
+                 secondary?: {metric: trainable_params, mode: min}}  # Optuna: Pareto front
     mlflow?: {experiment: <file stem>}
 
 Allowed `adapter:`/`training:`/`search:` names come from the training library's dataclasses
@@ -79,6 +80,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Any]]] = {
         "metric": ("str", "val_accuracy"),
         "mode": ("mode", "max"),
         "std_penalty": ("number", 0.0),
+        "secondary": ("secondary", None),
     },
     "mlflow": {"experiment": ("str", None)},
 }
@@ -163,6 +165,10 @@ class Objective:
     metric: str = "val_accuracy"
     mode: str = "max"
     std_penalty: float = 0.0
+    # Optional second objective, e.g. {metric: trainable_params, mode: min}: Optuna then searches
+    # the Pareto front of both; ASHA still judges the first, and the best config is still chosen
+    # on the first.
+    secondary: dict[str, str] | None = None
 
     def score(self, mean: float, std: float) -> float:
         """Seed mean, penalised by the seed std in the direction that makes it worse."""
@@ -257,6 +263,15 @@ class Checker:
         return self.error(keypath, f"{unknown}; {hint}")
 
     def value(self, keypath: str, value: Any, kind: str) -> Any:
+        if kind == "secondary":  # {metric: <name>, mode: max|min}
+            given = self.mapping(keypath, value)
+            for key in given:
+                if key not in ("metric", "mode"):
+                    raise self.unknown(f"{keypath}.{key}", str(key), {"metric", "mode"})
+            return {
+                "metric": self.value(f"{keypath}.metric", given.get("metric"), "str"),
+                "mode": self.value(f"{keypath}.mode", given.get("mode"), "mode"),
+            }
         ok = {
             "int": isinstance(value, int) and not isinstance(value, bool),
             "number": isinstance(value, int | float) and not isinstance(value, bool),

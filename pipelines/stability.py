@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pipelines.records import config_params, log_lineage
 from pipelines.space import SearchSpace
 from pipelines.tracking import Tracker
 from pipelines.trial import OBJECTIVE, TrialPlan, train_driver_fn
@@ -23,10 +24,15 @@ def run_stability_stage(
     parent: str,
     out: Any,
     earlier: list[Any],
-) -> list[dict[str, Any]]:
+    *,
+    round_: int = 0,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Re-run the top configs, each seed its own trial (run side by side as resources allow).
 
-    On a resume, config runs and seed runs already in MLflow (`earlier`) are reused."""
+    On a resume, config runs and seed runs already in MLflow (`earlier`) are reused. An
+    extended search (`round_` k > 0) runs the stage again over the top configs of all trials,
+    its runs tagged `round=k` beside the earlier rounds' (which stay as they were). Returns
+    the groups (`SearchMonitor.stability_groups`) and the stage's cost (`SearchMonitor.cost`)."""
     from ray import tune
 
     from pipelines.monitor import SearchMonitor
@@ -35,14 +41,16 @@ def run_stability_stage(
     done = [t for t in trials if t["status"] != "failed" and t.get(OBJECTIVE) is not None]
     top = sorted(done, key=lambda t: t[OBJECTIVE], reverse=space.objective.mode == "max")[:k]
     if not top:
-        return []
+        return [], {}
     seeds = [space.seed + 100 + j for j in range(space.stability.seeds)]  # fresh: no winner's curse
     print(f"stability: top {len(top)} configs x {len(seeds)} seeds {seeds}", file=out, flush=True)
     runs = []
     before = {
         r.data.tags["group"]: r.info.run_id
         for r in earlier
-        if r.data.tags.get("kind") == "stability" and "group" in r.data.tags
+        if r.data.tags.get("kind") == "stability"
+        and "group" in r.data.tags
+        and int(r.data.tags.get("round", 0)) == round_
     }
     seed_runs = []
     for rank, t in enumerate(top, start=1):
@@ -52,12 +60,20 @@ def run_stability_stage(
             tracker.reopen(group_run)
             seed_runs += tracker.child_runs(group_run)
         else:
+            adapter, training = space.configs(t["params"], seeds[0])
+            training.pop("seed")  # one run per seed below; this run is the configuration
+            training["eval_test"] = True
             group_run = tracker.start_run(
-                f"stability {group}",
+                f"stability {group}" + (f" (extension {round_})" if round_ else ""),
                 parent_run_id=parent,
-                params={**t["params"], "from_trial": t["trial"]},
-                tags={"kind": "stability", "group": group},
+                params={
+                    **config_params(adapter, training, backend),
+                    "seeds": ",".join(map(str, seeds)),
+                    "from_trial": t["trial"],
+                },
+                tags={"kind": "stability", "group": group, "round": str(round_)},
             )
+            log_lineage(tracker, group_run, training, ("train", "validation", "test"))
         runs += [
             {
                 "params": t["params"],
@@ -70,19 +86,21 @@ def run_stability_stage(
         ]
     # No ASHA here; these runs report the test split (of the weights they end with).
     plan = dataclasses.replace(search_plan, verdict_wait_s=0.0, eval_test=True)
-    monitor = SearchMonitor(tracker, parent, space, out=out, total=len(runs), stage="stability")
+    monitor = SearchMonitor(
+        tracker, parent, space, out=out, total=len(runs), stage="stability", backend=backend
+    )
     monitor.adopt_runs(seed_runs)
     plan = dataclasses.replace(plan, ended=monitor.ended())
     fit_experiment(
         train_driver_fn,
         plan,
-        f"{name}-stability",
+        f"{name}-stability" + (f"-more{round_}" if round_ else ""),
         tune.TuneConfig(num_samples=1, max_concurrent_trials=space.resources.max_concurrent_trials),
         monitor,
         param_space={"_run": tune.grid_search(runs)},
     )
     monitor.close_unfinished()
-    return monitor.stability_groups(runs)
+    return monitor.stability_groups(runs), monitor.cost()
 
 
 def choose_best(space: SearchSpace, trials: list[dict], stability: list[dict]) -> dict | None:

@@ -9,9 +9,13 @@ project, and a relative `./mlflow.db` would vanish with it.
 Run layout in one experiment::
 
     search <name>                      parent: space file, results.csv, best_config.yaml, plots
-      trial <id>                       params, metrics per step, tags status/status_reason
+                                       (pictures.py, Optuna's), summed cost, a description
+      trial <id>                       full config as params, metrics per step, dataset inputs,
+                                       routing_counts.json, tags status/status_reason
       stability config-1               one per re-run configuration: seed mean/std
         stability config-1 seed 3      one per seed
+
+What each run records: `pipelines/records.py`.
 """
 
 from __future__ import annotations
@@ -217,8 +221,10 @@ class Tracker:
 def save_optuna_plots(study: Any, out_dir: Path) -> tuple[list[Path], list[str]]:
     """Optimization history, parameter importances and parallel coordinates as PNGs.
 
-    Uses Optuna's matplotlib backend (plotly is not a dependency). Returns the files written and,
-    for each plot that could not be drawn (e.g. too few completed trials), a one-line reason.
+    Uses Optuna's matplotlib backend (plotly is not a dependency). On a multi-objective study
+    (`objective.secondary`) each plot shows the first objective (Optuna needs a `target` there).
+    Returns the files written and, for each plot that could not be drawn (e.g. too few completed
+    trials), a one-line reason.
     """
     import warnings
 
@@ -230,6 +236,9 @@ def save_optuna_plots(study: Any, out_dir: Path) -> tuple[list[Path], list[str]]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
+    target = {}
+    if len(study.directions) > 1:
+        target = {"target": lambda t: t.values[0], "target_name": "objective"}
     for name, plot in (
         ("optimization_history", ovm.plot_optimization_history),
         ("param_importances", ovm.plot_param_importances),
@@ -238,7 +247,7 @@ def save_optuna_plots(study: Any, out_dir: Path) -> tuple[list[Path], list[str]]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = plot(study)
+                ax = plot(study, **target)
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(9, 5)
             fig.tight_layout()

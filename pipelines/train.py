@@ -4,13 +4,16 @@ seed's adapter, record it all in MLflow, and register a model that answers quest
     python pipelines/train.py --from-search graphlora-quickstart   # that experiment's latest search
     python pipelines/train.py --from-search <search run id> --seeds 5
     python pipelines/train.py --config ~/.graphlora/searches/<name>/best_config.yaml --seeds 0,1,2
+    python pipelines/train.py --from-run <trial run id>   # any trial's configuration, from MLflow
 
 Steps:
 
 1. Read the best configuration: a `best_config.yaml` (as `pipelines/monitor.py` writes it), or
    the `best_config.yaml` artifact of a finished MLflow search run (the search picked it by its
-   objective). Apply the command-line overrides and validate everything: the file, the config
-   dataclasses, the dataset, the model reference, the registry name. Any problem is one
+   objective), or the params of any run that trained a configuration (`--from-run`: a trial's
+   params are its full resolved configuration). Apply the command-line overrides and validate
+   everything: the file, the config dataclasses, the dataset, the model reference, the registry
+   name. Any problem is one
    `error: ...` line and exit status 2, before Ray starts or any MLflow run exists.
 2. Train one Ray Train run per seed (`train_fn_per_worker`, the search trials' own code path) with
    `eval_test` on; each returns its metrics and its adapter as the run's checkpoint.
@@ -44,12 +47,14 @@ from pipelines.best_config import (
     BEST_CONFIG,
     BestConfig,
     PromotionError,
+    best_config_from_run,
     best_config_from_search,
     build_configs,
     first_line,
     read_best_config_file,
 )
 from pipelines.evaluate import quiet_progress_bars
+from pipelines.records import config_params, log_lineage
 from pipelines.space import DEFAULT_BACKEND, SpaceError
 from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
 from pipelines.tuning import init_ray
@@ -134,6 +139,7 @@ def plan_promotion(
     *,
     config: str | Path | None = None,
     from_search: str | None = None,
+    from_run: str | None = None,
     seeds: str = "3",
     max_steps: int | None = None,
     epochs: float | None = None,
@@ -151,7 +157,8 @@ def plan_promotion(
 ) -> PromotionPlan:
     """Read, override and check everything a promotion needs; starts nothing, writes nothing.
 
-    Exactly one of `config` (a best_config.yaml) and `from_search` (run id or experiment name).
+    Exactly one of `config` (a best_config.yaml), `from_search` (run id or experiment name) and
+    `from_run` (any run that trained a configuration: a search trial, a stability run).
     Resources default to the search space's `resources:` (when known), else 1 worker, 1 CPU.
 
     Raises:
@@ -160,11 +167,17 @@ def plan_promotion(
     from graphlora.data import DataError, load_task
     from graphlora.models import ModelLoadError, check_model_reference
 
-    if (config is None) == (from_search is None):
+    if sum(x is not None for x in (config, from_search, from_run)) != 1:
         raise PromotionError(
-            "give exactly one of --config FILE and --from-search RUN_OR_EXPERIMENT"
+            "give exactly one of --config FILE, --from-search RUN_OR_EXPERIMENT and "
+            "--from-run RUN_ID"
         )
-    best = read_best_config_file(config) if config else best_config_from_search(from_search)
+    if config:
+        best = read_best_config_file(config)
+    elif from_search:
+        best = best_config_from_search(from_search)
+    else:
+        best = best_config_from_run(from_run)
     seed_list = parse_seeds(seeds)
     if max_steps is not None and epochs is not None:
         raise PromotionError("give one of --max-steps and --epochs")
@@ -356,7 +369,7 @@ def _register(
         description=(
             f"{plan.adapter.get('method')} adapter on {t['model']} for {t['dataset']}, seed "
             f"{chosen['seed']} (test_accuracy {chosen['test_accuracy']:.4f}; over seeds "
-            f"{summary['test_accuracy_mean']:.4f} +- {summary['test_accuracy_std']:.4f}), "
+            f"{summary['test_accuracy_mean']:.4f} +- {summary.get('test_accuracy_std', 0):.4f}), "
             f"promoted from {plan.source_ref}"
         ),
     )
@@ -397,11 +410,11 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
             "seeds": seeds,
             "workers": plan.workers,
             "gpus_per_worker": plan.gpus_per_worker,
-            **{f"adapter.{k}": v for k, v in plan.adapter.items()},
-            **{f"training.{k}": v for k, v in t.items()},
+            **config_params(plan.adapter, t, plan.backend),  # as trial and stability runs
         },
         tags={"kind": KIND, SOURCE_TAG: plan.source_ref, "graphlora.source": plan.best.source},
     )
+    log_lineage(tracker, run_id, t, ("train", "validation", "test"))
     tracker.log_text(run_id, plan.best.text, BEST_CONFIG)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     print(
@@ -434,7 +447,7 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
         raise
     print(
         f"final: test_accuracy {summary['test_accuracy_mean']:.4f} +- "
-        f"{summary['test_accuracy_std']:.4f} over seeds {seeds}\n"
+        f"{summary.get('test_accuracy_std', 0):.4f} over seeds {seeds}\n"
         f"registered: models:/{plan.model_name}@{plan.alias} = version {version} "
         f"(seed {chosen['seed']}, test_accuracy {chosen['test_accuracy']:.4f})\n"
         f"adapters: {plan.output_dir}\nMLflow run {run_id}: {tracker.ui_link()}",
@@ -462,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         "--from-search",
         metavar="RUN_OR_EXPERIMENT",
         help="an MLflow search run id, or an experiment name (its latest finished search)",
+    )
+    src.add_argument(
+        "--from-run",
+        metavar="RUN_ID",
+        help="any MLflow run that trained a configuration (a search trial, a stability run): "
+        "its params are its full configuration",
     )
     parser.add_argument(
         "--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list (0,1,2); default 3"

@@ -72,7 +72,13 @@ def _make_relay(hub: Any, trial_id: str, seed_index: int) -> Any:
 
 # What the library's run time splits into (graphlora.train.run_training); the rest of a trial's
 # wall time is start-up: Ray placing and starting the workers, and waiting for resources.
-_RUN_TIMES = ("setup_time_s", "train_time_s", "eval_time_total_s", "checkpoint_time_s", "test_time_s")
+_RUN_TIMES = (
+    "setup_time_s",
+    "train_time_s",
+    "eval_time_total_s",
+    "checkpoint_time_s",
+    "test_time_s",
+)
 
 
 def trial_cost(

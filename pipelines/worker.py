@@ -48,7 +48,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    gpu = GpuUtilisation.start()  # None off CUDA
+    gpu = GpuUtilisation.start()  # a no-op off CUDA
 
     def on_eval(step: int, metrics: dict[str, float], state_dir: Path | None = None) -> bool:
         checkpoint = ray.train.Checkpoint.from_directory(state_dir) if state_dir else None

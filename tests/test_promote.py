@@ -289,3 +289,56 @@ def test_ctrl_c_during_registration_leaves_no_model_version(
     assert run.info.status == "KILLED" and run.data.tags["status"] == "interrupted"
     assert "before the model was registered" in run.data.tags["status_reason"]
     client.delete_registered_model(plan.model_name)  # the module's other tests expect none
+
+
+def test_promotion_from_a_trial_run_gets_the_trials_configuration(store, tmp_path):
+    """A trial run's params (as the search's monitor writes them) rebuild its configuration."""
+    from types import SimpleNamespace
+
+    from pipelines.monitor import SearchMonitor
+    from pipelines.space import training_api
+
+    space = load_search_space(QUICKSTART)
+    tracker = Tracker("from-run")
+    parent = tracker.start_run("search x", tags={"kind": "search"})
+    tracker.log_text(parent, yaml.safe_dump(space.raw), "space.yaml")
+    monitor = SearchMonitor(tracker, parent, space, out=io.StringIO(), total=1)
+    params = {
+        "learning_rate": 0.02,
+        "num_experts": 8,
+        "top_k": 3,
+        "rank": 4,
+        "edge_density": 0.4,
+        "poisson_coef": 0.01,
+        "normal_coef": 2.0,
+    }
+    monitor.on_trial_start(0, [], SimpleNamespace(trial_id="abc_00001", config=params))
+    run_id = monitor.records["abc_00001"]["run_id"]
+    run = MlflowClient(tracking_uri()).get_run(run_id)
+    assert run.data.params["adapter.num_experts"] == "8"
+    assert run.data.params["training.eval_test"] == "false"  # search trials never see test
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == [
+        "synthetic-train",
+        "synthetic-validation",
+    ]
+    assert run.data.tags["graphlora.base_model"] == space.model
+
+    plan = train.plan_promotion(from_run=run_id, output_dir=tmp_path / "out", seeds="1")
+    adapter, training = space.configs(params, space.seed)
+    train_cls, adapter_cls, _ = training_api()
+    assert adapter_cls(**plan.adapter) == adapter_cls(**adapter)
+    assert train_cls(**plan.training, seed=0) == train_cls(
+        **{**training, "seed": 0, "eval_test": True}
+    )
+    assert plan.experiment == "from-run"
+    assert plan.best.resources == space.raw["resources"]
+    assert plan.best.objective["metric"] == space.objective.metric
+
+
+def test_from_run_refuses_a_run_without_a_configuration(store, capsys, monkeypatch):
+    tracker = Tracker("from-run")
+    run_id = tracker.start_run("search y", tags={"kind": "search"})
+    code, err = run_main(["--from-run", run_id], capsys, monkeypatch)
+    assert code == 2 and err.startswith("error: --from-run ") and "\n" not in err
+    code, err = run_main(["--from-run", "0" * 32], capsys, monkeypatch)
+    assert code == 2 and "no MLflow run with this id" in err

@@ -152,3 +152,33 @@ def test_cli_exit_status_and_single_line(home, tmp_path) -> None:
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert "search.rank.type" in proc.stderr
+
+
+def _saved_search(home: Path, finished: bool) -> str:
+    """A search folder as a search leaves it (search.json + space.yaml), without running one."""
+    import json
+
+    folder = home / "searches" / "made-earlier"
+    folder.mkdir(parents=True)
+    (folder / "space.yaml").write_text(QUICKSTART)
+    state = {"name": "made-earlier", "space_file": "quickstart.yaml", "finished": finished}
+    (folder / search.STATE_FILE).write_text(json.dumps(state))
+    return "made-earlier"
+
+
+def test_resume_and_extend_flags_are_checked_before_anything_starts(home, capsys) -> None:
+    done = _saved_search(home, finished=True)
+    _refused(capsys, ["--resume", done], "already finished", "--trials N")
+    _refused(capsys, ["--resume", done, "--trials", "0"], "--trials 0")
+    _refused(capsys, ["--resume", done, "--warm-start", "x"], "--warm-start starts a new search")
+    (home / "searches" / done / search.STATE_FILE).write_text(
+        '{"name": "made-earlier", "space_file": "quickstart.yaml"}'
+    )
+    _refused(capsys, ["--resume", done, "--trials", "2"], "has not finished", f"--resume {done}")
+    _no_runs()
+
+
+def test_warm_start_from_an_unknown_search_is_refused(home, capsys) -> None:
+    space = str(REPO / "search_spaces" / "quickstart.yaml")
+    _refused(capsys, ["--space", space, "--warm-start", "nothing-like-it"], "--warm-start nothing")
+    _no_runs()

@@ -155,6 +155,16 @@ BAD = [
     (mutate(resources={"workers_per_trial": 0}), "resources.workers_per_trial", "above 0"),
     (mutate(stability={"seeds": 0}), "stability.seeds", "at least 1"),
     (mutate(search={}), "search", "no parameters"),
+    (
+        mutate(objective={"secondary": {"metric": "trainable_params", "mode": "smallest"}}),
+        "objective.secondary.mode",
+        "'max' or 'min'",
+    ),
+    (
+        mutate(objective={"secondary": {"metric": "trainable_params", "direction": "min"}}),
+        "objective.secondary.direction",
+        "unknown",
+    ),
 ]
 
 
@@ -294,3 +304,24 @@ def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and "search.top_k.low" in lines[0], proc.stderr
         assert "Started a local Ray instance" not in proc.stderr
+
+
+def test_secondary_objective_makes_a_multi_objective_study_whose_plots_draw(tmp_path):
+    """`objective.secondary` -> Optuna optimises both; each Optuna plot still draws."""
+    from pipelines.search import optuna_objectives
+    from pipelines.tracking import save_optuna_plots
+
+    secondary = {"metric": "trainable_params", "mode": "min"}
+    space = load(tmp_path, mutate(objective={"metric": "val_accuracy", "secondary": secondary}))
+    assert space.objective.secondary == secondary
+    assert optuna_objectives(space) == (["objective", "trainable_params"], ["max", "min"])
+    assert optuna_objectives(load(tmp_path, GOOD)) == (["objective"], ["max"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    suggest = DefineByRun(space)
+    for i in range(6):
+        trial = study.ask()
+        suggest(trial)
+        study.tell(trial, [0.1 * i, 1000.0 * (i % 3 + 1)])
+    written, skipped = save_optuna_plots(study, tmp_path / "plots")
+    assert skipped == [] and len(written) == 3

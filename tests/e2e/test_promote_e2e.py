@@ -60,6 +60,29 @@ def test_search_promote_register_and_serve(asha_search, graphlora_home, tmp_path
         seed_files
     )
 
+    # Its params are named as the search's trial runs' are; its data inputs include the test.
+    trial_run = client.get_run(search.trials[0]["run_id"])
+
+    def config_keys(r) -> set[str]:  # noqa: ANN001
+        return {k for k in r.data.params if k.startswith(("adapter.", "training."))}
+
+    assert config_keys(run) == config_keys(trial_run) - {"training.seed"}
+    contexts = {t.value for i in run.inputs.dataset_inputs for t in i.tags}
+    assert contexts == {"train", "validation", "test"}
+
+    # --from-run: any trial run's params give back that trial's configuration.
+    from pipelines.space import training_api
+
+    train_cls, adapter_cls, _ = training_api()
+    for t in search.trials:
+        plan = train.plan_promotion(from_run=t["run_id"], output_dir=tmp_path / "again")
+        adapter, training = space.configs(t["params"], space.seed)
+        assert adapter_cls(**plan.adapter) == adapter_cls(**adapter)
+        assert train_cls(**plan.training, seed=space.seed) == train_cls(
+            **{**training, "eval_test": True}
+        )
+        assert plan.best.resources == space.raw["resources"]
+
     # The registry holds the version and the alias, made from this run.
     (version,) = client.search_model_versions(f"name = '{name}'")
     assert str(version.version) == "1" and version.run_id == run.info.run_id

@@ -12,7 +12,9 @@ import pytest
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.tune.result import AUTO_RESULT_KEYS
 
+from pipelines.records import config_from_params, is_quality
 from pipelines.search import run_search
 from pipelines.space import load_search_space, training_api
 from pipelines.tracking import tracking_uri
@@ -101,6 +103,7 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
     assert exp.artifact_location.startswith("file://")  # the fixed absolute location
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["status"] == "completed"
+    train_cls, adapter_cls, _ = training_api("graphlora")
     children = child_runs(client, exp.experiment_id, result.parent_run_id)
     trials = [r for r in children if r.data.tags.get("kind") == "search"]
     assert len(trials) == 5 == len(children)
@@ -121,16 +124,42 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
             : t["evals"]
         ]
         assert not any(k.startswith("test_") for k in run.data.metrics), run.data.metrics
+        # Tidy: one seed, so no `_std`; nothing of Ray's bookkeeping; what the trial cost.
+        assert not any(k.endswith("_std") for k in run.data.metrics), run.data.metrics
+        assert not set(AUTO_RESULT_KEYS) & set(run.data.metrics)
+        assert not any(k.startswith(("layer", "routing_counts/")) for k in run.data.metrics)
+        cost = ("wall_time_s", "startup_time_s", "device_seconds", "trainable_params")
+        assert set(cost) <= set(run.data.metrics), run.data.metrics
+        assert run.data.metrics["device_seconds"] == pytest.approx(run.data.metrics["wall_time_s"])
+        # The params are the trial's full configuration, and rebuild it.
+        adapter, training = space.configs(t["params"], space.seed)
+        back_adapter, back_training = config_from_params(run.data.params)
+        assert adapter_cls(**back_adapter) == adapter_cls(**adapter)
+        assert train_cls(**back_training) == train_cls(**{**training, "eval_test": False})
+        # Lineage: the data it saw, by context, and the base model.
+        contexts = {
+            i.dataset.name: {t.value for t in i.tags if t.key == "mlflow.data.context"}
+            for i in run.inputs.dataset_inputs
+        }
+        assert contexts == {"synthetic-train": {"train"}, "synthetic-validation": {"validation"}}
+        assert run.data.tags["graphlora.base_model_revision"] == "seed=0"
+        assert "routing_counts.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"space.yaml", "results.csv", "best_config.yaml"} <= artifacts
     plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
-    assert "plots/optimization_history.png" in plots
+    assert {f"plots/{n}" for n in ("optimization_history.png", "pareto.png", "load_map.png")} <= (
+        plots
+    )
+    assert (
+        parent.data.metrics["total_device_seconds"]
+        >= sum(r.data.metrics["device_seconds"] for r in trials) * 0.99
+    )
+    assert "plots/pareto.png" in parent.data.tags["mlflow.note.content"]
     assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in result.ui_link
 
     # The best config YAML loads straight into the library's dataclasses.
     best = yaml.safe_load((result.output_dir / "best_config.yaml").read_text())
-    train_cls, adapter_cls, _ = training_api("graphlora")
     adapter_cls(**best["adapter"])
     train_cls(**best["training"], seed=0)
     assert best["adapter"]["top_k"] <= best["adapter"]["num_experts"]
@@ -161,7 +190,12 @@ def test_multi_seed_and_multi_worker_trials(ray_cluster, backend, tmp_path, seed
     if stability:  # one config run, its seed runs nested under it
         (group,) = [r for r in children if r.data.tags.get("kind") == "stability"]
         seed_runs = child_runs(client, exp.experiment_id, group.info.run_id)
-        assert sorted(r.data.params["seed"] for r in seed_runs) == ["100", "101"]
+        assert sorted(r.data.params["training.seed"] for r in seed_runs) == ["100", "101"]
+        assert {i.dataset.name for r in seed_runs for i in r.inputs.dataset_inputs} == {
+            "synthetic-train",
+            "synthetic-validation",
+            "synthetic-test",
+        }
         assert {r.data.tags["status"] for r in seed_runs} == {"completed"}
         assert "val_accuracy_std" in group.data.metrics and "score" in group.data.metrics
         # The stability runs report the test split, of the weights they end with.
@@ -170,8 +204,14 @@ def test_multi_seed_and_multi_worker_trials(ray_cluster, backend, tmp_path, seed
         assert result.best["source"].startswith("stability config-1")
         artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
         assert "stability.csv" in artifacts
+        plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+        assert "plots/stability.png" in plots
     for run in runs:
         assert run.data.params["seeds"] == ",".join(str(s) for s in range(seeds))
-        assert "val_accuracy_std" in run.data.metrics and "test_accuracy" not in run.data.metrics
+        assert "test_accuracy" not in run.data.metrics
+        stds = {k for k in run.data.metrics if k.endswith("_std")}
         if seeds > 1:  # two Train runs side by side: their mean, and a spread between them
             assert run.data.metrics["val_accuracy_std"] > 0
+            assert all(is_quality(k.removesuffix("_std")) for k in stds), stds
+        else:
+            assert not stds

@@ -1,0 +1,141 @@
+"""What a run records (pipelines/records.py) and the search's pictures (pipelines/pictures.py),
+without Ray: tidy metrics, one std definition, params that rebuild the configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from pathlib import Path
+
+import pytest
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from pipelines.pictures import pareto_front, save_search_pictures
+from pipelines.records import (
+    BOOKKEEPING,
+    config_from_params,
+    config_params,
+    load_map,
+    seed_stats,
+    tidy_metrics,
+)
+from pipelines.search import load_search_space
+from pipelines.space import training_api
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def test_one_seed_has_no_std_and_several_seeds_have_sample_std_for_quality_only():
+    one = seed_stats([{"val_accuracy": 0.5, "train_time_s": 3.0, "step": 10}])
+    assert not any(k.endswith("_std") for k in one)
+    rows = [
+        {"val_accuracy": 0.5, "aux_poisson": 1.0, "train_time_s": 3.0, "learning_rate": 1e-3},
+        {"val_accuracy": 0.7, "aux_poisson": 2.0, "train_time_s": 5.0, "learning_rate": 1e-3},
+    ]
+    two = seed_stats(rows)
+    assert two["val_accuracy"] == pytest.approx(0.6)
+    assert two["val_accuracy_std"] == pytest.approx(statistics.stdev([0.5, 0.7]))  # sample std
+    assert "aux_poisson_std" in two
+    assert "train_time_s_std" not in two and "learning_rate_std" not in two
+    # an objective on a cost metric gets its std (the score needs it)
+    assert "train_time_s_std" in seed_stats(rows, also_std=["train_time_s"])
+
+
+def test_tidy_metrics_keep_what_a_run_measured_and_nothing_of_ray():
+    assert set(AUTO_RESULT_KEYS) <= BOOKKEEPING  # Ray's own result keys are never logged
+    result = {k: 1.0 for k in AUTO_RESULT_KEYS} | {
+        "val_accuracy": 0.5,
+        "val_accuracy_std": 0.1,
+        "step_std": 0.0,
+        "stopped_early": 0.0,
+        "layer0/load_cv": 0.3,
+        "routing/load_cv": 0.3,
+        "routing_counts/layer0/expert1": 4.0,
+        "trainable_params": 10.0,
+        "device_seconds": 2.0,
+        "recovery_log": "",
+        "gcn_hidden_used": 32.0,  # a param of the run, not a metric
+        "seeds": 1,
+        "final": 1,
+    }
+    assert tidy_metrics(result) == {
+        "val_accuracy": 0.5,
+        "val_accuracy_std": 0.1,
+        "routing/load_cv": 0.3,
+        "trainable_params": 10.0,
+        "device_seconds": 2.0,
+    }
+
+
+def test_load_map_from_flat_counts():
+    flat = {
+        f"routing_counts/layer{i}/expert{j}": float(10 * i + j) for i in range(2) for j in range(3)
+    }
+    assert load_map(flat) == [[0, 1, 2], [10, 11, 12]]
+    assert load_map({"val_accuracy": 1.0}) == []
+
+
+@pytest.mark.parametrize("space_file", ["quickstart.yaml", "compare.yaml"])
+def test_params_are_the_full_configuration_and_rebuild_it(space_file):
+    space = load_search_space(SPACES / space_file)
+    train_cls, adapter_cls, _ = training_api()
+    params = {n: p.values[-1] if p.values else p.low for n, p in space.search.items()}
+    adapter, training = space.configs(params, 7)
+    logged = config_params(adapter, training)
+    assert {f"adapter.{f.name}" for f in dataclasses.fields(adapter_cls)} <= set(logged)
+    assert logged["training.seed"] == "7" and logged["training.model"] == space.model
+    assert all(isinstance(v, str) for v in logged.values())
+    back_adapter, back_training = config_from_params({**logged, "seeds": "7,8"})
+    assert adapter_cls(**back_adapter) == adapter_cls(**adapter)
+    assert train_cls(**back_training) == train_cls(**training)
+
+
+def test_pareto_front():
+    pts = [(10, 0.5), (20, 0.6), (15, 0.4), (5, 0.5), (30, 0.6)]
+    assert pareto_front(pts, "max") == [3, 1]
+    assert pareto_front([(1, 0.1), (2, 0.2)], "min") == [0]
+    assert pareto_front([(1, 0.2), (2, 0.1)], "min") == [0, 1]
+
+
+def test_pictures_are_drawn(tmp_path):
+    rows = [
+        {
+            "trial": i,
+            "trial_id": f"t{i}",
+            "status": s,
+            "objective": v,
+            "val_accuracy": v,
+            "trainable_params": p,
+        }
+        for i, (s, v, p) in enumerate(
+            [("completed", 0.5, 1e4), ("stopped_early_asha", 0.3, 5e3), ("failed", None, None)], 1
+        )
+    ]
+    stability = [
+        {
+            "group": "config-1",
+            "from_trial": 1,
+            "values": {"objective": [0.5, 0.6], "test_accuracy": [0.4, 0.45]},
+        },
+    ]
+    maps = {"trial 01": [[1, 2, 3], [3, 0, 1]], "trial 02": [[2, 2, 2], [0, 0, 6]]}
+    written, skipped = save_search_pictures(
+        tmp_path, rows, stability, maps, metric="val_accuracy", mode="max"
+    )
+    assert skipped == []
+    assert sorted(p.name for p in written) == ["load_map.png", "pareto.png", "stability.png"]
+    assert all(p.stat().st_size > 5000 for p in written)
+    _, skipped = save_search_pictures(tmp_path, rows[2:], [], {}, metric="val_accuracy", mode="max")
+    assert len(skipped) == 2  # one line each, no exception
+
+
+def test_gpu_utilisation_is_skipped_off_cuda():
+    import torch
+
+    from pipelines.worker import GpuUtilisation
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine samples for real")
+    sampler = GpuUtilisation.start()
+    sampler.stop()
+    assert sampler.metrics() == {}  # a CPU run logs no gpu_util_mean
