@@ -160,7 +160,7 @@ def _start(tmp_path: Path, space, env: dict) -> tuple[subprocess.Popen, MlflowCl
         cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     client = MlflowClient(tracking_uri())
-    (parent,) = _wait(lambda: _runs(client, space.experiment), 180, "the search's MLflow run")
+    (parent,) = _wait(lambda: _runs(client, space.experiment), 300, "the search's MLflow run")
     return search, client, parent
 
 
