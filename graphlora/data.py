@@ -376,7 +376,10 @@ def _mc_instruction(question: str, options: Sequence[str]) -> str:
     )
 
 
-def _mc_example(question: str, options: Sequence[str], label: int) -> Example:
+def mc_example(question: str, options: Sequence[str], label: int) -> Example:
+    """A multiple-choice example as the LLM-Adapters files write one: the options listed in the
+    instruction as answer1..answerN (what a decoder is trained on), and their texts (for an
+    encoder)."""
     return Example(
         prompt=format_prompt(_mc_instruction(question, options)),
         candidates=tuple(_candidate(f"answer{i + 1}") for i in range(len(options))),
@@ -389,7 +392,7 @@ def _mc_example(question: str, options: Sequence[str], label: int) -> Example:
 def _from_arc_like(row: dict[str, Any], question_key: str) -> Example:
     # ai2_arc and openbookqa: choices {text: [...], label: ["A".."E"] or ["1".."4"]}, answerKey.
     choices = row["choices"]
-    return _mc_example(
+    return mc_example(
         row[question_key], choices["text"], list(choices["label"]).index(row["answerKey"])
     )
 
@@ -413,7 +416,7 @@ def _from_boolq(row: dict[str, Any]) -> Example:
 def _from_siqa(row: dict[str, Any]) -> Example:
     question = f"{row['context'].strip()} {row['question'].strip()}"
     options = [row["answerA"], row["answerB"], row["answerC"]]
-    return _mc_example(question, options, int(row["label"]) - 1)
+    return mc_example(question, options, int(row["label"]) - 1)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ __all__ = [
     "SimilarityHead",
     "attach_head",
     "encode_texts",
+    "is_encoder_model",
+    "option_forward",
     "option_logits",
     "option_loss",
 ]
@@ -82,19 +84,32 @@ def attach_head(model: nn.Module, kind: str = "similarity", **kwargs: Any) -> Si
     return head
 
 
+def is_encoder_model(model: nn.Module) -> bool:
+    """True when ``model`` carries a scoring head (it is scored by option texts, not by the
+    likelihood of answer labels)."""
+    return getattr(model, HEAD_ATTR, None) is not None
+
+
+def _encode(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int
+) -> tuple[torch.Tensor, Any]:
+    """Mean-pooled embeddings (N, d) and the model's raw output (it carries the aux loss)."""
+    device = next(model.parameters()).device
+    batch = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    ).to(device)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = out.last_hidden_state  # (N, S, d)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, S, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1), out
+
+
 def encode_texts(
     model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 256
 ) -> torch.Tensor:
     """Mean-pooled last hidden states (N, d) of ``texts``, padding excluded (as
     sentence-transformers pools all-MiniLM-L6-v2)."""
-    device = next(model.parameters()).device
-    batch = tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    ).to(device)
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    hidden = hidden.last_hidden_state  # (N, S, d)
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, S, 1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return _encode(model, tokenizer, texts, max_length)[0]
 
 
 def option_logits(
@@ -105,6 +120,19 @@ def option_logits(
     All questions and options go through the encoder in one forward. Raises ``ValueError``
     naming the first example without option texts.
     """
+    return option_forward(model, tokenizer, examples, max_length=max_length)[0]
+
+
+def option_forward(
+    model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, max_length: int = 256
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """:func:`option_logits` and the adapter's auxiliary losses of the same forwards.
+
+    Questions and options go through the encoder in two forwards (questions are long, options
+    short: one batch of both would be mostly padding). The second value holds ``aux_loss`` (the
+    mean over the two forwards of the weighted auxiliary loss, which training adds to the task
+    loss) and ``aux_losses`` (its parts), both absent without an adapter.
+    """
     head = getattr(model, HEAD_ATTR, None)
     if head is None:
         raise ValueError("this encoder has no scoring head; call graphlora.encoder.attach_head")
@@ -114,14 +142,24 @@ def option_logits(
                 f"example {i} has no option texts (Example.options) or question; an encoder "
                 "scores option texts, so use a task whose files list them (not BoolQ)"
             )
-    texts = [t for ex in examples for t in (ex.question, *ex.options)]
-    emb = encode_texts(model, tokenizer, texts, max_length=max_length)  # (sum(1 + K_i), d)
+    q_emb, q_raw = _encode(model, tokenizer, [ex.question for ex in examples], max_length)
+    texts = [t for ex in examples for t in ex.options]
+    o_emb, o_raw = _encode(model, tokenizer, texts, max_length)  # (sum(K_i), d)
     out, pos = [], 0
-    for ex in examples:
+    for i, ex in enumerate(examples):
         k = len(ex.options)
-        out.append(head(emb[pos : pos + 1], emb[pos + 1 : pos + 1 + k][None])[0])  # (K,)
-        pos += 1 + k
-    return out
+        out.append(head(q_emb[i : i + 1], o_emb[pos : pos + k][None])[0])  # (K,)
+        pos += k
+    aux: dict[str, Any] = {}
+    raws = [r for r in (q_raw, o_raw) if hasattr(r, "get") and r.get("aux_loss") is not None]
+    if raws:
+        aux["aux_loss"] = sum(r["aux_loss"] for r in raws) / len(raws)
+        parts: dict[str, torch.Tensor] = {}
+        for r in raws:
+            for key, value in (r.get("aux_losses") or {}).items():
+                parts[key] = parts.get(key, 0) + value / len(raws)
+        aux["aux_losses"] = parts
+    return out, aux
 
 
 def option_loss(logits: Sequence[torch.Tensor], labels: Sequence[int]) -> torch.Tensor:

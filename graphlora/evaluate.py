@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from graphlora.data import Example
+from graphlora.encoder import is_encoder_model, option_logits
 
 
 @dataclass
@@ -375,8 +376,38 @@ class EvalResult:
 
     @property
     def loss(self) -> float:
-        """Mean per-token negative log-likelihood of the correct candidates."""
+        """Mean per-token negative log-likelihood of the correct candidates (a decoder), or the
+        mean cross-entropy of the head's logits over the options (an encoder: ``nll_sum`` sums
+        each question's cross-entropy, ``nll_tokens`` counts questions)."""
         return self.nll_sum / max(1, self.nll_tokens)
+
+
+@torch.no_grad()
+def score_options(
+    model,  # noqa: ANN001
+    tokenizer,  # noqa: ANN001
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    max_length: int = 256,
+) -> list[list[float]]:
+    """An encoder's scores: per example, its head's logits over the option texts
+    (``graphlora.encoder``); ``batch_size`` questions per forward (each with its options), taken
+    in order of length so a batch holds texts of similar length (little padding)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].question or ""))
+    scores: list[list[float]] = [[] for _ in examples]
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            chunk = [examples[i] for i in idx]
+            logits = option_logits(model, tokenizer, chunk, max_length=max_length)
+            for i, lg in zip(idx, logits, strict=True):
+                scores[i] = lg.float().cpu().tolist()
+    finally:
+        model.train(was_training)
+    return scores
 
 
 def evaluate_examples(
@@ -388,7 +419,24 @@ def evaluate_examples(
     max_length: int = 512,
     device: torch.device | str | None = None,
 ) -> EvalResult:
-    """Predict each example's candidate by log-likelihood; count hits and the answer NLL."""
+    """Predict each example's candidate and count hits and the loss.
+
+    A decoder predicts the candidate of highest log-likelihood (loss: the correct answers'
+    per-token NLL). A model with an encoder's scoring head (``graphlora.encoder``) predicts the
+    option of highest head logit (loss: the mean cross-entropy over the options), with
+    ``batch_size`` questions per forward.
+    """
+    if is_encoder_model(model):
+        scores = score_options(
+            model, tokenizer, examples, batch_size=batch_size, max_length=max_length
+        )
+        preds = [choose(s) for s in scores]
+        correct = sum(int(p == ex.label) for p, ex in zip(preds, examples, strict=True))
+        nll = -sum(
+            torch.log_softmax(torch.tensor(s, dtype=torch.float64), 0)[ex.label].item()
+            for s, ex in zip(scores, examples, strict=True)
+        )
+        return EvalResult(correct, len(examples), nll, len(examples), preds)
     scores, lengths = score_examples(
         model, tokenizer, examples, batch_size=batch_size, max_length=max_length, device=device
     )

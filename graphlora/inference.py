@@ -36,8 +36,15 @@ from typing import Any
 
 import torch
 
-from graphlora.data import Example
-from graphlora.evaluate import EvalResult, choose, evaluate_examples, score_examples
+from graphlora.data import Example, mc_example
+from graphlora.encoder import is_encoder_model
+from graphlora.evaluate import (
+    EvalResult,
+    choose,
+    evaluate_examples,
+    score_examples,
+    score_options,
+)
 from graphlora.inject import CONFIG_NAME, load_adapter, read_adapter_config
 from graphlora.models import (
     PACKAGED_MODELS,
@@ -53,6 +60,7 @@ __all__ = [
     "Prediction",
     "base_model_requirements",
     "package_model",
+    "question_example",
     "weights_sha256",
 ]
 
@@ -242,11 +250,21 @@ def _load_base(ref: dict[str, Any], root: Path | None, dtype: str | None):  # no
 
 @dataclass
 class Prediction:
-    """One answered question: the chosen candidate's index and every candidate's score (summed
-    log-likelihood given the prompt, the quantity evaluation ranks by)."""
+    """One answered question: the chosen candidate's index and every candidate's score, the
+    quantity evaluation ranks by (a decoder: the summed log-likelihood of the candidate given the
+    prompt; an encoder: its scoring head's logit for the option text)."""
 
     index: int
     scores: list[float]
+
+
+def question_example(question: str, options: Sequence[str]) -> Example:
+    """An unlabelled example for a question and its option texts, in the form training used:
+    the listed multiple-choice prompt with ``answer1``... labels as candidates (what a decoder
+    scores), and the question and option texts (what an encoder scores)."""
+    if len(options) < 2:
+        raise ValueError(f"question {question[:40]!r}: needs at least two options")
+    return mc_example(question, [str(o) for o in options], 0)  # label unused by scoring
 
 
 class MultipleChoiceModel:
@@ -323,25 +341,61 @@ class MultipleChoiceModel:
             info=info,
         )
 
+    @property
+    def architecture(self) -> str:
+        """``"encoder"`` (scores option texts with its head) or ``"decoder"`` (scores answer
+        labels by likelihood)."""
+        return "encoder" if is_encoder_model(self.model) else "decoder"
+
     def predict(
         self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]
     ) -> list[Prediction]:
-        """Answer each prompt with one of its candidates (at least two each)."""
+        """Answer each prompt with one of its candidates (at least two each); a decoder only
+        (an encoder has no prompt to score: use :meth:`answer`)."""
+        if self.architecture == "encoder":
+            raise ValueError(
+                "this model is an encoder: it scores option texts, not a prompt's candidates; "
+                "call answer(questions, options) (the pyfunc: columns question and options)"
+            )
         examples = [
             Example(prompt=p, candidates=tuple(c), label=0)  # label unused by scoring
             for p, c in zip(prompts, candidates, strict=True)
         ]
-        scores, _ = score_examples(
-            self.model,
-            self.tokenizer,
-            examples,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-        )
+        return self.predict_examples(examples)
+
+    def answer(
+        self, questions: Sequence[str], options: Sequence[Sequence[str]]
+    ) -> list[Prediction]:
+        """Answer each question with one of its option texts (at least two each), formatted as
+        training formatted them for this model's kind (:func:`question_example`); the same
+        request suits a decoder and an encoder."""
+        examples = [question_example(q, o) for q, o in zip(questions, options, strict=True)]
+        return self.predict_examples(examples)
+
+    def predict_examples(self, examples: Sequence[Example]) -> list[Prediction]:
+        """Score examples as evaluation does (a decoder: candidates by likelihood; an encoder:
+        option texts by its head)."""
+        if self.architecture == "encoder":
+            scores = score_options(
+                self.model,
+                self.tokenizer,
+                list(examples),
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+            )
+        else:
+            scores, _ = score_examples(
+                self.model,
+                self.tokenizer,
+                examples,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+            )
         return [Prediction(choose(s), s) for s in scores]
 
     def evaluate(self, examples: Sequence[Example]) -> EvalResult:
-        """Accuracy and answer loss on labelled examples (as training's evaluation computes)."""
+        """Accuracy and loss on labelled examples, as training's evaluation computes them (an
+        encoder's through its head: ``evaluate_examples``)."""
         return evaluate_examples(
             self.model,
             self.tokenizer,

