@@ -5,7 +5,16 @@ with the paper's defaults (d_gcn 256, 2 GCN layers, density 0.1). Methods are ti
 the same process so machine noise hits them alike; each figure is the median over rounds. The last
 line printed is one JSON object with the per-method seconds and the ratios the issue asks for.
 
+Packing (issue 12): P GraphLoRA adapters (8 experts, top-2) over one frozen FFN, each with its own
+``--tokens`` rows, in one packed forward+backward of the site (``packed_p{P}``: graphlora.packing),
+against the same P blocks run one after the other on the same rows, each with its own frozen FFN
+pass and backward (``separate_p{P}``); ``packed_vs_separate_p{P}`` is their ratio. Both do the same
+frozen work. On a CPU, glibc's malloc hands the packed step's larger working set (every slot's
+activations at once) back to the OS after each step and faults it in again;
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736`` keeps it.
+
     python benchmarks/moe_layer.py [--tokens 2048] [--rounds 7] [--device cuda] [--dtype bf16]
+        [--pack-slots 4]
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from graphlora.config import MoELoRAConfig
 from graphlora.inject import collect_aux_losses
 from graphlora.losses import weighted_aux_loss
 from graphlora.moe import MoELoRAMLP, RoutingContext
+from graphlora.packing import Pack, inject_packed
 
 
 class GatedMLP(nn.Module):
@@ -77,6 +87,51 @@ def step(block: MoELoRAMLP, x: torch.Tensor, cfg: MoELoRAConfig) -> None:
     x.grad = None
 
 
+class OneFFN(nn.Module):
+    """A model that is one gated FFN: the site a pack wraps."""
+
+    def __init__(self, mlp: GatedMLP) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def make_pack(cfg: MoELoRAConfig, slots: int, d: int, inter: int, device: str, dtype: torch.dtype):
+    mlp = GatedMLP(d, inter).to(device=device, dtype=dtype)
+    pack = inject_packed(OneFFN(mlp), {f"s{i}": cfg for i in range(slots)})
+    pack.model.to(device).train()
+    return pack
+
+
+def _slot_loss(pack: Pack, slot: str, out: torch.Tensor, aux: dict) -> torch.Tensor:
+    loss = out.float().pow(2).mean()
+    if aux:
+        loss = loss + pack.weighted_aux_loss(slot, aux)
+    return loss
+
+
+def packed_step(pack: Pack, x: torch.Tensor) -> None:
+    """One forward of the packed site over every slot's rows, one backward."""
+    with pack.layout({slot: 1 for slot in pack.slots}):
+        parts = pack.split(pack.model(x))
+    aux = pack.collect_aux_losses()
+    sum(_slot_loss(pack, s, out, aux.get(s, {})) for s, out in parts.items()).backward()
+    pack.model.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+def separate_step(pack: Pack, x: torch.Tensor) -> None:
+    """The same blocks one after the other on the same rows: a frozen pass and a backward each."""
+    for i, slot in enumerate(pack.slots):
+        block = pack.model.mlp.slots[slot]
+        out = block(x[i : i + 1])
+        _slot_loss(pack, slot, out, collect_aux_losses(block)).backward()
+    pack.model.zero_grad(set_to_none=True)
+    x.grad = None
+
+
 def router_step(router: nn.Module, x: torch.Tensor) -> None:
     router(x).pow(2).sum().backward()
     router.zero_grad(set_to_none=True)
@@ -92,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--pack-slots", type=int, default=4, help="adapters P in the packed measure")
     args = p.parse_args(argv)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     d, inter, dev = args.hidden, args.intermediate, args.device
@@ -118,6 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     routers["naive_graph_router_e32"] = NaiveGraphRouter(routers["graph_router_e32"]).to(dev)
     x = torch.randn(1, args.tokens, d, device=dev, dtype=dtype, requires_grad=True)
     xr = torch.randn(args.tokens, d, device=dev, requires_grad=True)
+    slots = args.pack_slots
+    packed_cfg = MoELoRAConfig(method="graphlora", attention_lora=False, **common)
+    pack = make_pack(packed_cfg, slots, d, inter, dev, dtype)
+    xp = torch.randn(slots, args.tokens, d, device=dev, dtype=dtype, requires_grad=True)
 
     def timed(fn) -> float:
         if dev.startswith("cuda"):
@@ -130,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     jobs = {k: (lambda b=b, c=configs[k]: step(b, x, c)) for k, b in blocks.items()}
     jobs.update({k: (lambda r=r: router_step(r, xr)) for k, r in routers.items()})
+    jobs[f"packed_p{slots}"] = lambda: packed_step(pack, xp)
+    jobs[f"separate_p{slots}"] = lambda: separate_step(pack, xp)
     for fn in jobs.values():  # warm-up
         fn()
         fn()
@@ -154,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "graph_router_speedup_vs_naive_e32": round(
             med["naive_graph_router_e32"] / med["graph_router_e32"], 2
+        ),
+        f"packed_vs_separate_p{slots}": round(
+            med[f"packed_p{slots}"] / med[f"separate_p{slots}"], 3
         ),
     }
     print(json.dumps(result))

@@ -132,6 +132,23 @@ def find_gated_mlps(model: nn.Module) -> list[str]:
     return [site.owner for site in find_ffns(model) if site.classic is None]
 
 
+def require_ffns(model: nn.Module) -> list[FFNSite]:
+    """``find_ffns``, refusing a model without any FFN the adapter can wrap.
+
+    Raises:
+        UnsupportedModelError: no FFN was found; the message says what was found instead.
+    """
+    sites = find_ffns(model)
+    if not sites:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no FFN found. Looked for gated MLPs (nn.Linear children "
+            f"{list(GATED_MLP)}: Llama, Qwen2, Mistral, Yi, Gemma) and classic FFNs (up, act, "
+            f"down: {[list(c) for c in CLASSIC_FFNS]}: BERT, GPT-2, OPT); found: "
+            f"{_describe_mlps(model)}"
+        )
+    return sites
+
+
 def _describe_mlps(model: nn.Module) -> str:
     seen = {}
     for name, mod in model.named_modules():
@@ -215,14 +232,9 @@ def inject_adapter(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     """
     if getattr(model, "graphlora_config", None) is not None:
         raise ValueError("this model already has a GraphLoRA adapter; load a fresh base model")
-    sites = find_ffns(model)
-    if not sites:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: no FFN found. Looked for gated MLPs (nn.Linear children "
-            f"{list(GATED_MLP)}: Llama, Qwen2, Mistral, Yi, Gemma) and classic FFNs (up, act, "
-            f"down: {[list(c) for c in CLASSIC_FFNS]}: BERT, GPT-2, OPT); found: "
-            f"{_describe_mlps(model)}"
-        )
+    if getattr(model, "graphlora_pack", None) is not None:
+        raise ValueError("this model carries packed adapters (inject_packed); load a fresh one")
+    sites = require_ffns(model)
     targets = select_target_layers(len(sites), config.target_layers)
     attention = {}
     if config.attention_lora:
@@ -438,11 +450,24 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load the adapter weights and graph saved in ``path`` into a model already carrying the
     same adapter (``inject_adapter``); the base weights are untouched. Returns the model."""
     state = load_file(str(Path(path) / WEIGHTS_NAME))
+    return load_adapter_state_dict(model, state, source=str(path))
+
+
+def load_adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter state"
+) -> nn.Module:
+    """Load adapter weights and graph ``state`` (as ``adapter_state_dict`` gives them) into a
+    model already carrying the same adapter; the base weights are untouched. Returns the model.
+
+    Raises:
+        ValueError: the keys are not exactly the model's adapter keys (``source`` names where
+            the state came from in the message).
+    """
     expected = set(adapter_state_dict(model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(
-            f"{path}: adapter weights do not fit this model (missing {sorted(missing)[:3]}, "
+            f"{source}: adapter weights do not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); was it saved from another base model?"
         )
     model.load_state_dict(state, strict=False)

@@ -139,10 +139,14 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank update ``s * B A dropout(x)`` alone, without the frozen output."""
         dt = x.dtype
         delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(dt)), self.lora_B.to(dt))
-        return self.base_layer(x) + delta * self.scaling
+        return delta * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.delta(x)
 
 
 class PassThrough(nn.Identity):
