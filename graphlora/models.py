@@ -183,7 +183,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             "max_length": 128,
             "max_steps": 150,
             "batch_size": 16,
-            "learning_rate": 1e-3,
+            "learning_rate": 2e-3,
             "eval_every": 50,
             "max_eval_examples": None,
             "eval_batch_size": 64,
