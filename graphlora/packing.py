@@ -414,6 +414,14 @@ class Pack:
         finally:
             self._layout.rows = previous
 
+    @contextmanager
+    def alone(self, slot: str) -> Iterator[Pack]:
+        """Within this block every row of any batch is ``slot``'s, whatever the batch size (the
+        prompt and candidate passes of an evaluation differ): the model computes what ``slot``'s
+        adapter alone computes, and the other slots compute nothing."""
+        with self.layout({slot: 1}):  # split in proportion, one slot takes every row
+            yield self
+
     def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each slot's rows of a packed ``tensor`` (dim 0 is the batch), under the current
         layout; slots without rows are left out."""

@@ -41,12 +41,14 @@ from graphlora.inject import (
     count_trainable_parameters,
     gcn_hidden_used,
     inject_adapter,
+    moe_blocks,
     reset_load_state,
     routing_counts,
     routing_stats,
     save_adapter,
 )
 from graphlora.models import load_model_and_tokenizer, training_defaults
+from graphlora.packing import use_generator_dropout
 
 # on_eval(step, metrics) -> stop?; with run_training(checkpoint=True): on_eval(step, metrics,
 # state_dir), state_dir a temporary checkpoint folder on rank 0 (None on other ranks).
@@ -239,6 +241,26 @@ def _forward_loss(model, batch: dict[str, torch.Tensor]):  # noqa: ANN001, ANN20
     return out
 
 
+def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast: ``cfg.bf16``, else on for CUDA devices that support it."""
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _micro_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """``(examples per micro-batch on a rank, examples per optimizer step)``."""
+    micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
+    return micro, micro * world * cfg.grad_accum
+
+
+def _non_finite_message(step: int, loss: float, cfg: TrainConfig, adapter: MoELoRAConfig) -> str:
+    return (
+        f"step {step + 1}: training loss is {loss} (lr {cfg.learning_rate:g}, "
+        f"method {adapter.method}); lower the learning rate or the loss coefficients"
+    )
+
+
 def _encoder_loss(model, tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa: ANN001, ANN202
     """An encoder's loss on a micro-batch: the cross-entropy of the scoring head's option logits
     plus the adapter's auxiliary loss (``graphlora.encoder``); a dict like a model output."""
@@ -289,6 +311,260 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def dropout_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator a run's LoRA dropout draws from (``use_generator_dropout``), seeded from the
+    run's seed alone: a run draws the same masks alone and as a packed slot
+    (``graphlora.packed_train``), whatever else draws from torch's global RNG."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class DataOrder:
+    """A run's order of training examples: a fresh permutation of ``range(size)`` per epoch from
+    ``random.Random(seed)``, taken ``n`` at a time. ``rng`` and ``queue`` (the indices left in
+    the current epoch) are what a checkpoint keeps."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.rng = random.Random(seed)
+        self.queue: list[int] = []
+
+    def take(self, n: int) -> list[int]:
+        while len(self.queue) < n:  # epochs: a fresh seeded permutation each time
+            perm = list(range(self.size))
+            self.rng.shuffle(perm)
+            self.queue += perm
+        taken, self.queue = self.queue[:n], self.queue[n:]
+        return taken
+
+
+class RunState:
+    """What one training run keeps besides its model: its optimizer and learning-rate schedule,
+    data order, dropout generator, counters, evaluations and the metrics they report, and its
+    checkpoints. ``run_training`` keeps one; so does each slot of a packed trainer
+    (``graphlora.packed_train``), so a slot reports what the same run alone reports.
+
+    Args:
+        cfg: the run's settings.
+        data: its splits; validation is capped at ``max_eval_examples``, test at
+            ``max_test_examples`` (and left out without ``eval_test``).
+        adapter: the model carrying the adapter, or a packed slot's view (``Pack.adapter``): its
+            trainable parameters are optimized, its routing counts and statistics reported.
+        generator: the generator its LoRA dropout draws from (saved in checkpoints).
+        evaluate: scores examples with the run's adapter and leaves it in training mode.
+        device: where the run trains (for the peak memory figure).
+        label: prefix of the run's log lines (a slot's id).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: DatasetSplits,
+        adapter: torch.nn.Module,
+        generator: torch.Generator,
+        evaluate: Callable[[list[Example]], EvalResult],
+        device: torch.device,
+        *,
+        label: str = "",
+    ) -> None:
+        self.cfg, self.adapter, self.generator, self.device = cfg, adapter, generator, device
+        self._evaluate = evaluate
+        self.label = label
+        self.params = [p for p in adapter.parameters() if p.requires_grad]
+        self.n_trainable = count_trainable_parameters(adapter)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        self.order = DataOrder(len(data.train), cfg.seed)
+        cap = cfg.max_eval_examples
+        self.val = data.validation[:cap] if cap else data.validation
+        cap = cfg.max_test_examples
+        self.test = (data.test[:cap] if cap else data.test) if cfg.eval_test else []
+        self.step = 0  # optimizer steps done
+        self.best_val = 0.0
+        self.train_time = self.eval_time = self.checkpoint_time = self.setup_time = 0.0
+        self.samples = 0
+        self.metrics: dict[str, float] = {}  # the last evaluation's
+        self.counts: list[list[float]] = []  # the whole run's routing counts (evaluations reset)
+        self.loss_sum, self.aux_sum, self.loss_n = 0.0, {}, 0  # since the last evaluation
+
+    # Steps --------------------------------------------------------------------------------------
+
+    def begin_step(self) -> float:
+        """Set the learning rate of the coming step; returns it."""
+        lr = self.cfg.learning_rate * lr_factor(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def add_aux(self, aux: dict[str, torch.Tensor]) -> None:
+        """Count one micro-batch's unweighted auxiliary losses."""
+        for k, v in aux.items():
+            self.aux_sum[k] = self.aux_sum.get(k, 0.0) + v.item() / self.cfg.grad_accum
+
+    def optimizer_step(self) -> None:
+        """Clip the gradients (``max_grad_norm``) and take the optimizer step."""
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_step(self, loss: float, samples: int, seconds: float) -> None:
+        """Count a finished step: its loss, examples and time."""
+        self.train_time += seconds
+        self.samples += samples
+        self.loss_sum += loss
+        self.loss_n += 1
+        self.step += 1
+        every = self.cfg.log_every
+        if every and self.step % every == 0:
+            _log(
+                f"[graphlora] {self.label}step {self.step}/{self.cfg.max_steps} loss "
+                f"{self.loss_sum / self.loss_n:.4f} lr {self.optimizer.param_groups[0]['lr']:.2e} "
+                f"{self.samples / self.train_time:.1f} samples/s"
+            )
+
+    # Evaluations --------------------------------------------------------------------------------
+
+    @property
+    def eval_due(self) -> bool:
+        """Whether the step just taken evaluates (every ``eval_every`` steps, and the last)."""
+        return self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps
+
+    def evaluate_at_start(self) -> None:
+        """The step-0 evaluation (``eval_at_start``): ``step0_*`` metrics."""
+        t1 = time.perf_counter()
+        res = self._evaluate(self.val)
+        self.metrics["step0_val_accuracy"] = res.accuracy
+        self.metrics["step0_val_loss"] = res.loss
+        _log(
+            f"[graphlora] {self.label}eval @ 0: val_accuracy {res.accuracy:.4f} "
+            f"val_loss {res.loss:.4f}"
+        )
+        if self.test:
+            res = self._evaluate(self.test)
+            self.metrics["step0_test_accuracy"] = res.accuracy
+            _log(
+                f"[graphlora] {self.label}step 0 test_accuracy {res.accuracy:.4f} on "
+                f"{res.total} examples"
+            )
+        self.metrics["step0_eval_time_s"] = time.perf_counter() - t1
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on validation after the step just taken; returns (and keeps) the metrics."""
+        t1 = time.perf_counter()
+        res = self._evaluate(self.val)
+        self.best_val = max(self.best_val, res.accuracy)
+        self.counts = _add_counts(self.counts, routing_counts(self.adapter))
+        n = max(1, self.loss_n)
+        metrics = {
+            "step": float(self.step),
+            "val_accuracy": res.accuracy,
+            "val_loss": res.loss,
+            "best_val_accuracy": self.best_val,
+            "train_loss": self.loss_sum / n,
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "trainable_params": float(self.n_trainable),
+            "samples_per_sec": self.samples / self.train_time,
+            "peak_memory_mb": _peak_memory_mb(self.device),
+            "eval_time_s": time.perf_counter() - t1,
+            "train_time_s": self.train_time,
+            "setup_time_s": self.setup_time,
+            **{f"aux_{k}": v / n for k, v in self.aux_sum.items()},
+            **routing_stats(self.adapter, reset=True),
+            **{k: v for k, v in self.metrics.items() if k.startswith("step0_")},
+        }
+        self.eval_time += metrics["eval_time_s"]
+        metrics["eval_time_total_s"] = self.eval_time
+        metrics["checkpoint_time_s"] = self.checkpoint_time
+        _log(
+            f"[graphlora] {self.label}eval @ {self.step}: val_accuracy {res.accuracy:.4f} "
+            f"val_loss {res.loss:.4f} (best {self.best_val:.4f})"
+        )
+        self.loss_sum, self.aux_sum, self.loss_n = 0.0, {}, 0
+        self.metrics = metrics
+        return metrics
+
+    def finish(self, stopped_early: bool) -> dict[str, float]:
+        """The run's final metrics: the last evaluation's, the run's load map, and the test
+        split (``eval_test``)."""
+        metrics = self.metrics
+        metrics["stopped_early"] = float(stopped_early)
+        for i, layer in enumerate(self.counts):  # the load map of the run (training tokens)
+            metrics.update({f"routing_counts/layer{i}/expert{j}": n for j, n in enumerate(layer)})
+        if (used := gcn_hidden_used(self.adapter)) is not None:
+            metrics["gcn_hidden_used"] = float(used)
+        if self.test:
+            t1 = time.perf_counter()
+            res = self._evaluate(self.test)
+            metrics["test_time_s"] = time.perf_counter() - t1
+            metrics["test_accuracy"] = res.accuracy
+            metrics["test_loss"] = res.loss
+            _log(
+                f"[graphlora] {self.label}test_accuracy {res.accuracy:.4f} on {res.total} examples"
+            )
+        return metrics
+
+    # Checkpoints --------------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path, metadata: dict[str, Any]) -> Path:
+        """Write the adapter and the whole training state into folder ``path``
+        (``graphlora.checkpoint``); the time it takes counts in ``checkpoint_time_s``."""
+        t1 = time.perf_counter()
+        progress = {
+            "step": self.step,
+            "best_val": self.best_val,
+            "train_time": self.train_time,
+            "eval_time": self.eval_time,
+            "checkpoint_time": self.checkpoint_time,
+            "samples": self.samples,
+            "metrics": self.metrics,
+            "routing_counts": self.counts,
+            # Between evaluations (a packed slot may be saved at any step):
+            "loss_sum": self.loss_sum,
+            "aux_sum": self.aux_sum,
+            "loss_n": self.loss_n,
+            "block_counts": [b.routing_counts.detach().cpu() for b in moe_blocks(self.adapter)],
+            "dropout_rng": self.generator.get_state(),
+        }
+        out = save_training_state(
+            path,
+            self.adapter,
+            self.optimizer,
+            progress,
+            order_rng=self.order.rng,
+            order=self.order.queue,
+            metadata=metadata,
+        )
+        self.checkpoint_time += time.perf_counter() - t1
+        self.metrics["checkpoint_time_s"] = self.checkpoint_time
+        return out
+
+    def load_checkpoint(self, path: str | Path, expect: dict[str, Any]) -> None:
+        """Continue from a checkpoint of the same run (``expect``: what it must agree on).
+
+        Raises:
+            CheckpointError: ``path`` is not a checkpoint of this configuration.
+        """
+        progress, self.order.queue = load_training_state(
+            path, self.adapter, self.optimizer, order_rng=self.order.rng, expect=expect
+        )
+        self.step, self.best_val = int(progress["step"]), float(progress["best_val"])
+        self.train_time, self.samples = float(progress["train_time"]), int(progress["samples"])
+        self.eval_time = float(progress.get("eval_time", 0.0))
+        self.checkpoint_time = float(progress.get("checkpoint_time", 0.0))
+        self.metrics = dict(progress["metrics"])
+        self.counts = progress.get("routing_counts") or []
+        self.loss_sum = float(progress.get("loss_sum", 0.0))
+        self.aux_sum = dict(progress.get("aux_sum") or {})
+        self.loss_n = int(progress.get("loss_n", 0))
+        if "block_counts" in progress:  # routing counts since the last evaluation
+            blocks = moe_blocks(self.adapter)
+            for block, counts in zip(blocks, progress["block_counts"], strict=True):
+                block.routing_counts.copy_(counts.to(block.routing_counts.device))
+        if "dropout_rng" in progress:  # older checkpoints drew dropout from the global RNG
+            self.generator.set_state(progress["dropout_rng"])
+
+
 def run_training(
     train_cfg: TrainConfig,
     adapter_cfg: MoELoRAConfig,
@@ -328,6 +604,12 @@ def run_training(
         ``eval_at_start``, ``step0_val_accuracy``, ``step0_val_loss``, ``step0_test_accuracy``
         and ``step0_eval_time_s`` (before the first step).
 
+    LoRA dropout draws from a generator of the run's own, seeded from ``train_cfg.seed``
+    (``dropout_generator``) and kept in checkpoints, not from torch's global RNG: a run computes
+    what the same configuration computes as a slot of a packed trainer
+    (``graphlora.packed_train``). The base model's own dropout (GPT-2's, BERT's) still draws from
+    the global RNG.
+
     An encoder (``info.architecture == "encoder"``: MiniLM, BERT) gets a scoring head after the
     adapter is injected (``graphlora.encoder.attach_head``), trained and saved with the adapter:
     the loss is the cross-entropy of the head's logits over each question's option texts plus
@@ -360,82 +642,42 @@ def run_training(
         attach_head(model)
     model.to(device)
     reset_load_state(model)
-    counts: list[list[float]] = []  # the whole run's routing counts (evaluations reset them)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = count_trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    use_bf16 = (
-        cfg.bf16
-        if cfg.bf16 is not None
-        else (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    )
+    generator = dropout_generator(cfg.seed, device)
+    use_generator_dropout(model, generator)
+
+    def evaluate(examples: list[Example]) -> EvalResult:
+        res = _evaluate(model, tokenizer, examples, cfg, device)
+        model.train()
+        return res
+
+    run = RunState(cfg, data, model, generator, evaluate, device)
+    params = run.params
+    use_bf16 = _use_bf16(cfg, device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # A decoder trains on tokenized prompt + answer; an encoder on the examples' texts.
     encoded = list(data.train) if encoder else _encode_train(tokenizer, data.train, cfg)
-    val = data.validation[: cfg.max_eval_examples] if cfg.max_eval_examples else data.validation
-    micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
-    per_step = micro * world * cfg.grad_accum
-    order_rng = random.Random(cfg.seed)
-    order: list[int] = []
-
-    def next_indices(n: int) -> list[int]:
-        nonlocal order
-        while len(order) < n:  # epochs: a fresh seeded permutation each time
-            perm = list(range(len(encoded)))
-            order_rng.shuffle(perm)
-            order += perm
-        taken, order = order[:n], order[n:]
-        return taken
-
+    micro, per_step = _micro_batch(cfg, world)
     _log(
         f"[graphlora] {info.name} ({info.kind}) on {data.source}: {len(data.train)} train / "
         f"{len(data.validation)} val / {len(data.test)} test; method {adapter_cfg.method}; "
-        f"{n_trainable:,} trainable params; {world} rank(s) x {micro} x {cfg.grad_accum} accum "
-        f"on {device}"
+        f"{run.n_trainable:,} trainable params; {world} rank(s) x {micro} x {cfg.grad_accum} "
+        f"accum on {device}"
     )
-    metrics: dict[str, float] = {}
-    best_val = 0.0
-    train_time = 0.0
-    eval_time = 0.0
-    checkpoint_time = 0.0
-    samples = 0
-    start = 0
-    shape = _run_shape(cfg, info.to_dict())
+    metadata = {"base_model": info.to_dict(), "run": _run_shape(cfg, info.to_dict())}
     if resume_from is not None:
-        progress, order = load_training_state(
-            resume_from, model, opt, order_rng=order_rng, expect={"run": shape}
-        )
-        start, best_val = int(progress["step"]), float(progress["best_val"])
-        train_time, samples = float(progress["train_time"]), int(progress["samples"])
-        eval_time = float(progress.get("eval_time", 0.0))
-        checkpoint_time = float(progress.get("checkpoint_time", 0.0))
-        metrics = dict(progress["metrics"])
-        counts = progress.get("routing_counts") or []
-        _log(f"[graphlora] resumed from {resume_from} at step {start}/{cfg.max_steps}")
-    if cfg.eval_at_start and start == 0:
-        t1 = time.perf_counter()
-        res = _evaluate(model, tokenizer, val, cfg, device)
-        metrics["step0_val_accuracy"] = res.accuracy
-        metrics["step0_val_loss"] = res.loss
-        _log(f"[graphlora] eval @ 0: val_accuracy {res.accuracy:.4f} val_loss {res.loss:.4f}")
-        if cfg.eval_test and data.test:
-            test = data.test[: cfg.max_test_examples] if cfg.max_test_examples else data.test
-            res = _evaluate(model, tokenizer, test, cfg, device)
-            metrics["step0_test_accuracy"] = res.accuracy
-            _log(f"[graphlora] step 0 test_accuracy {res.accuracy:.4f} on {res.total} examples")
-        metrics["step0_eval_time_s"] = time.perf_counter() - t1
+        run.load_checkpoint(resume_from, expect={"run": metadata["run"]})
+        _log(f"[graphlora] resumed from {resume_from} at step {run.step}/{cfg.max_steps}")
+    if cfg.eval_at_start and run.step == 0:
+        run.evaluate_at_start()
         reset_load_state(model)
         model.train()
-    step0 = dict(metrics)
-    loss_acc, aux_acc, loss_n = 0.0, {}, 0
-    setup_time = time.perf_counter() - started  # data, model, adapter, encoding (and resume)
+    run.setup_time = time.perf_counter() - started  # data, model, adapter, encoding (and resume)
     stopped_early = False
     model.train()
-    for step in range(start, cfg.max_steps):
+    for step in range(run.step, cfg.max_steps):
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = cfg.learning_rate * lr_factor(step, cfg)
-        global_idx = next_indices(per_step)
+        run.begin_step()
+        global_idx = run.order.take(per_step)
         step_loss = 0.0
         for a in range(cfg.grad_accum):
             chunk = global_idx[a * micro * world : (a + 1) * micro * world][rank::world]
@@ -448,116 +690,37 @@ def run_training(
                 out["loss"] = out["loss"] * float("nan")
             (out["loss"] / cfg.grad_accum).backward()
             step_loss += out["loss"].detach().float() / cfg.grad_accum
-            for k, v in (out.get("aux_losses") or {}).items():
-                aux_acc[k] = aux_acc.get(k, 0.0) + v.item() / cfg.grad_accum
+            run.add_aux(out.get("aux_losses") or {})
         # One all-reduce: averaged adapter gradients plus the loss (so every rank sees NaNs).
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [step_loss.reshape(1)])
         flat = _all_reduce_sum(flat) / world
         global_loss = flat[-1].item()
         if not math.isfinite(global_loss):
-            raise NonFiniteLossError(
-                f"step {step + 1}: training loss is {global_loss} (lr {cfg.learning_rate:g}, "
-                f"method {adapter_cfg.method}); lower the learning rate or the loss coefficients"
-            )
+            raise NonFiniteLossError(_non_finite_message(step, global_loss, cfg, adapter_cfg))
         offset = 0
         for p, g in zip(params, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
             offset += g.numel()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        train_time += time.perf_counter() - t0
+        run.optimizer_step()
+        seconds = time.perf_counter() - t0
         if on_step is not None:
             on_step(step + 1, model)
-        samples += per_step
-        loss_acc += global_loss
-        loss_n += 1
-        done = step + 1
-        if cfg.log_every and done % cfg.log_every == 0:
-            _log(
-                f"[graphlora] step {done}/{cfg.max_steps} loss {loss_acc / loss_n:.4f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {samples / train_time:.1f} samples/s"
-            )
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            t1 = time.perf_counter()
-            res = _evaluate(model, tokenizer, val, cfg, device)
-            model.train()
-            best_val = max(best_val, res.accuracy)
-            counts = _add_counts(counts, routing_counts(model))
-            metrics = {
-                "step": float(done),
-                "val_accuracy": res.accuracy,
-                "val_loss": res.loss,
-                "best_val_accuracy": best_val,
-                "train_loss": loss_acc / max(1, loss_n),
-                "learning_rate": opt.param_groups[0]["lr"],
-                "trainable_params": float(n_trainable),
-                "samples_per_sec": samples / train_time,
-                "peak_memory_mb": _peak_memory_mb(device),
-                "eval_time_s": time.perf_counter() - t1,
-                "train_time_s": train_time,
-                "setup_time_s": setup_time,
-                **{f"aux_{k}": v / max(1, loss_n) for k, v in aux_acc.items()},
-                **routing_stats(model, reset=True),
-                **{k: v for k, v in step0.items() if k.startswith("step0_")},
-            }
-            eval_time += metrics["eval_time_s"]
-            metrics["eval_time_total_s"] = eval_time
-            metrics["checkpoint_time_s"] = checkpoint_time
-            _log(
-                f"[graphlora] eval @ {done}: val_accuracy {res.accuracy:.4f} "
-                f"val_loss {res.loss:.4f} (best {best_val:.4f})"
-            )
-            loss_acc, aux_acc, loss_n = 0.0, {}, 0
+        run.end_step(global_loss, per_step, seconds)
+        if run.eval_due:
+            metrics = run.evaluate()
             if checkpoint:
                 with tempfile.TemporaryDirectory(prefix="graphlora-ckpt-") as tmp:
-                    state_dir = None
-                    if rank == 0:
-                        t1 = time.perf_counter()
-                        progress = {
-                            "step": done,
-                            "best_val": best_val,
-                            "train_time": train_time,
-                            "eval_time": eval_time,
-                            "checkpoint_time": checkpoint_time,
-                            "samples": samples,
-                            "metrics": metrics,
-                            "routing_counts": counts,
-                        }
-                        state_dir = save_training_state(
-                            tmp,
-                            model,
-                            opt,
-                            progress,
-                            order_rng=order_rng,
-                            order=order,
-                            metadata={"base_model": info.to_dict(), "run": shape},
-                        )
-                        checkpoint_time += time.perf_counter() - t1
-                        metrics["checkpoint_time_s"] = checkpoint_time
-                    stop = bool(on_eval(done, dict(metrics), state_dir)) if on_eval else False
+                    state_dir = run.save_checkpoint(tmp, metadata) if rank == 0 else None
+                    stop = bool(on_eval(run.step, dict(metrics), state_dir)) if on_eval else False
             else:
-                stop = bool(on_eval(done, dict(metrics))) if on_eval is not None else False
+                stop = bool(on_eval(run.step, dict(metrics))) if on_eval is not None else False
             flag = _all_reduce_sum(torch.tensor([float(stop)], device=device))
-            if flag.item() > 0 and done < cfg.max_steps:
+            if flag.item() > 0 and run.step < cfg.max_steps:
                 stopped_early = True
-                _log(f"[graphlora] stopped early at step {done} (asked by the caller)")
+                _log(f"[graphlora] stopped early at step {run.step} (asked by the caller)")
                 break
-    metrics["stopped_early"] = float(stopped_early)
-    for i, layer in enumerate(counts):  # the load map of the run (training tokens, this rank)
-        metrics.update({f"routing_counts/layer{i}/expert{j}": n for j, n in enumerate(layer)})
-    if (used := gcn_hidden_used(model)) is not None:
-        metrics["gcn_hidden_used"] = float(used)
-    if cfg.eval_test and data.test:
-        test = data.test[: cfg.max_test_examples] if cfg.max_test_examples else data.test
-        t1 = time.perf_counter()
-        res = _evaluate(model, tokenizer, test, cfg, device)
-        metrics["test_time_s"] = time.perf_counter() - t1
-        metrics["test_accuracy"] = res.accuracy
-        metrics["test_loss"] = res.loss
-        _log(f"[graphlora] test_accuracy {res.accuracy:.4f} on {res.total} examples")
+    metrics = run.finish(stopped_early)
     if cfg.output_dir and rank == 0:
         save_adapter(model, cfg.output_dir, metadata={"base_model": info.to_dict()})
     return metrics

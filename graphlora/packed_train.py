@@ -1,0 +1,539 @@
+"""Several training runs over one frozen base model at once: the packed trainer (docs/method.md,
+"Packing several adapters over one base").
+
+A search trains many configurations over the same base. ``PackedTrainer`` loads the base once and
+trains P runs, the slots, side by side (``graphlora.packing``): each step is one forward and one
+backward of the base over the packed batch, the slots' rows concatenated. Every slot keeps what
+``run_training`` keeps for a run (``graphlora.train.RunState``): its optimizer and learning-rate
+schedule, its data order, its dropout generator, its evaluation schedule, its metrics, its
+checkpoints. A slot's loss is its rows' task loss plus its own weighted auxiliary loss; the
+slots' parameters are disjoint and the base is frozen, so the backward of the sum gives each slot
+the gradients of its own loss. A slot therefore computes what ``run_training`` computes for the
+same configuration and seed, to float rounding, whoever its neighbours are.
+
+A host drives it step by step::
+
+    trainer = PackedTrainer(first_cfg)           # the base model and the data, once
+    trainer.add("t1", cfg1, adapter1, on_eval=report)
+    trainer.add("t2", cfg2, adapter2)
+    while trainer.slots:
+        for result in trainer.step():            # slots that finished in this step
+            ...
+        if room_for_another: trainer.add("t3", cfg3, adapter3)   # joins mid-way
+
+Slots may differ in everything a run sets but what the packed batch shares
+(``SHARED_FIELDS``: the model, the data, the sequence length, the batch and the numerics).
+
+Two things stay outside the guarantee, as in ``graphlora.packing``. The base model's own dropout
+would draw from torch's global RNG over the whole packed batch, so the trainer refuses a base
+that has any unless told to turn it off. And rows padded wider than they would be alone move the
+base's hidden states by float rounding (about 1e-7), enough to flip a near-tie in top-k routing;
+the slots' rows are padded to the widest slot's width in each step, so slots match their runs
+alone to 1e-5 where their batches have the same width (the ``synthetic`` task's do).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphlora.config import MoELoRAConfig
+from graphlora.data import DatasetSplits, Example, load_task
+from graphlora.evaluate import EvalResult, head_at, pad_batch
+from graphlora.models import load_model_and_tokenizer
+from graphlora.packing import inject_packed
+from graphlora.train import (
+    NonFiniteLossError,
+    OnEval,
+    RunState,
+    TrainConfig,
+    _encode_train,
+    _evaluate,
+    _log,
+    _micro_batch,
+    _non_finite_message,
+    _pick_device,
+    _run_shape,
+    _use_bf16,
+    _world,
+    dropout_generator,
+)
+
+__all__ = ["SHARED_FIELDS", "PackedTrainer", "SlotResult", "base_dropout", "run_packed"]
+
+SHARED_FIELDS = (
+    "model",
+    "model_revision",
+    "dataset",
+    "data_dir",
+    "max_length",
+    "batch_size",
+    "grad_accum",
+    "train_on_prompt",
+    "dtype",
+    "bf16",
+    "device",
+)
+"""``TrainConfig`` fields every slot of a packed trainer shares: one base model and one data set,
+one packed batch of ``batch_size`` rows per slot, one numeric setting. Every other field
+(seed, steps, learning rate and schedule, evaluation, output...) is the slot's own."""
+
+
+@dataclass
+class SlotResult:
+    """How a slot ended.
+
+    Attributes:
+        slot: its id.
+        metrics: what ``run_training`` returns for the run (final metrics, test split included);
+            for a slot ended by ``error``, its last evaluation's metrics (empty before one).
+        error: why it ended before its last step (a ``NonFiniteLossError``), or None.
+    """
+
+    slot: str
+    metrics: dict[str, float]
+    error: Exception | None = None
+
+
+@dataclass
+class _Slot:
+    train_cfg: TrainConfig
+    adapter_cfg: MoELoRAConfig
+    run: RunState
+    metadata: dict = field(default_factory=dict)
+    on_eval: OnEval | None = None
+    checkpoint: bool = False
+
+
+def base_dropout(model: nn.Module) -> list[str]:
+    """Where ``model`` drops out at random in training mode: its ``nn.Dropout`` modules with a
+    rate above 0, and its config's dropout rates above 0 (some models apply those with
+    ``F.dropout``: OPT). Empty for Qwen2 and Llama, which ship with none."""
+    found = [
+        f"{name} (p={m.p})"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Dropout) and m.p > 0
+    ]
+    config = getattr(model, "config", None)
+    for key, value in (config.to_dict() if config is not None else {}).items():
+        if "drop" in key and isinstance(value, int | float) and not isinstance(value, bool):
+            if value > 0:
+                found.append(f"config.{key}={value}")
+    return found
+
+
+class PackedTrainer:
+    """Trains several runs (slots) over one frozen base model, one packed forward and backward
+    per step; each slot computes what ``run_training`` computes for its configuration alone.
+
+    Args:
+        base: settings of the base model and the data (``SHARED_FIELDS``); every slot's
+            ``TrainConfig`` must agree with it there. Its other fields are not used.
+        data: pre-loaded splits (else loaded from ``base.dataset``).
+        base_dropout_off: run the base model with its own dropout off (in eval mode, while the
+            slots' adapters train). Required for a base that has dropout (GPT-2, OPT, BERT): drawn
+            from torch's global RNG over the packed batch, it would make each slot depend on the
+            others. Each slot then equals its configuration trained alone with the base's dropout
+            off, which ``run_training`` does not do.
+
+    Raises:
+        ValueError: the base is an encoder, has dropout and ``base_dropout_off`` is False, the
+            data lack a train or validation split, or ``torch.distributed`` runs several ranks.
+
+    Attributes:
+        pack: the ``Pack`` carrying the slots' adapters.
+        model, tokenizer, info: the base model (shared), its tokenizer and ``ModelInfo``.
+        base_dropout_off: the base dropout turned off (``base_dropout``'s list), or empty.
+        setup_time: seconds spent loading the data and the base model, encoding the data.
+        results: slot id -> ``SlotResult`` of every slot that finished or failed.
+    """
+
+    def __init__(
+        self,
+        base: TrainConfig,
+        data: DatasetSplits | None = None,
+        *,
+        base_dropout_off: bool = False,
+    ) -> None:
+        started = time.perf_counter()
+        world = _world()[1]
+        if world > 1:
+            raise ValueError(
+                f"PackedTrainer: trains in one process, but torch.distributed runs {world} ranks; "
+                "use run_training for data-parallel runs"
+            )
+        self.base = base
+        self.device = _pick_device(base.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.data = data if data is not None else load_task(base.dataset, data_dir=base.data_dir)
+        if not self.data.train or not self.data.validation:
+            raise ValueError(
+                f"dataset {base.dataset!r}: needs non-empty train and validation splits"
+            )
+        model, self.tokenizer, self.info = load_model_and_tokenizer(
+            base.model, revision=base.model_revision, dtype=base.dtype
+        )
+        if self.info.architecture == "encoder":
+            raise ValueError(
+                f"model {base.model!r}: an encoder trains through a scoring head, which cannot be "
+                "packed; train it with run_training, or pack a decoder (causal LM)"
+            )
+        dropout = base_dropout(model)
+        if dropout and not base_dropout_off:
+            shown = ", ".join(dropout[:3]) + (
+                f" and {len(dropout) - 3} more" if len(dropout) > 3 else ""
+            )
+            raise ValueError(
+                f"model {base.model!r}: the base model has dropout ({shown}), drawn from torch's "
+                "global RNG over the whole packed batch, so a slot's masks would depend on the "
+                "other slots; pass base_dropout_off=True to train with it off, or pack a model "
+                "without (Qwen2, Llama: tiny-qwen2, tiny-llama)"
+            )
+        self.base_dropout_off = dropout if base_dropout_off else []
+        if base_dropout_off:
+            _log(
+                f"[graphlora] packed: the base model's dropout is off ({len(dropout)} site(s) "
+                "found); it runs in eval mode while the slots' adapters train, so each slot "
+                "trains as its configuration alone with the base dropout off"
+            )
+        self.pack = inject_packed(model)
+        self.model = model.to(self.device)
+        self._base_eval = base_dropout_off  # the base in eval mode, the slots' adapters training
+        self.encoded = _encode_train(self.tokenizer, self.data.train, base)
+        self.micro, self.per_step = _micro_batch(base, 1)
+        self.use_bf16 = _use_bf16(base, self.device)
+        pad = self.tokenizer.pad_token_id
+        self.pad = pad if pad is not None else 0
+        self._slots: dict[str, _Slot] = {}
+        self.results: dict[str, SlotResult] = {}
+        self._used: set[str] = set()  # slot ids are unique over the trainer's life
+        self.setup_time = time.perf_counter() - started
+
+    # Slots -------------------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """Ids of the slots training now, in the order they joined."""
+        return tuple(self._slots)
+
+    def add(
+        self,
+        slot: str,
+        train_cfg: TrainConfig,
+        adapter_cfg: MoELoRAConfig,
+        *,
+        on_eval: OnEval | None = None,
+        checkpoint: bool = False,
+        resume_from: str | Path | None = None,
+    ) -> None:
+        """Add a run as slot ``slot``; it trains from the next ``step`` on. The other slots are
+        untouched, whether they are at their first step or their last.
+
+        The run starts as ``run_training`` starts it: adapter weights drawn after seeding torch
+        with ``train_cfg.seed``, dropout generator and data order seeded with it, the step-0
+        evaluation if ``eval_at_start``.
+
+        Args:
+            slot: the slot's id, unique over the trainer's life (a trial id); see ``Pack.add``.
+            train_cfg: the run's settings; ``SHARED_FIELDS`` must equal the trainer's.
+            adapter_cfg: the run's adapter.
+            on_eval: as ``run_training``'s: called after each of this slot's evaluations with
+                ``(step, metrics)`` (with ``checkpoint``: ``(step, metrics, state_dir)``);
+                returning True stops the slot, which then finishes (test split, ``output_dir``)
+                as ``run_training`` does when stopped.
+            checkpoint: after each evaluation write the slot's training state to a temporary
+                folder and pass it to ``on_eval`` (deleted when it returns).
+            resume_from: a checkpoint of the same configuration (``save_checkpoint``, or
+                ``run_training(checkpoint=True)``: the two are interchangeable) to continue from.
+
+        Raises:
+            ValueError: the id is in use or was used, or a shared field differs.
+            CheckpointError: ``resume_from`` is not a checkpoint of this configuration.
+        """
+        started = time.perf_counter()
+        if slot in self._used:
+            raise ValueError(f"slot {slot!r}: id already used in this trainer; pick another")
+        for name in SHARED_FIELDS:
+            mine, theirs = getattr(self.base, name), getattr(train_cfg, name)
+            if mine != theirs:
+                raise ValueError(
+                    f"slot {slot!r}: {name}={theirs!r}, but the packed slots share {name} "
+                    f"({mine!r}); train it in a trainer of its own or alone (run_training)"
+                )
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the caller's RNG is left as it was
+            torch.manual_seed(train_cfg.seed)  # the initial weights run_training draws
+            generator = dropout_generator(train_cfg.seed, self.device)
+            self.pack.add(slot, adapter_cfg, generator=generator)
+            try:
+                run = self._start(slot, train_cfg, generator, resume_from)
+            except BaseException:
+                self.pack.remove(slot)
+                raise
+        self._used.add(slot)
+        self._slots[slot] = _Slot(
+            train_cfg,
+            adapter_cfg,
+            run,
+            metadata={
+                "base_model": self.info.to_dict(),
+                "run": _run_shape(train_cfg, self.info.to_dict()),
+            },
+            on_eval=on_eval,
+            checkpoint=checkpoint,
+        )
+        run.setup_time = time.perf_counter() - started
+        _log(
+            f"[graphlora] slot {slot}: method {adapter_cfg.method}, {run.n_trainable:,} trainable "
+            f"params, step {run.step}/{train_cfg.max_steps}; {len(self._slots)} slot(s) on "
+            f"{self.info.name} ({self.device})"
+        )
+
+    def _start(
+        self,
+        slot: str,
+        cfg: TrainConfig,
+        generator: torch.Generator,
+        resume_from: str | Path | None,
+    ) -> RunState:
+        def evaluate(examples: list[Example]) -> EvalResult:
+            with self.pack.alone(slot):
+                res = _evaluate(self.model, self.tokenizer, examples, cfg, self.device)
+            self._train_modes()
+            return res
+
+        view = self.pack.adapter(slot)
+        self._train_modes()
+        self.pack.reset_load(slot)
+        run = RunState(
+            cfg, self.data, view, generator, evaluate, self.device, label=f"slot {slot}: "
+        )
+        if resume_from is not None:
+            shape = _run_shape(cfg, self.info.to_dict())
+            run.load_checkpoint(resume_from, expect={"run": shape})
+        if cfg.eval_at_start and run.step == 0:
+            run.evaluate_at_start()
+            self.pack.reset_load(slot)
+        return run
+
+    def remove(self, slot: str) -> dict[str, float]:
+        """Take ``slot`` out at once (a run stopped from outside): no further step, evaluation or
+        saving. Returns its last evaluation's metrics (empty before one)."""
+        if slot not in self._slots:
+            raise KeyError(f"slot {slot!r}: not training here (slots: {list(self._slots)})")
+        metrics = dict(self._slots[slot].run.metrics)
+        self._drop(slot)
+        return metrics
+
+    def metrics(self, slot: str) -> dict[str, float]:
+        """``slot``'s last evaluation's metrics (empty before one)."""
+        return dict(self._slots[slot].run.metrics)
+
+    def save_checkpoint(self, slot: str, path: str | Path) -> Path:
+        """Write ``slot``'s whole training state into folder ``path``, between steps: a
+        ``graphlora.checkpoint`` folder that ``add(..., resume_from=path)`` or
+        ``run_training(..., resume_from=path)`` continues from exactly."""
+        state = self._slots[slot]
+        return state.run.save_checkpoint(path, state.metadata)
+
+    # Training ----------------------------------------------------------------------------------
+
+    def step(self) -> list[SlotResult]:
+        """One optimizer step of every slot: one forward and backward of the base over the packed
+        batch, then each slot's clipping, optimizer step, evaluation if due (and its
+        ``on_eval``). Returns the results of the slots that ended in this step; they have left
+        the pack."""
+        ended = [self._finish(s, False) for s in self.slots if self._done(s)]
+        active = self.slots
+        if not active:
+            return ended
+        t0 = time.perf_counter()
+        runs = {s: self._slots[s].run for s in active}
+        for run in runs.values():
+            run.begin_step()
+        indices = {s: run.order.take(self.per_step) for s, run in runs.items()}
+        step_loss: dict[str, torch.Tensor] = {}
+        failed: dict[str, float] = {}
+        for a in range(self.base.grad_accum):
+            live = [s for s in active if s not in failed]
+            if not live:
+                break
+            batches = {
+                s: pad_batch(
+                    [self.encoded[i] for i in indices[s][a * self.micro : (a + 1) * self.micro]],
+                    self.pad,
+                    self.device,
+                )
+                for s in live
+            }
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                outs = self._forward(batches)
+            for s in live:
+                if runs[s].cfg.inject_nan_at_step == runs[s].step + 1:
+                    outs[s]["loss"] = outs[s]["loss"] * float("nan")
+            values = torch.stack([outs[s]["loss"].detach().float() for s in live]).tolist()
+            total = None
+            for s, value in zip(live, values, strict=True):
+                if not math.isfinite(value):  # the slot ends; its loss joins no backward
+                    failed[s] = value
+                    continue
+                loss = outs[s]["loss"]
+                total = (
+                    loss / self.base.grad_accum
+                    if total is None
+                    else total + loss / self.base.grad_accum
+                )
+                step_loss[s] = step_loss.get(s, 0.0) + loss.detach().float() / self.base.grad_accum
+                runs[s].add_aux(outs[s].get("aux_losses") or {})
+            if total is not None:
+                total.backward()  # disjoint parameters: each slot gets its own loss's gradients
+        for s in active:
+            if s in failed:
+                continue
+            for p in runs[s].params:  # as run_training: a parameter without a gradient steps on 0
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            runs[s].optimizer_step()
+        seconds = time.perf_counter() - t0
+        for s in active:
+            if s in failed:
+                run = runs[s]
+                error = NonFiniteLossError(
+                    _non_finite_message(run.step, failed[s], run.cfg, self._slots[s].adapter_cfg)
+                )
+                ended.append(self._fail(s, error))
+            else:
+                runs[s].end_step(step_loss[s].item(), self.per_step, seconds)
+        for s in active:
+            if s not in self._slots:  # failed above, or removed by an on_eval
+                continue
+            run = runs[s]
+            stop = run.eval_due and self._evaluate(s)
+            if stop or self._done(s):
+                ended.append(self._finish(s, stop and run.step < run.cfg.max_steps))
+        return ended
+
+    def run(self) -> dict[str, SlotResult]:
+        """Step until every slot has ended; returns ``results`` (every slot that ended)."""
+        while self._slots:
+            self.step()
+        return dict(self.results)
+
+    # Internals ---------------------------------------------------------------------------------
+
+    def _forward(self, batches: Mapping[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
+        """Each slot's loss on its rows (``_forward_loss``'s: mean cross-entropy of its labelled
+        tokens plus its weighted auxiliary loss) from one forward over the packed batch."""
+        width = max(b["input_ids"].shape[1] for b in batches.values())
+        fill = {"input_ids": self.pad, "attention_mask": 0, "labels": -100}
+        packed = {
+            key: torch.cat([_widen(b[key], width, value) for b in batches.values()])
+            for key, value in fill.items()
+        }
+        target = packed["labels"][:, 1:]
+        keep = target != -100
+        select = F.pad(keep, (0, 1), value=False)  # (B, S): predicts a label
+        rows = {s: b["input_ids"].shape[0] for s, b in batches.items()}
+        with self.pack.layout(rows), head_at(self.model, select):
+            out = self.model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"])
+        # The head ran on the selected positions in row order: each slot's tokens in one run.
+        counts = torch.stack([k.sum() for k in keep.split(list(rows.values()))]).tolist()
+        logits = out.logits.split(counts)
+        targets = target[keep].split(counts)
+        aux_loss = out.get("slot_aux_loss") or {}
+        aux_losses = out.get("slot_aux_losses") or {}
+        result = {}
+        for slot, lg, tg in zip(rows, logits, targets, strict=True):
+            task = F.cross_entropy(lg.float(), tg)
+            aux = aux_loss.get(slot)
+            loss = task if aux is None else task + aux.to(task.dtype)
+            result[slot] = {"loss": loss, "task_loss": task, "aux_losses": aux_losses.get(slot)}
+        return result
+
+    def _evaluate(self, slot: str) -> bool:
+        """``slot``'s evaluation after its step, its checkpoint and ``on_eval``; True: stop."""
+        state = self._slots[slot]
+        metrics = state.run.evaluate()
+        if state.on_eval is None:
+            return False
+        if not state.checkpoint:
+            return bool(state.on_eval(state.run.step, dict(metrics)))
+        with tempfile.TemporaryDirectory(prefix="graphlora-ckpt-") as tmp:
+            state_dir = state.run.save_checkpoint(tmp, state.metadata)
+            return bool(state.on_eval(state.run.step, dict(state.run.metrics), state_dir))
+
+    def _done(self, slot: str) -> bool:
+        run = self._slots[slot].run
+        return run.step >= run.cfg.max_steps
+
+    def _finish(self, slot: str, stopped_early: bool) -> SlotResult:
+        state = self._slots[slot]
+        if stopped_early:
+            _log(f"[graphlora] slot {slot}: stopped early at step {state.run.step} (on_eval)")
+        metrics = state.run.finish(stopped_early)
+        if state.train_cfg.output_dir:
+            self.pack.save_adapter(
+                slot, state.train_cfg.output_dir, metadata={"base_model": self.info.to_dict()}
+            )
+        self._drop(slot)
+        self.results[slot] = SlotResult(slot, metrics)
+        return self.results[slot]
+
+    def _fail(self, slot: str, error: Exception) -> SlotResult:
+        _log(f"[graphlora] slot {slot}: {error}; the slot ends, the others go on")
+        metrics = dict(self._slots[slot].run.metrics)
+        self._drop(slot)
+        self.results[slot] = SlotResult(slot, metrics, error)
+        return self.results[slot]
+
+    def _drop(self, slot: str) -> None:
+        self.pack.remove(slot)
+        del self._slots[slot]
+
+    def _train_modes(self) -> None:
+        """Training mode for the slots' adapters; the base too unless its dropout is off."""
+        self.model.train(not self._base_eval)
+        if self._base_eval:
+            for slot in self.pack.slots:
+                self.pack.adapter(slot).train()
+
+
+def _widen(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """``t`` (B, S) right-padded with ``value`` to ``width`` columns."""
+    return t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def run_packed(
+    slots: Mapping[str, tuple[TrainConfig, MoELoRAConfig]],
+    data: DatasetSplits | None = None,
+    *,
+    base_dropout_off: bool = False,
+) -> dict[str, SlotResult]:
+    """Train a fixed set of runs together over one base model (``PackedTrainer``).
+
+    Args:
+        slots: slot id -> (training settings, adapter); they share ``SHARED_FIELDS``.
+        data: pre-loaded splits (else loaded from the first run's dataset).
+        base_dropout_off: see ``PackedTrainer``.
+
+    Returns:
+        Slot id -> ``SlotResult``: each run's metrics as ``run_training`` returns them, or the
+        error that ended it.
+    """
+    if not slots:
+        raise ValueError("run_packed: no slots given")
+    first = next(iter(slots.values()))[0]
+    trainer = PackedTrainer(first, data, base_dropout_off=base_dropout_off)
+    for slot, (train_cfg, adapter_cfg) in slots.items():
+        trainer.add(slot, train_cfg, adapter_cfg)
+    return trainer.run()
