@@ -343,7 +343,13 @@ def run_search(
         print(f"search {name}: {exc}; its state is saved", file=out, flush=True)
         raise
     except BaseException as exc:
-        tracker.finish(parent, "failed", f"{type(exc).__name__}: {exc}")
+        # The search itself died (e.g. Ray killed its actors for memory): no run it opened is
+        # left `running` in MLflow.
+        reason = f"{type(exc).__name__}: {exc}"
+        for run in tracker.child_runs(parent):
+            if run.info.status == "RUNNING":
+                tracker.finish(run.info.run_id, "failed", f"the search failed: {reason}")
+        tracker.finish(parent, "failed", reason)
         raise
     finally:
         stop_signals.restore()
