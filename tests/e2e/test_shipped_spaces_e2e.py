@@ -3,7 +3,8 @@ real MLflow store, on a tiny budget: its model swapped for a tiny preset where i
 model (a packaged model, MiniLM in real_cpu.yaml, is kept: the one CI run on pretrained weights
 through the search), its resources for this machine's CPUs, every other entry as shipped
 (searched parameters, method, dataset: the real benchmark files shipped with graphlora,
-objective, ASHA).
+objective, ASHA). The real task's search (MiniLM on ARC-Easy) is also promoted, and its
+registered model answers a question with its option texts through the MLflow pyfunc.
 
 A space that names a string-valued searched parameter (compare.yaml's `method`) once died printing
 the best configuration after all its work was recorded (exit status 1, so `ray job submit` said
@@ -14,11 +15,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from graphlora.models import PACKAGED_MODELS, PRESETS
+from pipelines import train
 from pipelines.search import main
 from pipelines.tracking import tracking_uri
 
@@ -87,3 +91,37 @@ def test_shipped_space_runs_to_its_last_line(name, ray_cluster, tmp_path, capsys
         width = min(raw["adapter"]["gcn_hidden"], hidden)
         assert trial.data.params["gcn_hidden_used"] == str(width)
     assert "test: not evaluated" in out  # search trials are chosen on validation only
+    if name == "real_cpu.yaml":
+        _promote_and_serve(raw["mlflow"]["experiment"], tmp_path, capsys)
+
+
+def _promote_and_serve(experiment: str, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Promote a search's best configuration (1 seed, a few steps) and ask the registered model
+    a question with its options, as a user would."""
+    model_name = f"shipped-real-cpu-{tmp_path.name}"
+    code = train.main(
+        [
+            "--from-search",
+            experiment,
+            "--seeds",
+            "1",
+            "--max-steps",
+            "2",
+            "--max-test-examples",
+            "8",
+            "--model-name",
+            model_name,
+            "--output-dir",
+            str(tmp_path / "final"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
+    assert f"registered: models:/{model_name}@champion = version 1" in printed
+    mlflow.set_tracking_uri(tracking_uri())
+    served = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+    options = ["oxygen", "carbon dioxide", "helium", "neon"]
+    question = "Which gas do plants take in to make food?"
+    out = served.predict(pd.DataFrame({"question": [question], "options": [options]}))
+    assert len(out) == 1 and out.iloc[0]["prediction"] in options, out
+    assert len(out.iloc[0]["scores"]) == len(options)
