@@ -117,7 +117,8 @@ def option_logits(
 ) -> list[torch.Tensor]:
     """Per example, the head's logits over its options (K_i,), differentiable.
 
-    All questions and options go through the encoder in one forward. Raises ``ValueError``
+    Questions and options go through the encoder in two forwards (``option_forward``). Raises
+    ``ValueError``
     naming the first example without option texts.
     """
     return option_forward(model, tokenizer, examples, max_length=max_length)[0]
