@@ -118,8 +118,7 @@ def option_logits(
     """Per example, the head's logits over its options (K_i,), differentiable.
 
     Questions and options go through the encoder in two forwards (``option_forward``). Raises
-    ``ValueError``
-    naming the first example without option texts.
+    ``ValueError`` naming the first example without option texts.
     """
     return option_forward(model, tokenizer, examples, max_length=max_length)[0]
 
