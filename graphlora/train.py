@@ -179,7 +179,11 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _pick_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None:
+            # A bare "cuda": this rank's GPU (torch.cuda.set_device needs an index).
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
