@@ -695,6 +695,26 @@ def model_hidden_size(name_or_path: str, *, revision: str | None = None) -> int:
     """
     if name_or_path in PRESETS:
         return PRESETS[name_or_path].hidden_size
+    config = reference_config(name_or_path, revision=revision)
+    size = getattr(config.get_text_config(), "hidden_size", None)
+    if not isinstance(size, int):
+        raise ModelLoadError(
+            f"{name_or_path!r}: its config ({type(config).__name__}) names no hidden_size; "
+            "use a transformer with a gated or classic FFN (Llama, Qwen2, GPT-2, OPT, BERT)"
+        )
+    return size
+
+
+def reference_config(name_or_path: str, *, revision: str | None = None) -> PretrainedConfig:
+    """The config of a model reference, without loading weights: a preset's own, a packaged or
+    local folder's ``config.json``, a Hub id's (fetched, or from the local cache when offline).
+
+    Raises:
+        ModelLoadError: the reference cannot be resolved (as ``check_model_reference``).
+    """
+    if name_or_path in PRESETS:
+        spec = PRESETS[name_or_path]
+        return _preset_config(spec, build_byte_tokenizer())
     kind = check_model_reference(name_or_path, revision=revision)  # one-line errors
     if kind == "package":
         config = AutoConfig.from_pretrained(packaged_model_dir(name_or_path), local_files_only=True)
@@ -704,10 +724,4 @@ def model_hidden_size(name_or_path: str, *, revision: str | None = None) -> int:
         if name_or_path in PACKAGED_MODELS:  # package absent: its Hub copy
             name_or_path = PACKAGED_MODELS[name_or_path].hub_id
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-    size = getattr(config.get_text_config(), "hidden_size", None)
-    if not isinstance(size, int):
-        raise ModelLoadError(
-            f"{name_or_path!r}: its config ({type(config).__name__}) names no hidden_size; "
-            "use a transformer with a gated or classic FFN (Llama, Qwen2, GPT-2, OPT, BERT)"
-        )
-    return size
+    return config

@@ -67,7 +67,14 @@ from graphlora.train import (
     dropout_generator,
 )
 
-__all__ = ["SHARED_FIELDS", "PackedTrainer", "SlotResult", "base_dropout", "run_packed"]
+__all__ = [
+    "SHARED_FIELDS",
+    "PackedTrainer",
+    "SlotResult",
+    "base_dropout",
+    "packing_problem",
+    "run_packed",
+]
 
 SHARED_FIELDS = (
     "model",
@@ -128,6 +135,37 @@ def base_dropout(model: nn.Module) -> list[str]:
             if value > 0:
                 found.append(f"config.{key}={value}")
     return found
+
+
+def packing_problem(model: str, *, revision: str | None = None) -> str | None:
+    """Why a ``PackedTrainer`` would refuse ``model`` (an encoder, or a base with dropout), read
+    from its config without loading weights; None when it packs. For a caller that must refuse
+    before any work starts (a search with trial hosts).
+
+    Raises:
+        ModelLoadError: the reference cannot be resolved.
+    """
+    from graphlora.models import is_encoder_config, reference_config
+
+    config = reference_config(model, revision=revision)
+    if is_encoder_config(config):
+        return (
+            f"model {model!r} is an encoder, which trains through a scoring head that cannot be "
+            "packed; pack a decoder (causal LM)"
+        )
+    dropout = [
+        f"{key}={value}"
+        for key, value in config.to_dict().items()
+        if "drop" in key and isinstance(value, int | float) and not isinstance(value, bool)
+        if value > 0
+    ]
+    if dropout:
+        return (
+            f"model {model!r}: the base model has dropout ({', '.join(dropout[:3])}), drawn "
+            "over the whole packed batch, so a packed run's masks would depend on the others; "
+            "pack a model without (Qwen2, Llama, Mistral)"
+        )
+    return None
 
 
 class PackedTrainer:
@@ -334,6 +372,16 @@ class PackedTrainer:
         metrics = dict(self._slots[slot].run.metrics)
         self._drop(slot)
         return metrics
+
+    def stop(self, slot: str) -> SlotResult:
+        """End ``slot`` between steps as ``run_training`` ends a run whose ``on_eval`` returned
+        True: its final metrics (test split included, when its settings ask), its adapter saved
+        to ``output_dir``. For a caller that decides after ``step`` returns (a scheduler's
+        verdict on the evaluation that step made), so that the run ends where it was judged."""
+        if slot not in self._slots:
+            raise KeyError(f"slot {slot!r}: not training here (slots: {list(self._slots)})")
+        run = self._slots[slot].run
+        return self._finish(slot, run.step < run.cfg.max_steps)
 
     def metrics(self, slot: str) -> dict[str, float]:
         """``slot``'s last evaluation's metrics (empty before one)."""
