@@ -100,17 +100,20 @@ class HubRef:
     driver (`HubRef.start`) and, as a non-detached actor, dies with it.
     """
 
+    actor_cls: Any = TrialHub  # a subclass names another per-search actor class
+
     def __init__(self, name: str) -> None:
         self.name = name
         self._handle: Any = None
 
     @classmethod
-    def start(cls, name: str) -> HubRef:
-        """Create the hub `name` in this cluster (or reuse a live one) and return a reference."""
+    def start(cls, name: str, *args: Any) -> HubRef:
+        """Create the actor `name` in this cluster (or reuse a live one; `args` go to a new
+        one's constructor) and return a reference."""
         ref = cls(name)
-        ref._handle = TrialHub.options(
+        ref._handle = cls.actor_cls.options(
             name=name, namespace=HUB_NAMESPACE, get_if_exists=True
-        ).remote()
+        ).remote(*args)
         return ref
 
     @property
@@ -132,7 +135,7 @@ class HubRef:
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        return f"HubRef({self.name!r})"
+        return f"{type(self).__name__}({self.name!r})"
 
 
 class FlagASHAScheduler(AsyncHyperBandScheduler):

@@ -42,6 +42,7 @@ if __name__ == "__main__":  # `python pipelines/search.py`: make `pipelines` imp
 
 import yaml
 
+from pipelines.host import HostPool, HostsError, hosts_for
 from pipelines.space import DEFAULT_BACKEND, SearchSpace, SpaceError, load_search_space
 from pipelines.stability import choose_best, run_stability_stage
 from pipelines.tracking import (
@@ -144,6 +145,7 @@ def run_search(
 
     Raises:
         TrackingError: MLflow is unreachable or misconfigured (checked before any trial).
+        HostsError: with trial hosts, no node of the cluster holds one (before anything).
         SearchInterrupted: SIGINT (Ctrl-C) or SIGTERM stopped it (when run in the main
             thread); the running trials and the search's MLflow runs say `interrupted`, and
             `resume=True` continues it.
@@ -162,6 +164,8 @@ def run_search(
     # Tune snapshots its state after every trial checkpoint (what makes resume exact) and warns
     # about it when evaluations come fast; the snapshots are small.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if space.resources.trials_per_host:
+        hosts_for(space)  # a cluster with no room for a host is refused before anything starts
     tracker = Tracker(space.experiment)
     if resume:
         output_dir = Path(output_dir).resolve()
@@ -217,8 +221,8 @@ def run_search(
         _write_state(output_dir, state)
         earlier = []
         print(
-            f"search {name}: {space.budget.trials} trials of {space.model} on {space.dataset}, "
-            f"{space.resources.max_concurrent_trials} at a time; MLflow: {tracker.ui_link()}\n"
+            f"search {name}: {space.budget.trials} trials of {space.model} on {space.dataset}; "
+            f"MLflow: {tracker.ui_link()}\n"
             f"  interrupted? continue with: python pipelines/search.py --resume {name}",
             file=out,
             flush=True,
@@ -232,9 +236,29 @@ def run_search(
     # By name (recreated here on every start): Tune saves the scheduler and the trial plan, and
     # a resume may run on another Ray cluster than the one the search started on.
     hub = HubRef.start(f"trial-hub:{name}")
+    hosts = None
     stop_signals = StopSignals(name)
     stop_signals.install()
     try:
+        if space.resources.trials_per_host:
+            hosts = HostPool(space, backend, name, storage, hub)
+            hosts.start()
+        concurrent = space.resources.concurrent_trials(
+            hosts.count if hosts else 0,
+            space.seeds_per_trial,
+            "max_concurrent_trials" in (space.raw.get("resources") or {}),
+        )
+        print(
+            f"{concurrent} trial(s) at a time"
+            + (
+                f", packed on {hosts.count} trial host(s) of {hosts.capacity} slots, each "
+                f"loading {space.model} once"
+                if hosts
+                else ""
+            ),
+            file=out,
+            flush=True,
+        )
         scheduler = FlagASHAScheduler(
             hub,
             time_attr="training_iteration",
@@ -277,6 +301,8 @@ def run_search(
             storage,
             hub,
             VERDICT_WAIT_S,
+            board=hosts.board if hosts else None,
+            concurrent_trials=concurrent,
         )
         monitor = SearchMonitor(
             tracker,
@@ -300,10 +326,10 @@ def run_search(
             plan,
             experiment,
             tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, space.resources.max_concurrent_trials),
+                search_alg=ConcurrencyLimiter(searcher, concurrent),
                 scheduler=scheduler,
                 num_samples=new_trials,
-                max_concurrent_trials=space.resources.max_concurrent_trials,
+                max_concurrent_trials=concurrent,
             ),
             monitor,
         )
@@ -325,6 +351,8 @@ def run_search(
         if best:
             tracker.log_metrics(parent, {f"best_{k}": v for k, v in best["scores"].items()})
         cost = search_cost(monitor.cost(), stability_cost)
+        if hosts is not None:
+            cost.update(hosts.stats())
         tracker.log_metrics(parent, cost)
         tracker.set_tags(
             parent,
@@ -353,6 +381,8 @@ def run_search(
         raise
     finally:
         stop_signals.restore()
+        if hosts is not None:
+            hosts.close()
         ray.kill(hub.handle)
     link = tracker.ui_link()
     if best:
@@ -472,7 +502,8 @@ def describe_search(
 
 
 def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
-    """Say so when the cluster cannot hold max_concurrent_trials at once (trials will queue)."""
+    """Say so when the cluster cannot hold max_concurrent_trials (or the trial hosts) at once
+    (trials will queue)."""
     import ray
 
     res = space.resources
@@ -488,6 +519,8 @@ def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
         file=out,
         flush=True,
     )
+    if res.trials_per_host:
+        return  # the host pool is sized to the nodes (`hosts_for`), or refuses
     fits = min((int(have.get(k, 0) // v) for k, v in per_trial.items() if v > 0), default=0)
     if fits < res.max_concurrent_trials:
         print(
@@ -501,7 +534,8 @@ def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
 
 
 def preflight(space: SearchSpace) -> None:
-    """What every trial would otherwise fail on: the model reference and the dataset.
+    """What every trial would otherwise fail on: the model reference and the dataset (and, with
+    trial hosts, a model that cannot be packed).
 
     Raises:
         SpaceError: one line naming the file and key.
@@ -519,6 +553,14 @@ def preflight(space: SearchSpace) -> None:
         raise SpaceError(f"{space.path}: dataset: {exc}") from None
     if not data.train or not data.validation:
         raise SpaceError(f"{space.path}: dataset: {space.dataset} has no train or validation data")
+    if space.resources.trials_per_host:
+        from graphlora.packed_train import packing_problem
+
+        problem = packing_problem(space.model, revision=space.training.get("model_revision"))
+        if problem:
+            raise SpaceError(
+                f"{space.path}: resources.trials_per_host: {problem}, or set trials_per_host: 0"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_steps": ("budget", "max_steps"),
         "eval_every": ("budget", "eval_every"),
         "stability_configs": ("stability", "top_k_configs"),
+        "trials_per_host": ("resources", "trials_per_host"),
     }
     for key, (section, field) in flags.items():
         parser.add_argument(
@@ -610,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     except SearchInterrupted as exc:
         print(exc.resume_hint(), flush=True)  # the last line a person sees
         return exc.exit_status
+    except HostsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,8 +21,12 @@ Schema (every key; `?` marks optional ones, with their default)::
     budget: {trials: 8, max_steps: 200, eval_every: 50}
     asha?: {grace_period: 1, reduction_factor: 2}              # grace period in evaluations
     resources?: {workers_per_trial: 1, gpus_per_worker: 0, cpus_per_worker: 1,
-                 max_concurrent_trials: 1, worker_retries: 2}   # retries: restarts of a
+                 max_concurrent_trials: 1, worker_retries: 2,   # retries: restarts of a
                                     # trial's Train run from its last checkpoint when a worker dies
+                 trials_per_host: 0,  # > 0: trial hosts load the base once and pack this many
+                                    # runs per forward (pipelines/host.py); 0: a Train run each
+                 hosts: 0}          # how many hosts; 0: as many as the nodes hold (a
+                                    # GPU host: one GPU worker; a CPU host: its slots' CPUs)
     seeds_per_trial?: 1             # seeds trained side by side per trial; ASHA/Optuna see the mean
     stability?: {top_k_configs: 0, seeds: 5}    # re-run the best configs with fresh seeds
     objective?: {metric: val_accuracy, mode: max, std_penalty: 0.0,   # mean -/+ penalty * std
@@ -74,6 +78,8 @@ _SECTIONS: dict[str, dict[str, tuple[str, Any]]] = {
         "cpus_per_worker": ("number", 1),
         "max_concurrent_trials": ("int", 1),
         "worker_retries": ("int", 2),
+        "trials_per_host": ("int", 0),
+        "hosts": ("int", 0),
     },
     "stability": {"top_k_configs": ("int", 0), "seeds": ("int", 5)},
     "objective": {
@@ -152,6 +158,36 @@ class Resources:
     cpus_per_worker: float = 1
     max_concurrent_trials: int = 1
     worker_retries: int = 2  # restarts of a Train run from its last checkpoint when a worker dies
+    trials_per_host: int = 0  # > 0: runs packed per trial host (pipelines/host.py); 0: no hosts
+    hosts: int = 0  # trial hosts; 0: as many as the cluster's nodes hold (one per GPU worker)
+
+    def host_count(self, nodes: list[dict[str, float]], runs: int) -> int:
+        """How many trial hosts a search starts: `hosts` if set, else as many as the cluster's
+        nodes (their resources: `ray.nodes()[i]["Resources"]`) hold, one per GPU worker on GPU
+        nodes, but no more than `runs` (trials x seeds) fill; 0 when no node holds one."""
+        if self.hosts:
+            return self.hosts
+        need = {"CPU": self.host_cpus(), "GPU": self.gpus_per_worker}
+        fit = sum(
+            min(int(node.get(k, 0.0) // v) for k, v in need.items() if v > 0) for node in nodes
+        )
+        return min(fit, max(1, math.ceil(runs / self.trials_per_host)))
+
+    def host_cpus(self) -> float:
+        """CPUs a host reserves: a CPU host packs `trials_per_host` runs on the CPUs as many
+        trials would take; a GPU host packs them on its GPU and takes one worker's CPUs."""
+        if self.gpus_per_worker > 0:
+            return self.cpus_per_worker
+        return self.cpus_per_worker * self.trials_per_host
+
+    def concurrent_trials(self, hosts: int, seeds: int, explicit: bool) -> int:
+        """Trials run at once: with hosts, as many as their slots hold (`seeds` slots each),
+        unless the space caps it (`explicit`: it sets max_concurrent_trials); else
+        max_concurrent_trials."""
+        if not self.trials_per_host:
+            return self.max_concurrent_trials
+        fits = max(1, hosts * self.trials_per_host // seeds)
+        return min(fits, self.max_concurrent_trials) if explicit else fits
 
 
 @dataclass(frozen=True)
@@ -410,6 +446,7 @@ def validate_space(
     training_fields: Collection[str],
     methods: Collection[str] | None = None,
     root_node: yaml.Node | None = None,
+    packed_shared: Collection[str] = (),
 ) -> SearchSpace:
     """Check a parsed space file and return it as a `SearchSpace`.
 
@@ -420,6 +457,8 @@ def validate_space(
             `field_names(MoELoRAConfig) - {"method"}`.
         training_fields: Names allowed under `training:` (and in `search:`).
         methods: Known method names, to check `method` values; None skips the check.
+        packed_shared: Training fields the runs packed on one trial host share (cannot be
+            searched with `resources.trials_per_host`).
         root_node: The YAML node tree, for line numbers in errors.
 
     Raises:
@@ -528,6 +567,25 @@ def validate_space(
         raise c.error("resources.gpus_per_worker", "must be 0 or more")
     if resources.worker_retries < 0:
         raise c.error("resources.worker_retries", "must be 0 (no restarts) or more")
+    for key in ("trials_per_host", "hosts"):
+        if getattr(resources, key) < 0:
+            raise c.error(f"resources.{key}", f"{getattr(resources, key)} must be 0 or more")
+    if resources.trials_per_host:
+        if resources.workers_per_trial > 1:
+            raise c.error(
+                "resources.trials_per_host",
+                f"a trial host trains its slots in one worker, but workers_per_trial is "
+                f"{resources.workers_per_trial}; set workers_per_trial: 1, or trials_per_host: 0 "
+                "for data-parallel trials",
+            )
+        shared = sorted(set(search) & set(packed_shared))
+        if shared:
+            raise c.error(
+                f"search.{shared[0]}",
+                f"the runs packed on one trial host share {shared[0]}, so it cannot be searched "
+                "with resources.trials_per_host; fix it under training:, or set "
+                "trials_per_host: 0",
+            )
     stability = Stability(**s["stability"])
     if stability.top_k_configs < 0:
         raise c.error("stability.top_k_configs", "must be 0 (off) or more")
@@ -581,6 +639,7 @@ def load_space(
     training_fields: Collection[str],
     methods: Collection[str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    packed_shared: Collection[str] = (),
 ) -> SearchSpace:
     """Read and validate a space file (see `validate_space` for the arguments).
 
@@ -606,6 +665,7 @@ def load_space(
         training_fields=training_fields,
         methods=methods,
         root_node=root_node,
+        packed_shared=packed_shared,
     )
 
 
@@ -674,6 +734,7 @@ class DefineByRun:
 DEFAULT_BACKEND = "graphlora"
 # backend -> (module with TrainConfig and run_training, module with MoELoRAConfig)
 BACKENDS = {"graphlora": ("graphlora.train", "graphlora.config")}
+PACKING = {"graphlora": "graphlora.packed_train"}  # backend -> module with SHARED_FIELDS
 
 
 def training_api(backend: str = DEFAULT_BACKEND) -> tuple[type, type, Any]:
@@ -697,6 +758,7 @@ def load_search_space(
         training_fields=field_names(train_cls),
         methods=methods,
         overrides=overrides,
+        packed_shared=importlib.import_module(PACKING[backend]).SHARED_FIELDS,
     )
     check_constructible(space, train_cls, adapter_cls)
     return space

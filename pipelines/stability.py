@@ -95,7 +95,7 @@ def run_stability_stage(
         train_driver_fn,
         plan,
         f"{name}-stability" + (f"-more{round_}" if round_ else ""),
-        tune.TuneConfig(num_samples=1, max_concurrent_trials=space.resources.max_concurrent_trials),
+        tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.concurrent_trials),
         monitor,
         param_space={"_run": tune.grid_search(runs)},
     )

@@ -1,9 +1,10 @@
 """Layer 2 of a search: what one Ray Tune trial does.
 
 `train_driver_fn(config, plan)` launches one `TorchTrainer` per seed side by side
-(`pipelines/worker.py`), gathers their evaluations through the trial hub, and reports the seed
-mean and std and the trial's `objective` with `ray.tune.report`. `TrialPlan` is what every trial
-of one stage shares.
+(`pipelines/worker.py`), or puts each seed's run on the search's trial hosts
+(`pipelines/host.py`, with `resources.trials_per_host`); it gathers their evaluations through
+the trial hub and reports the seed mean and std and the trial's `objective` with
+`ray.tune.report`. `TrialPlan` is what every trial of one stage shares.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.host import job_key, run_on_host
 from pipelines.records import seed_stats
 from pipelines.space import SearchSpace
 from pipelines.worker import TRAIN_POLL_S, seed_trainer
@@ -42,6 +44,10 @@ class TrialPlan:
     # On a resume: trials MLflow already holds as ended (id -> last metrics, None if failed).
     # Ray Tune may restart one it had not yet saved as ended; it is answered, never re-run.
     ended: dict[str, dict | None] = dataclasses.field(default_factory=dict)
+    # host.BoardRef when the search packs trials on hosts (resources.trials_per_host): each
+    # seed's run is a job for a host's slot instead of a TorchTrainer of its own.
+    board: Any = None
+    concurrent_trials: int = 1  # trials run at once (resources, or the hosts' slots)
 
 
 def _make_relay(hub: Any, trial_id: str, seed_index: int) -> Any:
@@ -106,7 +112,8 @@ def unpack_trial_config(config: dict[str, Any], plan: TrialPlan) -> tuple[dict, 
 
 
 def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
-    """One Tune trial: one TorchTrainer per seed, side by side; reports seed statistics.
+    """One Tune trial: one TorchTrainer per seed, side by side, or one job per seed on the
+    search's trial hosts (`plan.board`); reports seed statistics.
 
     Each evaluation step is reported once every seed has reported it (or has finished), with the
     seed mean of every metric, `<objective metric>_std`, and `objective`: that evaluation's
@@ -142,6 +149,17 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     def fit(index: int, seed: int) -> None:
         adapter, training = space.configs(params, seed)
         training["eval_test"] = plan.eval_test
+        if plan.board is not None:
+            job = {
+                "key": job_key(trial_id, seed),
+                "trial_id": trial_id,
+                "seed_index": index,
+                "adapter": adapter,
+                "training": training,
+                "verdict_wait_s": plan.verdict_wait_s,
+            }
+            run_on_host(plan.board, job)
+            return
         config = {
             "backend": plan.backend,
             "adapter": adapter,
@@ -152,7 +170,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
         }
         seed_trainer(
             config,
-            name=f"{trial_id}-seed{seed}",
+            name=job_key(trial_id, seed),
             storage_path=plan.storage_path,
             workers=res.workers_per_trial,
             cpus_per_worker=res.cpus_per_worker,

@@ -146,17 +146,19 @@ def seed_trainer(
     gpus_per_worker: float,
     worker_retries: int,
     callbacks: list | None = None,
+    train_fn: Any = None,
 ) -> Any:
-    """The `TorchTrainer` of one seed: `train_fn_per_worker(config)` on `workers` workers,
-    restarted from its last checkpoint up to `worker_retries` times, keeping only the latest
-    checkpoint (a resumable state, or the final adapter). Search trials and the promotion
-    pipeline (`pipelines/train.py`) build their Train runs here."""
+    """The `TorchTrainer` of one seed: `train_fn_per_worker(config)` (or `train_fn`) on
+    `workers` workers, restarted from its last checkpoint up to `worker_retries` times, keeping
+    only the latest checkpoint (a resumable state, or the final adapter). Search trials, trial
+    hosts (`pipelines/host.py`) and the promotion pipeline (`pipelines/train.py`) build their
+    Train runs here."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     per_worker = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     return TorchTrainer(
-        train_fn_per_worker,
+        train_fn or train_fn_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=per_worker

@@ -93,6 +93,18 @@ def test_bad_space_is_refused_before_anything_starts(
     _no_runs()
 
 
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [("tiny-bert", ("encoder", "trials_per_host: 0")), ("tiny-gpt2", ("dropout", "Qwen2"))],
+)
+def test_a_model_that_cannot_be_packed_is_refused_with_trial_hosts(
+    home, tmp_path, capsys, model, words
+) -> None:
+    space = _space(tmp_path, "model: tiny-qwen2", f"model: {model}")
+    _refused(capsys, ["--space", space, "--trials-per-host", "2"], "trials_per_host", *words)
+    _no_runs()
+
+
 def test_corrupt_dataset_file_is_refused(home, tmp_path, capsys) -> None:
     bad = tmp_path / "broken.json"
     bad.write_text('[{"instruction": "q", "answer": ')

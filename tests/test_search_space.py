@@ -154,6 +154,20 @@ BAD = [
     (mutate(objective={"mode": "maximise"}), "objective.mode", "'max' or 'min'"),
     (mutate(resources={"workers_per_trial": 0}), "resources.workers_per_trial", "above 0"),
     (mutate(stability={"seeds": 0}), "stability.seeds", "at least 1"),
+    (mutate(resources={"trials_per_host": -1}), "resources.trials_per_host", "0 or more"),
+    (
+        mutate(resources={"trials_per_host": 2, "workers_per_trial": 2}),
+        "resources.trials_per_host",
+        "workers_per_trial: 1",
+    ),
+    (
+        mutate(
+            resources={"trials_per_host": 2},
+            search={**SEARCH, "max_length": {"type": "categorical", "values": [64, 128]}},
+        ),
+        "search.max_length",
+        "packed on one trial host share max_length",
+    ),
     (mutate(search={}), "search", "no parameters"),
     (
         mutate(objective={"secondary": {"metric": "trainable_params", "mode": "smallest"}}),
@@ -325,3 +339,34 @@ def test_secondary_objective_makes_a_multi_objective_study_whose_plots_draw(tmp_
         study.tell(trial, [0.1 * i, 1000.0 * (i % 3 + 1)])
     written, skipped = save_optuna_plots(study, tmp_path / "plots")
     assert skipped == [] and len(written) == 3
+
+
+CPU2 = [{"CPU": 2.0}]  # this machine's local Ray
+GPU_NODES = [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 32.0, "GPU": 4.0}]
+
+
+@pytest.mark.parametrize(
+    ("resources", "nodes", "hosts", "concurrent"),
+    [
+        ({}, CPU2, 0, 1),  # no hosts: max_concurrent_trials (default 1)
+        ({"max_concurrent_trials": 3}, CPU2, 0, 3),
+        ({"trials_per_host": 2}, CPU2, 1, 2),  # one host of 2 slots takes both CPUs
+        ({"trials_per_host": 1}, [{"CPU": 1.0}, {"CPU": 1.0}], 2, 2),  # one per node
+        ({"trials_per_host": 2}, [{"CPU": 1.0}, {"CPU": 1.0}], 0, 1),  # no node holds one
+        ({"trials_per_host": 2, "max_concurrent_trials": 1}, CPU2, 1, 1),  # the space caps it
+        ({"trials_per_host": 4, "gpus_per_worker": 1}, GPU_NODES, 1, 4),  # 4 trials: 1 host
+        ({"trials_per_host": 1, "gpus_per_worker": 1}, GPU_NODES, 4, 4),  # one per trial
+        ({"trials_per_host": 2, "gpus_per_worker": 1, "hosts": 3}, GPU_NODES, 3, 6),
+    ],
+)
+def test_trial_hosts_and_concurrency_follow_resources(
+    tmp_path, resources, nodes, hosts, concurrent
+):
+    space = load(tmp_path, mutate(resources=resources))  # 4 trials of 1 seed
+    res = space.resources
+    count = res.host_count(nodes, space.budget.trials) if res.trials_per_host else 0
+    assert count == hosts
+    explicit = "max_concurrent_trials" in resources
+    assert res.concurrent_trials(count, space.seeds_per_trial, explicit) == concurrent
+    if res.trials_per_host and not res.gpus_per_worker:  # a CPU host takes its slots' CPUs
+        assert res.host_cpus() == res.cpus_per_worker * res.trials_per_host

@@ -1,0 +1,175 @@
+"""Packed searches on trial hosts (`resources.trials_per_host`), on a real local Ray (2 CPUs) and
+a real MLflow store: the base model is loaded once per host, trials take slots, ASHA's stops and
+a NaN end one slot and not the host, a packed trial computes what it computes alone, and a host
+whose worker is SIGKILLed resumes every slot from its checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from test_faults_e2e import _assert_clean_history, _runs, _train_worker_pids, _wait
+from test_search_e2e import live_placement_groups, make_space
+
+from graphlora.config import MoELoRAConfig
+from graphlora.train import TrainConfig, run_training
+from pipelines.search import load_search_space, run_search
+from pipelines.tracking import tracking_uri
+
+
+def _packed_space(tmp_path, experiment: str, trials: int, *, nan: bool = False):
+    """`make_space`'s space on one host of 2 slots (its 2 CPUs: the whole local Ray)."""
+    make_space(tmp_path, "graphlora", trials=trials, experiment=experiment)
+    path = tmp_path / "space.yaml"
+    text = path.read_text().replace("max_concurrent_trials: 2", "trials_per_host: 2")
+    if nan:  # one trial's loss turns NaN at step 3 (seeded TPE proposes it first)
+        text = text.replace(
+            "  top_k: {type: int, low: 1, high: 2}\n",
+            "  top_k: {type: int, low: 1, high: 2}\n"
+            "  inject_nan_at_step: {type: categorical, values: [3, 1000000]}\n",
+        )
+    path.write_text(text)
+    return load_search_space(path)
+
+
+@pytest.fixture(scope="module")
+def packed_search(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("packed")
+    space = _packed_space(tmp, "packed", trials=4, nan=True)
+    out = io.StringIO()
+    result = run_search(space, output_dir=tmp / "out", out=out)
+    return space, result, out.getvalue()
+
+
+def test_packed_search_loads_the_base_once_and_records_every_trial(packed_search):
+    space, result, log = packed_search
+    assert "packed on 1 trial host(s) of 2 slots" in log
+    assert len(result.trials) == 4
+    assert live_placement_groups() == []
+    client = MlflowClient(tracking_uri())
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["status"] == "completed"
+    # One host: the base model was loaded once for the whole search, none lost.
+    assert parent.data.metrics["base_loads"] == 1
+    assert parent.data.metrics["hosts"] == 1 and parent.data.metrics["hosts_lost"] == 0
+    runs = _runs(client, space.experiment, result.parent_run_id)
+    assert len(runs) == 4
+    for run in runs:
+        _assert_clean_history(client, run)
+        assert run.data.tags.get("worker_failures", "0") == "0", run.data.tags["recovery_log"]
+        if run.data.tags["status"] != "failed":
+            # None of a trial's time went to loading the model or starting workers of its own.
+            assert run.data.metrics["setup_time_s"] < 5, run.data.metrics
+    statuses = {t["status"] for t in result.trials}
+    assert statuses <= {"completed", "stopped_early_asha", "failed"}, result.trials
+
+
+def test_a_nan_ends_its_slot_not_the_host(packed_search):
+    space, result, log = packed_search
+    failed = [t for t in result.trials if t["status"] == "failed"]
+    assert failed, result.trials
+    for t in failed:
+        assert t["params"]["inject_nan_at_step"] == 3
+        assert "NonFiniteLossError" in t["reason"] and "step 3" in t["reason"], t
+    others = [t for t in result.trials if t["status"] != "failed"]
+    assert others and all(t["params"]["inject_nan_at_step"] != 3 for t in others)
+    assert any(t["evals"] >= 2 for t in others)  # trained on after the NaN, on the same host
+
+
+def test_a_packed_trial_computes_what_it_computes_alone(packed_search, tmp_path):
+    """Every evaluation of the search's first trial (packed beside the others, on the host)
+    equals the same configuration trained alone with `run_training`, in this process."""
+    space, result, _ = packed_search
+    trial = next(t for t in result.trials if t["status"] != "failed")
+    adapter, training = space.configs(trial["params"], space.seed)
+    alone: list[tuple[int, dict]] = []
+    # As many threads as the host had (Ray gives a worker its CPUs as threads): float sums
+    # blocked another way differ by rounding, which training can amplify.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(space.resources.host_cpus()))
+    try:
+        run_training(
+            TrainConfig(**{**training, "max_steps": trial["evals"] * space.budget.eval_every}),
+            MoELoRAConfig(**adapter),
+            on_eval=lambda step, metrics: alone.append((step, metrics)) and False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    client = MlflowClient(tracking_uri())
+    run = next(
+        r
+        for r in _runs(client, space.experiment, result.parent_run_id)
+        if r.data.tags["trial_id"] == trial["trial_id"]
+    )
+    for metric in ("val_accuracy", "val_loss"):
+        packed = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric)]
+        assert [s for s, _ in packed] == [s for s, _ in alone]
+        for (_, value), (_, metrics) in zip(packed, alone, strict=True):
+            assert value == pytest.approx(metrics[metric], abs=1e-5), (metric, packed, alone)
+
+
+def test_host_worker_sigkilled_resumes_every_slot_from_its_checkpoint(ray_cluster, tmp_path):
+    space = _packed_space(tmp_path, "hostkill", trials=2)
+    box: dict = {}
+    out = io.StringIO()
+
+    def search() -> None:
+        try:
+            box["result"] = run_search(space, output_dir=tmp_path / "out", out=out)
+        except BaseException as exc:  # surfaced by the assertion below
+            box["error"] = exc
+
+    thread = threading.Thread(target=search)
+    thread.start()
+    client = MlflowClient(tracking_uri())
+
+    def both_evaluated():
+        parents = _runs(client, space.experiment)
+        runs = [r for p in parents for r in _runs(client, space.experiment, p.info.run_id)]
+        going = [r for r in runs if r.info.status == "RUNNING"]
+        if len(going) == 2 and all(r.data.metrics.get("evals", 0) >= 1 for r in going):
+            return _train_worker_pids()
+        return None
+
+    pids = _wait(both_evaluated, 300, "both packed trials with one evaluation", poll=0.25)
+    for pid in pids:  # the host: one Train worker training both trials
+        os.kill(pid, signal.SIGKILL)
+    thread.join(600)
+    assert not thread.is_alive() and "error" not in box, (box, out.getvalue())
+    result = box["result"]
+    assert {t["status"] for t in result.trials} <= {"completed", "stopped_early_asha"}
+    assert live_placement_groups() == []
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.metrics["base_loads"] == 2  # the host's first start and its restart
+    runs = _runs(client, space.experiment, result.parent_run_id)
+    resumed = 0
+    for run in runs:
+        _assert_clean_history(client, run)
+        if run.data.metrics["evals"] >= 2:  # was training when the host died
+            log = run.data.tags.get("recovery_log", "")
+            assert int(run.data.tags.get("worker_failures", 0)) >= 1, log
+            resumed += "resumed from its checkpoint at step" in log
+    assert resumed >= 1, [r.data.tags.get("recovery_log") for r in runs]
+
+
+def test_a_host_no_node_can_hold_is_refused_before_anything_is_recorded(ray_cluster, tmp_path):
+    """3 slots of 1 CPU need a 3-CPU node; this Ray has one node of 2: one line, no MLflow run."""
+    from pipelines.host import HostsError
+
+    space = _packed_space(tmp_path, "nohost", trials=2)
+    space = dataclasses.replace(
+        space, resources=dataclasses.replace(space.resources, trials_per_host=3)
+    )
+    with pytest.raises(HostsError, match=r"needs 3 CPU on one node"):
+        run_search(space, output_dir=tmp_path / "out", out=io.StringIO())
+    client = MlflowClient(tracking_uri())
+    assert client.get_experiment_by_name(space.experiment) is None or not _runs(
+        client, space.experiment
+    )
+    assert not (tmp_path / "out").exists()
