@@ -164,6 +164,9 @@ def test_search_through_ray_job_submit(two_node_cluster, tmp_path):
             "10",
             "--stability-configs",
             "0",
+            # Two 1-CPU nodes: a host of 1 slot on each (the quickstart's 2-slot host needs 2).
+            "--trials-per-host",
+            "1",
         ],
         env,
         timeout=900,
@@ -171,6 +174,7 @@ def test_search_through_ray_job_submit(two_node_cluster, tmp_path):
     log = job.stdout + job.stderr
     assert "succeeded" in log, log[-4000:]
     assert "Ray: 2 nodes, 2 CPU" in log, log[-4000:]  # the job saw both nodes
+    assert "packed on 2 trial host(s) of 1 slots" in log, log[-4000:]
     assert "results:" in log and "MLflow runs:" in log
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")

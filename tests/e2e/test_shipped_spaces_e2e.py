@@ -44,11 +44,12 @@ def _tiny_copy(path: Path, folder: Path) -> Path:
     raw = yaml.safe_load(path.read_text())
     if raw["model"] not in {*PRESETS, *PACKAGED_MODELS}:  # a Hub model: nothing to fetch in CI
         raw["model"] = "tiny-qwen2"
-    raw["resources"] = {
+    raw["resources"] = {  # this machine's 2 CPUs; trial hosts as the space has them
         "workers_per_trial": 1,
         "gpus_per_worker": 0,
         "cpus_per_worker": 1,
         "max_concurrent_trials": 2,
+        "trials_per_host": (raw.get("resources") or {}).get("trials_per_host", 0),
     }
     raw["training"] = {
         **(raw.get("training") or {}),
