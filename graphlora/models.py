@@ -160,6 +160,9 @@ class PackagedModel:
         description: One line for listings.
         defaults: Training settings (``TrainConfig`` fields) that ``python -m graphlora.train``
             uses for this model where the command line and ``--config`` set none.
+        adapter_defaults: Adapter settings (``MoELoRAConfig`` fields) by method, used the same
+            way for a run of that method on this model (they replace the method preset's
+            values, which were chosen for 7B decoders).
     """
 
     package: str
@@ -168,6 +171,7 @@ class PackagedModel:
     hub_id: str
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    adapter_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -472,6 +476,13 @@ def training_defaults(name: str) -> dict[str, Any]:
     """A packaged model's own training defaults (``TrainConfig`` fields); ``{}`` for others."""
     entry = PACKAGED_MODELS.get(name)
     return dict(entry.defaults) if entry is not None else {}
+
+
+def adapter_defaults(name: str, method: str) -> dict[str, Any]:
+    """A packaged model's own adapter defaults for ``method`` (``MoELoRAConfig`` fields); ``{}``
+    for other models and methods."""
+    entry = PACKAGED_MODELS.get(name)
+    return dict(entry.adapter_defaults.get(method, {})) if entry is not None else {}
 
 
 def _architecture(config: PretrainedConfig) -> str:

@@ -47,7 +47,7 @@ from graphlora.inject import (
     routing_stats,
     save_adapter,
 )
-from graphlora.models import load_model_and_tokenizer, training_defaults
+from graphlora.models import adapter_defaults, load_model_and_tokenizer, training_defaults
 from graphlora.packing import use_generator_dropout
 
 # on_eval(step, metrics) -> stop?; with run_training(checkpoint=True): on_eval(step, metrics,
@@ -822,7 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m graphlora.train",
         description="Fine-tune one MoE-LoRA configuration (no Ray); prints metrics as JSON last. "
         "A packaged model (minilm-l6) brings its own training defaults (sequence length, steps, "
-        "batch, learning rate, step-0 evaluation); flags and --config override them.",
+        "batch, learning rate, step-0 evaluation) and adapter defaults per method (rank, "
+        "alpha, loss coefficients); flags and --config override them.",
     )
     p.add_argument("--model", help="hub id, local path, or preset (tiny-qwen2, tiny-llama)")
     p.add_argument("--dataset", help="task name or path to LLM-Adapters JSON (file or folder)")
@@ -875,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
             training.setdefault(key, value)
         if args.method:
             adapter["method"] = args.method
+        model = training.get("model", TrainConfig.model)
+        method = adapter.get("method", MoELoRAConfig.method)
+        for key, value in adapter_defaults(model, method).items():
+            adapter.setdefault(key, value)
         train_cfg = TrainConfig.from_dict(training)
         adapter_cfg = MoELoRAConfig.from_dict(adapter)
         seeds = args.seeds or [train_cfg.seed]
