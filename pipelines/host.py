@@ -43,6 +43,7 @@ from pipelines.space import SearchSpace, training_api
 from pipelines.worker import TRAIN_POLL_S, eval_index
 
 MANIFEST = "host.json"  # in a host checkpoint: the jobs of the slots it holds
+ABORT_POLL_S = 1.0  # how often a busy host asks whether the search was stopped
 
 
 class SlotError(RuntimeError):
@@ -70,6 +71,7 @@ class HostBoard:
         self._lost: dict[str, str] = {}  # host -> why it ended for good
         self._loads: list[dict] = []  # one per base model load
         self._closed = False
+        self._aborted = False
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -176,6 +178,15 @@ class HostBoard:
     def _lost_text(self) -> str:
         return "; ".join(f"{h}: {r}" for h, r in sorted(self._lost.items()))
 
+    async def abort(self) -> None:
+        """The search stopped early (Ctrl-C, an error): hosts return at once, leaving their last
+        checkpoints for a resume."""
+        self._aborted = self._closed = True
+        await self._notify()
+
+    async def aborted(self) -> bool:
+        return self._aborted
+
     async def close(self) -> None:
         """The search is over: idle hosts return."""
         self._closed = True
@@ -261,10 +272,17 @@ def host_fn_per_worker(config: dict[str, Any]) -> None:
 
             return on_eval
 
+        polled = time.monotonic()
         while True:
+            if time.monotonic() - polled > ABORT_POLL_S:  # the search stopped early?
+                polled = time.monotonic()
+                if ray.get(board.aborted.remote()):
+                    return  # its last checkpoint stays, for --resume
             free = capacity - len(trainer.slots)
             if free > 0:
                 new = ray.get(board.claim.remote(name, free, 0.0 if trainer.slots else 2.0))
+                if new is None and ray.get(board.aborted.remote()):
+                    return
                 if new is None and not trainer.slots:
                     break
                 resumed = []
@@ -543,10 +561,11 @@ class HostPool:
         """`hosts`, `base_loads` (base model loads so far) and their seconds (`base_load_s`)."""
         return {"hosts": self.count, **ray.get(self.board.stats.remote())}
 
-    def close(self, timeout_s: float = 120.0) -> None:
-        """End the hosts (once their slots are empty) and the board."""
+    def close(self, *, abort: bool = False, timeout_s: float = 120.0) -> None:
+        """End the hosts and the board: once their slots are empty, or (`abort`: the search
+        stopped early) at once, each keeping its last checkpoint for a resume."""
         try:
-            ray.get(self.board.close.remote())
+            ray.get(self.board.abort.remote() if abort else self.board.close.remote())
         except ray.exceptions.RayActorError:
             pass
         for thread in self._threads:

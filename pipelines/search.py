@@ -382,7 +382,7 @@ def run_search(
     finally:
         stop_signals.restore()
         if hosts is not None:
-            hosts.close()
+            hosts.close(abort=sys.exc_info()[0] is not None)
         ray.kill(hub.handle)
     link = tracker.ui_link()
     if best:

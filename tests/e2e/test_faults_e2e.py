@@ -141,14 +141,17 @@ def _kill_everything(search: subprocess.Popen, ray_tmp: Path) -> None:
     _wait(lambda: not _ray_pids(ray_tmp), 30, "the killed Ray processes to go")
 
 
-def _small_space(tmp_path: Path, experiment: str):
+def _small_space(tmp_path: Path, experiment: str, hosts: bool = False):
     """3 trials of 40 steps (4 evaluations), 2 at a time on the search's own 2-CPU Ray: 30 steps
     between a trial's first evaluation and its end, so a fault sent on seeing that evaluation
-    lands while the trial runs."""
+    lands while the trial runs. `hosts`: on one trial host of 2 slots, as the quickstart."""
     make_space(tmp_path, "graphlora", trials=3, experiment=experiment)
     from pipelines.search import load_search_space
 
-    return load_search_space(tmp_path / "space.yaml")
+    path = tmp_path / "space.yaml"
+    if hosts:
+        path.write_text(path.read_text().replace("max_concurrent_trials: 2", "trials_per_host: 2"))
+    return load_search_space(path)
 
 
 def _start(tmp_path: Path, space, env: dict) -> tuple[subprocess.Popen, MlflowClient, str]:
@@ -214,9 +217,10 @@ def _evaluated(client, space, parent_id, need_done: bool):
 
 def test_ctrl_c_stops_the_search_resumably(graphlora_home, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) after the first evaluations, on the
-    local Ray the search started: it exits 130 saying how to resume, running trials are
-    `interrupted` (MLflow KILLED), not failed; `--resume` continues them and finishes."""
-    space = _small_space(tmp_path, "ctrlc")
+    local Ray the search started, with its trials packed on a trial host (as the quickstart):
+    it exits 130 saying how to resume, running trials are `interrupted` (MLflow KILLED), not
+    failed; `--resume` continues them from the host's checkpoint and finishes."""
+    space = _small_space(tmp_path, "ctrlc", hosts=True)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths
     env = _search_env(graphlora_home, ray_tmp)
     search, client, parent = _start(tmp_path, space, env)
