@@ -92,9 +92,12 @@ def trial_cost(
 ) -> dict[str, float]:
     """A trial's cost so far: `wall_time_s`, `startup_time_s` (wall time not spent in the
     runs' own setup, training, evaluation, checkpoints and test) and `device_seconds`: seeds x
-    workers x GPUs per worker (CPUs when no GPU) x wall time."""
+    workers x GPUs per worker (CPUs when no GPU) x wall time; on a trial host, its slot's share
+    (a GPU host's GPU is shared by its slots; a CPU host has each slot's CPUs)."""
     res = plan.space.resources
     per_worker = res.gpus_per_worker or res.cpus_per_worker
+    if plan.board is not None and res.gpus_per_worker:
+        per_worker = res.gpus_per_worker / res.trials_per_host
     run = sum(stats.get(k, 0.0) for k in _RUN_TIMES)
     return {
         "wall_time_s": wall_s,

@@ -139,3 +139,27 @@ def test_gpu_utilisation_is_skipped_off_cuda():
     sampler = GpuUtilisation.start()
     sampler.stop()
     assert sampler.metrics() == {}  # a CPU run logs no gpu_util_mean
+
+
+@pytest.mark.parametrize(
+    ("resources", "per_seed"),
+    [
+        ({"gpus_per_worker": 1, "cpus_per_worker": 8}, 1.0),  # a Train run of its own: 1 GPU
+        ({"gpus_per_worker": 1, "cpus_per_worker": 8, "trials_per_host": 4}, 0.25),  # a slot
+        ({"cpus_per_worker": 1, "trials_per_host": 2}, 1.0),  # a CPU slot has its own CPU
+    ],
+)
+def test_a_trials_device_seconds_count_its_share_of_a_host(resources, per_seed):
+    from pipelines.trial import TrialPlan, trial_cost
+
+    space = load_search_space(SPACES / "quickstart.yaml")
+    res = dataclasses.replace(
+        space.resources, **{"trials_per_host": 0, "gpus_per_worker": 0, **resources}
+    )
+    space = dataclasses.replace(space, resources=res)
+    plan = TrialPlan(
+        space, "graphlora", (0, 1), "/tmp", board="board" if res.trials_per_host else None
+    )
+    cost = trial_cost({"train_time_s": 4.0}, 10.0, 2, plan)
+    assert cost["device_seconds"] == pytest.approx(2 * per_seed * 10.0)
+    assert cost["startup_time_s"] == pytest.approx(6.0)
