@@ -256,9 +256,29 @@ def test_a_packaged_model_brings_its_own_training_defaults():
 
     defaults = training_defaults("minilm-l6")
     cfg = TrainConfig.from_dict({"model": "minilm-l6", **defaults})
-    assert cfg.max_length <= 256 and cfg.eval_at_start and cfg.max_steps < 300
+    assert cfg.max_length <= 256 and cfg.eval_at_start and cfg.max_steps <= 300
     assert training_defaults("tiny-qwen2") == {}
     assert "eval_at_start" not in _run_shape(cfg, {})  # a checkpoint resumes with or without
+
+
+def test_a_packaged_model_brings_adapter_defaults_per_method_that_flags_override(monkeypatch):
+    """The CLI gives a graphlora run on MiniLM the model's own rank, alpha, Normal coefficient
+    and router width; another method, another model, or a --config value keeps its own."""
+    import graphlora.train as train_mod
+    from graphlora.models import adapter_defaults
+
+    seen = []
+    monkeypatch.setattr(
+        train_mod, "run_seeds", lambda t, a, seeds, data: seen.append(a) or {"seeds": seeds}
+    )
+    base = ["--model", "minilm-l6", "--dataset", "arc-easy", "--max-steps", "1"]
+    assert train_mod.main([*base, "--method", "graphlora"]) == 0
+    assert train_mod.main([*base, "--method", "lora"]) == 0
+    graph, lora = seen
+    wanted = adapter_defaults("minilm-l6", "graphlora")
+    assert wanted and all(getattr(graph, k) == v for k, v in wanted.items())
+    assert lora.rank == MoELoRAConfig(method="lora").rank  # the lora preset's own
+    assert adapter_defaults("tiny-qwen2", "graphlora") == {}
 
 
 def test_a_bare_cuda_device_names_this_ranks_gpu(monkeypatch):
