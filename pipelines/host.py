@@ -44,6 +44,7 @@ from pipelines.worker import TRAIN_POLL_S, eval_index
 
 MANIFEST = "host.json"  # in a host checkpoint: the jobs of the slots it holds
 ABORT_POLL_S = 1.0  # how often a busy host asks whether the search was stopped
+HELLO_WAIT_S = 600.0  # longest the board waits for every host's first hello
 
 
 class SlotError(RuntimeError):
@@ -60,8 +61,11 @@ class HostBoard:
     training state from its checkpoint reserves that job: no other host starts it afresh.
     """
 
-    def __init__(self, hub: HubRef) -> None:
+    def __init__(self, hub: HubRef, hosts: int) -> None:
         self._hub = hub
+        self._expected = hosts  # no job is handed out before they have all said hello (or
+        self._opened = time.monotonic()  # HELLO_WAIT_S has passed): a resumed host's runs
+        # must not start afresh on another host that came up first
         self._queue: OrderedDict[str, dict] = OrderedDict()  # waiting for a slot
         self._owner: dict[str, str] = {}  # key -> host training it
         self._jobs: dict[str, dict] = {}  # every job known, by key
@@ -124,12 +128,18 @@ class HostBoard:
             holder = self._reserved.get(key)
             return holder is None or holder == host or holder in self._lost
 
+        def all_here() -> bool:
+            here = len(self._hosts | set(self._lost)) >= self._expected
+            return here or time.monotonic() - self._opened > HELLO_WAIT_S
+
         def ready() -> bool:
-            return self._closed or any(mine(k) for k in self._queue)
+            return self._closed or (all_here() and any(mine(k) for k in self._queue))
 
         await self._wait(ready, timeout_s)
         if self._closed:
             return None
+        if not all_here():
+            return []
         keys = sorted(
             (k for k in self._queue if mine(k)), key=lambda k: self._reserved.get(k) != host
         )
@@ -508,7 +518,7 @@ class HostPool:
         res = space.resources
         self.count = hosts_for(space)
         self.capacity = res.trials_per_host
-        self.board = BoardRef.start(f"host-board:{name}", hub)
+        self.board = BoardRef.start(f"host-board:{name}", hub, self.count)
         self._space, self._backend, self._name = space, backend, name
         self._storage, self._hub = storage_path, hub
         self._threads: list[threading.Thread] = []

@@ -323,19 +323,26 @@ def _train_worker_pids() -> set[int]:
     return pids
 
 
-def test_train_worker_sigkilled_mid_trial_restarts_from_checkpoint(ray_cluster, tmp_path):
-    space = make_space(tmp_path, "graphlora", trials=1, concurrent=1, experiment="worker")
+def search_in_thread(space, tmp_path: Path) -> tuple[threading.Thread, dict, io.StringIO]:
+    """`run_search(space)` in a thread of this process (on the tests' Ray): the thread, a box
+    that gets its `result` or its `error`, and its progress output."""
     box: dict = {}
     out = io.StringIO()
 
     def search() -> None:
         try:
             box["result"] = run_search(space, output_dir=tmp_path / "out", out=out)
-        except BaseException as exc:  # surfaced by the assertion below
+        except BaseException as exc:  # surfaced by the caller's assertions
             box["error"] = exc
 
     thread = threading.Thread(target=search)
     thread.start()
+    return thread, box, out
+
+
+def test_train_worker_sigkilled_mid_trial_restarts_from_checkpoint(ray_cluster, tmp_path):
+    space = make_space(tmp_path, "graphlora", trials=1, concurrent=1, experiment="worker")
+    thread, box, out = search_in_thread(space, tmp_path)
     client = MlflowClient(tracking_uri())
 
     def evaluated_worker():

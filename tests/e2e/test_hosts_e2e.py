@@ -9,12 +9,17 @@ import dataclasses
 import io
 import os
 import signal
-import threading
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from test_faults_e2e import _assert_clean_history, _runs, _train_worker_pids, _wait
+from test_faults_e2e import (
+    _assert_clean_history,
+    _runs,
+    _train_worker_pids,
+    _wait,
+    search_in_thread,
+)
 from test_search_e2e import live_placement_groups, make_space
 
 from graphlora.config import MoELoRAConfig
@@ -116,17 +121,7 @@ def test_a_packed_trial_computes_what_it_computes_alone(packed_search, tmp_path)
 
 def test_host_worker_sigkilled_resumes_every_slot_from_its_checkpoint(ray_cluster, tmp_path):
     space = _packed_space(tmp_path, "hostkill", trials=2)
-    box: dict = {}
-    out = io.StringIO()
-
-    def search() -> None:
-        try:
-            box["result"] = run_search(space, output_dir=tmp_path / "out", out=out)
-        except BaseException as exc:  # surfaced by the assertion below
-            box["error"] = exc
-
-    thread = threading.Thread(target=search)
-    thread.start()
+    thread, box, out = search_in_thread(space, tmp_path)
     client = MlflowClient(tracking_uri())
 
     def both_evaluated():
