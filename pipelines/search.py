@@ -482,8 +482,15 @@ def describe_search(
         f"Cost: {cost.get('total_device_seconds', 0):.0f} device-seconds, "
         f"{cost.get('total_wall_time_s', 0):.0f} s of trial wall time in all.",
         "",
-        "Pictures (Artifacts tab, `plots/`):",
     ]
+    if cost.get("hosts"):
+        lines += [
+            f"Trial hosts: {cost['hosts']:.0f} of {space.resources.trials_per_host} slots; the "
+            f"base model was loaded {cost.get('base_loads', 0):.0f} time(s), "
+            f"{cost.get('hosts_lost', 0):.0f} host(s) lost.",
+            "",
+        ]
+    lines += ["Pictures (Artifacts tab, `plots/`):"]
     notes = {
         "pareto.png": "validation metric against trainable parameters, Pareto front marked",
         "load_map.png": "expert load per layer (training tokens) of the best trials",

@@ -63,6 +63,8 @@ def test_packed_search_loads_the_base_once_and_records_every_trial(packed_search
     # One host: the base model was loaded once for the whole search, none lost.
     assert parent.data.metrics["base_loads"] == 1
     assert parent.data.metrics["hosts"] == 1 and parent.data.metrics["hosts_lost"] == 0
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Trial hosts: 1 of 2 slots; the base model was loaded 1 time(s)" in note, note
     runs = _runs(client, space.experiment, result.parent_run_id)
     assert len(runs) == 4
     for run in runs:
