@@ -130,11 +130,17 @@ def base_dropout(model: nn.Module) -> list[str]:
         if isinstance(m, nn.Dropout) and m.p > 0
     ]
     config = getattr(model, "config", None)
-    for key, value in (config.to_dict() if config is not None else {}).items():
-        if "drop" in key and isinstance(value, int | float) and not isinstance(value, bool):
-            if value > 0:
-                found.append(f"config.{key}={value}")
-    return found
+    return found + [f"config.{rate}" for rate in _config_dropout(config)]
+
+
+def _config_dropout(config) -> list[str]:
+    """``key=value`` of a model config's dropout rates above 0 (none for a missing config)."""
+    return [
+        f"{key}={value}"
+        for key, value in (config.to_dict() if config is not None else {}).items()
+        if "drop" in key and isinstance(value, int | float) and not isinstance(value, bool)
+        if value > 0
+    ]
 
 
 def packing_problem(model: str, *, revision: str | None = None) -> str | None:
@@ -153,12 +159,7 @@ def packing_problem(model: str, *, revision: str | None = None) -> str | None:
             f"model {model!r} is an encoder, which trains through a scoring head that cannot be "
             "packed; pack a decoder (causal LM)"
         )
-    dropout = [
-        f"{key}={value}"
-        for key, value in config.to_dict().items()
-        if "drop" in key and isinstance(value, int | float) and not isinstance(value, bool)
-        if value > 0
-    ]
+    dropout = _config_dropout(config)
     if dropout:
         return (
             f"model {model!r}: the base model has dropout ({', '.join(dropout[:3])}), drawn "

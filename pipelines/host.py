@@ -40,7 +40,7 @@ import ray
 
 from pipelines.asha import HubRef
 from pipelines.space import SearchSpace, training_api
-from pipelines.worker import TRAIN_POLL_S, eval_index
+from pipelines.worker import TRAIN_POLL_S, eval_index, worker_errors
 
 MANIFEST = "host.json"  # in a host checkpoint: the jobs of the slots it holds
 ABORT_POLL_S = 1.0  # how often a busy host asks whether the search was stopped
@@ -382,10 +382,8 @@ class _SlotStates:
         self.keep(key, folder)
 
     def keep(self, key: str, folder: Path) -> None:
-        old = self.folders.get(key)
+        self.drop(key)  # the older state of the same slot
         self.folders[key] = Path(folder)
-        if old is not None and old.is_relative_to(self.root):
-            shutil.rmtree(old, ignore_errors=True)
 
     def drop(self, key: str) -> None:
         old = self.folders.pop(key, None)
@@ -459,12 +457,8 @@ def _host_relay(board: BoardRef, hub: HubRef, host: str) -> Any:
                 ray.get(board.finished.remote(key, error))
 
         def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
-            errors = "; ".join(
-                f"host {host} rank {r}: {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0] if str(e) else ''}"
-                for r, e in sorted(worker_exceptions.items())
-            )
-            ray.get(board.host_error.remote(host, errors[:1000]))
+            errors = worker_errors(worker_exceptions, f"host {host} ")
+            ray.get(board.host_error.remote(host, errors))
 
     return HostRelay()
 
@@ -510,14 +504,20 @@ class HostPool:
         name: the search's name.
         storage_path: where Ray Train keeps the hosts' checkpoints.
         hub: the search's trial hub.
+        count: how many hosts (`hosts_for`).
     """
 
     def __init__(
-        self, space: SearchSpace, backend: str, name: str, storage_path: str, hub: HubRef
+        self,
+        space: SearchSpace,
+        backend: str,
+        name: str,
+        storage_path: str,
+        hub: HubRef,
+        count: int,
     ) -> None:
-        res = space.resources
-        self.count = hosts_for(space)
-        self.capacity = res.trials_per_host
+        self.count = count
+        self.capacity = space.resources.trials_per_host
         self.board = BoardRef.start(f"host-board:{name}", hub, self.count)
         self._space, self._backend, self._name = space, backend, name
         self._storage, self._hub = storage_path, hub

@@ -164,8 +164,8 @@ def run_search(
     # Tune snapshots its state after every trial checkpoint (what makes resume exact) and warns
     # about it when evaluations come fast; the snapshots are small.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if space.resources.trials_per_host:
-        hosts_for(space)  # a cluster with no room for a host is refused before anything starts
+    # With trial hosts, a cluster with no room for one is refused before anything starts.
+    host_count = hosts_for(space) if space.resources.trials_per_host else 0
     tracker = Tracker(space.experiment)
     if resume:
         output_dir = Path(output_dir).resolve()
@@ -241,7 +241,7 @@ def run_search(
     stop_signals.install()
     try:
         if space.resources.trials_per_host:
-            hosts = HostPool(space, backend, name, storage, hub)
+            hosts = HostPool(space, backend, name, storage, hub, host_count)
             hosts.start()
         concurrent = space.resources.concurrent_trials(
             hosts.count if hosts else 0,

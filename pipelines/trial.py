@@ -22,7 +22,7 @@ from typing import Any
 from pipelines.host import job_key, run_on_host
 from pipelines.records import seed_stats
 from pipelines.space import SearchSpace
-from pipelines.worker import TRAIN_POLL_S, seed_trainer
+from pipelines.worker import TRAIN_POLL_S, seed_trainer, worker_errors
 
 OBJECTIVE = "objective"  # the score of a trial's last evaluation, reported to ASHA and Optuna
 
@@ -67,11 +67,8 @@ def _make_relay(hub: Any, trial_id: str, seed_index: int) -> Any:
         def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
             # A worker died or raised; Ray Train restarts the group from the last checkpoint
             # while retries last. The driver records it, so MLflow shows the failure.
-            errors = "; ".join(
-                f"rank {r}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
-                for r, e in sorted(worker_exceptions.items())
-            )
-            ray.get(hub.put.remote(trial_id, seed_index, {"worker_error": errors[:1000]}))
+            errors = worker_errors(worker_exceptions)
+            ray.get(hub.put.remote(trial_id, seed_index, {"worker_error": errors}))
 
     return EvalRelay()
 

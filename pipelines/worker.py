@@ -173,6 +173,15 @@ def seed_trainer(
     )
 
 
+def worker_errors(worker_exceptions: dict, label: str = "") -> str:
+    """One line for a Ray Train `after_exception` callback's errors: `<label>rank r: Type:
+    first line` per rank, at most 1000 characters (for the trial's `recovery_log`)."""
+    return "; ".join(
+        f"{label}rank {r}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+        for r, e in sorted(worker_exceptions.items())
+    )[:1000]
+
+
 def eval_index(step: int, eval_every: int, max_steps: int) -> int:
     """Which evaluation of a run happens at `step` (1-based; the last step always evaluates)."""
     return step // eval_every + (1 if step == max_steps and step % eval_every else 0)
