@@ -30,6 +30,10 @@ that has any unless told to turn it off. And rows padded wider than they would b
 base's hidden states by float rounding (about 1e-7), enough to flip a near-tie in top-k routing;
 the slots' rows are padded to the widest slot's width in each step, so slots match their runs
 alone to 1e-5 where their batches have the same width (the ``synthetic`` task's do).
+
+Data parallelism packs too: on several ``torch.distributed`` ranks, each rank trains its shard of
+every slot's batch and the slots' gradients are averaged in one all-reduce per step, so a slot
+equals ``run_training`` of its configuration on as many ranks.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from graphlora.train import (
     OnEval,
     RunState,
     TrainConfig,
+    _all_reduce_sum,
     _encode_train,
     _evaluate,
     _log,
@@ -184,8 +189,15 @@ class PackedTrainer:
             off, which ``run_training`` does not do.
 
     Raises:
-        ValueError: the base is an encoder, has dropout and ``base_dropout_off`` is False, the
-            data lack a train or validation split, or ``torch.distributed`` runs several ranks.
+        ValueError: the base is an encoder, has dropout and ``base_dropout_off`` is False, or
+            the data lack a train or validation split.
+
+    Under ``torch.distributed`` (several ranks, as ``run_training`` runs them) every rank holds
+    the same slots, added and stopped in the same order, and trains on its shard of each slot's
+    batch; each step's gradients of every slot are averaged over the ranks in one all-reduce,
+    a non-finite loss on any rank ends the slot on all of them, evaluations are summed over the
+    ranks, and rank 0 alone writes checkpoints and adapters. A slot then computes what
+    ``run_training`` computes for its configuration on the same ranks.
 
     Attributes:
         pack: the ``Pack`` carrying the slots' adapters.
@@ -203,12 +215,7 @@ class PackedTrainer:
         base_dropout_off: bool = False,
     ) -> None:
         started = time.perf_counter()
-        world = _world()[1]
-        if world > 1:
-            raise ValueError(
-                f"PackedTrainer: trains in one process, but torch.distributed runs {world} ranks; "
-                "use run_training for data-parallel runs"
-            )
+        self.rank, self.world = _world()
         self.base = base
         self.device = _pick_device(base.device)
         if self.device.type == "cuda":
@@ -249,7 +256,7 @@ class PackedTrainer:
         self.model = model.to(self.device)
         self._base_eval = base_dropout_off  # the base in eval mode, the slots' adapters training
         self.encoded = _encode_train(self.tokenizer, self.data.train, base)
-        self.micro, self.per_step = _micro_batch(base, 1)
+        self.micro, self.per_step = _micro_batch(base, self.world)
         self.use_bf16 = _use_bf16(base, self.device)
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else 0
@@ -413,13 +420,17 @@ class PackedTrainer:
         indices = {s: run.order.take(self.per_step) for s, run in runs.items()}
         step_loss: dict[str, torch.Tensor] = {}
         failed: dict[str, float] = {}
+        span = self.micro * self.world  # a micro-batch's examples over all ranks
         for a in range(self.base.grad_accum):
             live = [s for s in active if s not in failed]
             if not live:
                 break
             batches = {
                 s: pad_batch(
-                    [self.encoded[i] for i in indices[s][a * self.micro : (a + 1) * self.micro]],
+                    [
+                        self.encoded[i]
+                        for i in indices[s][a * span : (a + 1) * span][self.rank :: self.world]
+                    ],
                     self.pad,
                     self.device,
                 )
@@ -430,7 +441,9 @@ class PackedTrainer:
             for s in live:
                 if runs[s].cfg.inject_nan_at_step == runs[s].step + 1:
                     outs[s]["loss"] = outs[s]["loss"] * float("nan")
-            values = torch.stack([outs[s]["loss"].detach().float() for s in live]).tolist()
+            # Summed over the ranks, so that a non-finite loss on any rank ends the slot on all.
+            values = torch.stack([outs[s]["loss"].detach().float() for s in live])
+            values = (_all_reduce_sum(values) / self.world).tolist()
             total = None
             for s, value in zip(live, values, strict=True):
                 if not math.isfinite(value):  # the slot ends; its loss joins no backward
@@ -446,12 +459,14 @@ class PackedTrainer:
                 runs[s].add_aux(outs[s].get("aux_losses") or {})
             if total is not None:
                 total.backward()  # disjoint parameters: each slot gets its own loss's gradients
-        for s in active:
-            if s in failed:
-                continue
+        trained = [s for s in active if s not in failed]
+        for s in trained:
             for p in runs[s].params:  # as run_training: a parameter without a gradient steps on 0
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+        if self.world > 1:
+            self._average_over_ranks({s: runs[s] for s in trained}, step_loss)
+        for s in trained:
             runs[s].optimizer_step()
         seconds = time.perf_counter() - t0
         for s in active:
@@ -479,6 +494,23 @@ class PackedTrainer:
         return dict(self.results)
 
     # Internals ---------------------------------------------------------------------------------
+
+    def _average_over_ranks(
+        self, runs: Mapping[str, RunState], step_loss: dict[str, torch.Tensor]
+    ) -> None:
+        """Data parallelism: every slot's gradients and step loss averaged over the ranks, in one
+        all-reduce, as ``run_training`` averages a run's (same order, same float ops)."""
+        params = [p for run in runs.values() for p in run.params]
+        flat = torch.cat(
+            [p.grad.reshape(-1).float() for p in params] + [step_loss[s].reshape(1) for s in runs]
+        )
+        flat = _all_reduce_sum(flat) / self.world
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        for i, s in enumerate(runs):
+            step_loss[s] = flat[offset + i]
 
     def _forward(self, batches: Mapping[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
         """Each slot's loss on its rows (``_forward_loss``'s: mean cross-entropy of its labelled
@@ -516,10 +548,14 @@ class PackedTrainer:
         if state.on_eval is None:
             return False
         if not state.checkpoint:
-            return bool(state.on_eval(state.run.step, dict(metrics)))
-        with tempfile.TemporaryDirectory(prefix="graphlora-ckpt-") as tmp:
-            state_dir = state.run.save_checkpoint(tmp, state.metadata)
-            return bool(state.on_eval(state.run.step, dict(state.run.metrics), state_dir))
+            stop = bool(state.on_eval(state.run.step, dict(metrics)))
+        else:  # as run_training: rank 0 writes the state, the other ranks get None
+            with tempfile.TemporaryDirectory(prefix="graphlora-ckpt-") as tmp:
+                state_dir = None if self.rank else state.run.save_checkpoint(tmp, state.metadata)
+                stop = bool(state.on_eval(state.run.step, dict(state.run.metrics), state_dir))
+        if self.world > 1:  # the ranks stop together
+            stop = _all_reduce_sum(torch.tensor([float(stop)], device=self.device)).item() > 0
+        return stop
 
     def _done(self, slot: str) -> bool:
         run = self._slots[slot].run
@@ -530,7 +566,7 @@ class PackedTrainer:
         if stopped_early:
             _log(f"[graphlora] slot {slot}: stopped early at step {state.run.step} (on_eval)")
         metrics = state.run.finish(stopped_early)
-        if state.train_cfg.output_dir:
+        if state.train_cfg.output_dir and not self.rank:
             self.pack.save_adapter(
                 slot, state.train_cfg.output_dir, metadata={"base_model": self.info.to_dict()}
             )
