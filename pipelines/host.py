@@ -239,112 +239,203 @@ def run_on_host(board: BoardRef, job: dict) -> None:
 
 def host_fn_per_worker(config: dict[str, Any]) -> None:
     """A trial host: load the base model once, then train the board's jobs in slots until the
-    board closes.
-
-    Everything a host tells its trials (evaluations, ends) goes out in its Ray Train reports and
-    is relayed by the Train controller (`_host_relay`), after the report's checkpoint is
-    registered and in the order it was reported: a trial never sees an evaluation that a
-    restarted host would not resume from, nor a run's end before its last evaluation.
+    board closes (`_Host`).
 
     Args:
         config: `host` (its name), `backend`, `base` (a `TrainConfig` dict: the model and data
             every slot shares), `capacity` (slots), `board` (`BoardRef`), `hub` (`HubRef`).
     """
-    import ray.train
+    _Host(config).serve()
 
-    from graphlora.packed_train import PackedTrainer
 
-    train_cls, adapter_cls, _ = training_api(config["backend"])
-    name, board, hub, capacity = config["host"], config["board"], config["hub"], config["capacity"]
-    started = time.perf_counter()
-    trainer = PackedTrainer(train_cls(**config["base"]))
-    load = {
-        "seconds": time.perf_counter() - started,
-        "node": ray.get_runtime_context().get_node_id(),
-    }
-    jobs: dict[str, dict] = {}  # slot key -> its job
-    evaluated: dict[str, tuple[int, dict]] = {}  # slot key -> (step, metrics), this step's
+class _Host:
+    """One worker of a trial host. A host of one worker trains its slots alone; a host of
+    several (`workers_per_trial > 1`, one GPU each) trains every slot data-parallel, each rank on
+    its shard of every slot's batch (`PackedTrainer` under `torch.distributed`). Rank 0 alone
+    talks to the board and the trial hub (claims, stop checks, ASHA's verdicts) and shares what
+    it learns with the other ranks, so all ranks add, stop and end the same slots in the same
+    order; rank 0 alone writes the slots' states.
 
-    with tempfile.TemporaryDirectory(prefix="graphlora-host-") as tmp:
-        states = _SlotStates(Path(tmp) / "states")
-        parked: dict[str, Path] = {}
-        previous = ray.train.get_checkpoint()
-        if previous is not None:
-            folder = Path(previous.to_directory(str(Path(tmp) / "resume")))
-            manifest = json.loads((folder / MANIFEST).read_text())
-            parked = {key: folder / key for key in manifest["slots"]}
-        ray.get(board.hello.remote(name, list(parked), load))
+    Everything a host tells its trials (evaluations, ends) goes out in its Ray Train reports and
+    is relayed by the Train controller (`_host_relay`, from rank 0's report), after the report's
+    checkpoint is registered and in the order it was reported: a trial never sees an evaluation
+    that a restarted host would not resume from, nor a run's end before its last evaluation.
+    """
 
-        def on_eval_for(key: str):
-            def on_eval(step: int, metrics: dict[str, float]) -> bool:
-                evaluated[key] = (step, metrics)
-                return False  # decided after the step, with every slot's verdict at once
+    def __init__(self, config: dict[str, Any]) -> None:
+        from graphlora.packed_train import PackedTrainer
 
-            return on_eval
+        self.train_cls, self.adapter_cls, _ = training_api(config["backend"])
+        self.name, self.capacity = config["host"], config["capacity"]
+        self.board, self.hub = config["board"], config["hub"]
+        started = time.perf_counter()
+        self.trainer = PackedTrainer(self.train_cls(**config["base"]))
+        self.world, self.lead = self.trainer.world, self.trainer.rank == 0
+        self.load = {
+            "seconds": time.perf_counter() - started,
+            "node": ray.get_runtime_context().get_node_id(),
+        }
+        self.jobs: dict[str, dict] = {}  # slot key -> its job
+        self.evaluated: dict[str, tuple[int, dict]] = {}  # slot key -> (step, metrics), this step's
+        self.parked: dict[str, Path] = {}  # slot key -> its state in the checkpoint resumed from
 
-        polled = time.monotonic()
-        while True:
-            if time.monotonic() - polled > ABORT_POLL_S:  # the search stopped early?
-                polled = time.monotonic()
-                if ray.get(board.aborted.remote()):
+    def serve(self) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="graphlora-host-") as tmp:
+            self.tmp = Path(tmp)
+            self.states = _SlotStates(self.tmp / "states")
+            previous = ray.train.get_checkpoint()
+            if previous is not None:  # every rank reads it: every rank resumes the slots
+                folder = Path(previous.to_directory(str(self.tmp / "resume")))
+                manifest = json.loads((folder / MANIFEST).read_text())
+                self.parked = {key: folder / key for key in manifest["slots"]}
+            if self.lead:
+                ray.get(self.board.hello.remote(self.name, list(self.parked), self.load))
+            self._polled = time.monotonic()
+            while True:
+                what, new = self._share(self._next() if self.lead else None)
+                if what == "abort":
                     return  # its last checkpoint stays, for --resume
-            free = capacity - len(trainer.slots)
-            if free > 0:
-                new = ray.get(board.claim.remote(name, free, 0.0 if trainer.slots else 2.0))
-                if new is None and ray.get(board.aborted.remote()):
-                    return
-                if new is None and not trainer.slots:
+                if what == "end":
                     break
-                resumed = []
-                for job in new or []:
-                    key = job["key"]
-                    jobs[key] = job
-                    resume = parked.pop(key, None)
-                    _add(trainer, job, resume, on_eval_for(key), train_cls, adapter_cls)
-                    if resume is not None:
-                        states.keep(key, resume)
-                        resumed.append(_resumed_message(job, resume))
-                if resumed:
-                    _send(resumed)
-            if not trainer.slots:
-                continue
-            ended = trainer.step()
-            for result in ended:
-                states.drop(result.slot)
-            if evaluated:
-                # Each slot's state as of its evaluation (as a Train run of its own keeps it);
-                # the evaluations go out with the checkpoint that holds them.
+                self._add(new)
+                if self.trainer.slots:
+                    self._step()
+            # Nothing parked for a later start (a search extended with --trials).
+            self.states.clear()
+            _send([], checkpoint=self._checkpoint())
+
+    def _next(self) -> tuple[str, list[dict]]:
+        """Rank 0: what the host does next: ("abort", []), ("end", []) or ("jobs", new jobs)."""
+        board, slots = self.board, self.trainer.slots
+        if time.monotonic() - self._polled > ABORT_POLL_S:  # the search stopped early?
+            self._polled = time.monotonic()
+            if ray.get(board.aborted.remote()):
+                return "abort", []
+        free = self.capacity - len(slots)
+        if free <= 0:
+            return "jobs", []
+        new = ray.get(board.claim.remote(self.name, free, 0.0 if slots else 2.0))
+        if new is None and ray.get(board.aborted.remote()):
+            return "abort", []
+        if new is None and not slots:
+            return "end", []
+        return "jobs", new or []
+
+    def _share(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _add(self, new: list[dict]) -> None:
+        """Start the new jobs in slots, from their states if the host's checkpoint holds them."""
+        resumed = []
+        for job in new:
+            key = job["key"]
+            self.jobs[key] = job
+            resume = self.parked.pop(key, None)
+            self.trainer.add(
+                key,
+                self.train_cls(**job["training"]),
+                self.adapter_cls(**job["adapter"]),
+                on_eval=self._on_eval_for(key),
+                resume_from=resume,
+            )
+            if resume is not None:
+                self.states.keep(key, resume)
+                resumed.append(_resumed_message(job, resume))
+        if resumed:
+            _send(resumed)
+
+    def _on_eval_for(self, key: str):
+        def on_eval(step: int, metrics: dict[str, float]) -> bool:
+            self.evaluated[key] = (step, metrics)
+            return False  # decided after the step, with every slot's verdict at once
+
+        return on_eval
+
+    def _step(self) -> None:
+        """One packed step; the evaluations it made and the runs that ended go out."""
+        trainer, jobs, evaluated = self.trainer, self.jobs, self.evaluated
+        ended = trainer.step()
+        for result in ended:
+            self.states.drop(result.slot)
+        if evaluated:
+            # Each slot's state as of its evaluation (as a Train run of its own keeps it);
+            # the evaluations go out with the checkpoint that holds them.
+            if self.lead:
                 for key in evaluated:
                     if key in trainer.slots:
-                        states.save(trainer, key)
-                _send(
-                    [
-                        (jobs[k]["trial_id"], jobs[k]["seed_index"], {**m, "step": step})
-                        for k, (step, m) in evaluated.items()
-                    ],
-                    checkpoint=_checkpoint(states, jobs, Path(tmp) / "report"),
+                        self.states.save(trainer, key)
+            _send(
+                [_message(jobs[k], {**m, "step": step}) for k, (step, m) in evaluated.items()],
+                checkpoint=self._checkpoint(),
+            )
+        stop = self._share(self._verdicts() if self.lead else None)
+        for key in stop:
+            self.states.drop(key)
+            ended.append(trainer.stop(key))
+        evaluated.clear()
+        if ended:
+            _send(
+                [
+                    (
+                        jobs[r.slot]["trial_id"],
+                        jobs[r.slot]["seed_index"],
+                        {**r.metrics, "final": 1},
+                    )
+                    for r in ended
+                    if r.error is None
+                ],
+                ended=[(r.slot, _error_text(r.error)) for r in ended],
+            )
+            for result in ended:
+                del jobs[result.slot]
+
+    def _verdicts(self) -> list[str]:
+        """Rank 0: ASHA's verdicts on this step's evaluations, awaited all at once; the slots
+        it stops (they end as `run_training` ends a run whose on_eval says stop)."""
+        keys = [k for k in self.evaluated if k in self.trainer.slots]
+        if not keys:
+            return []
+        jobs = self.jobs
+        verdicts = ray.get(
+            [
+                self.hub.should_stop.remote(
+                    jobs[k]["trial_id"],
+                    eval_index(
+                        self.evaluated[k][0],
+                        jobs[k]["training"]["eval_every"],
+                        jobs[k]["training"]["max_steps"],
+                    ),
+                    jobs[k]["verdict_wait_s"],
                 )
-            for result in _judge(trainer, jobs, evaluated, hub):
-                states.drop(result.slot)
-                ended.append(result)
-            evaluated.clear()
-            if ended:
-                _send(
-                    [
-                        (
-                            jobs[r.slot]["trial_id"],
-                            jobs[r.slot]["seed_index"],
-                            {**r.metrics, "final": 1},
-                        )
-                        for r in ended
-                        if r.error is None
-                    ],
-                    ended=[(r.slot, _error_text(r.error)) for r in ended],
-                )
-                for result in ended:
-                    del jobs[result.slot]
-        states.clear()  # nothing parked for a later start (a search extended with --trials)
-        _send([], checkpoint=_checkpoint(states, jobs, Path(tmp) / "report"))
+                for k in keys
+            ]
+        )
+        return [k for k, stop in zip(keys, verdicts, strict=True) if stop]
+
+    def _checkpoint(self) -> Any:
+        """Rank 0: a host checkpoint: every slot's state as of its last evaluation, and the
+        slots' jobs. Other ranks: None (Ray Train registers rank 0's)."""
+        if not self.lead:
+            return None
+        import ray.train
+
+        folder = self.tmp / "report"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for key, state in self.states.folders.items():
+            shutil.copytree(state, folder / key, copy_function=os.link)
+        manifest = {"slots": {key: self.jobs[key] for key in self.states.folders}}
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        return ray.train.Checkpoint.from_directory(folder)
 
 
 def _send(
@@ -357,13 +448,18 @@ def _send(
     ray.train.report({"relay": messages, "ended": ended or []}, checkpoint=checkpoint)
 
 
+def _message(job: dict, metrics: dict) -> tuple[str, int, dict]:
+    """A trial message about `job`'s run: (trial id, seed index, metrics)."""
+    return (job["trial_id"], job["seed_index"], metrics)
+
+
 def _resumed_message(job: dict, folder: Path) -> tuple[str, int, dict]:
     """A resumed slot says its checkpoint's evaluation again (the trial may not have seen it;
     it drops repeats), marked `resumed` for the trial's recovery log."""
     from graphlora.checkpoint import read_progress
 
     step, metrics = read_progress(folder)
-    return (job["trial_id"], job["seed_index"], {**metrics, "step": step, "resumed": 1})
+    return _message(job, {**metrics, "step": step, "resumed": 1})
 
 
 def _error_text(error: BaseException | None) -> str | None:
@@ -393,53 +489,6 @@ class _SlotStates:
     def clear(self) -> None:
         for key in list(self.folders):
             self.drop(key)
-
-
-def _add(trainer, job, resume, on_eval, train_cls, adapter_cls) -> None:
-    """Start `job` in a slot, from its checkpoint folder `resume` if the host holds one."""
-    trainer.add(
-        job["key"],
-        train_cls(**job["training"]),
-        adapter_cls(**job["adapter"]),
-        on_eval=on_eval,
-        resume_from=resume,
-    )
-
-
-def _judge(trainer, jobs, evaluated, hub) -> list:
-    """Wait for ASHA's verdicts on this step's evaluations, all at once; end the slots it
-    stopped (as `run_training` ends a run whose on_eval says stop)."""
-    keys = [k for k in evaluated if k in trainer.slots]
-    if not keys:
-        return []
-    verdicts = ray.get(
-        [
-            hub.should_stop.remote(
-                jobs[k]["trial_id"],
-                eval_index(
-                    evaluated[k][0],
-                    jobs[k]["training"]["eval_every"],
-                    jobs[k]["training"]["max_steps"],
-                ),
-                jobs[k]["verdict_wait_s"],
-            )
-            for k in keys
-        ]
-    )
-    return [trainer.stop(k) for k, stop in zip(keys, verdicts, strict=True) if stop]
-
-
-def _checkpoint(states: _SlotStates, jobs: dict[str, dict], folder: Path) -> Any:
-    """A host checkpoint: every slot's state as of its last evaluation, and the slots' jobs."""
-    import ray.train
-
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for key, state in states.folders.items():
-        shutil.copytree(state, folder / key, copy_function=os.link)
-    manifest = {"slots": {key: jobs[key] for key in states.folders}}
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    return ray.train.Checkpoint.from_directory(folder)
 
 
 def _host_relay(board: BoardRef, hub: HubRef, host: str) -> Any:
@@ -484,10 +533,12 @@ def hosts_for(space: SearchSpace) -> int:
         need = f"{res.host_cpus():g} CPU" + (
             f" and {res.gpus_per_worker:g} GPU" if res.gpus_per_worker else ""
         )
+        workers = res.workers_per_trial
+        need = f"{workers} workers of {need}" if workers > 1 else f"{need} on one node"
         raise HostsError(
             f"{space.path}: resources.trials_per_host: a trial host of {res.trials_per_host} "
-            f"slots needs {need} on one node, and no node of this Ray cluster has that; lower "
-            "trials_per_host or cpus_per_worker, or add a larger node"
+            f"slots needs {need}, and this Ray cluster's nodes do not hold that; lower "
+            "trials_per_host, workers_per_trial or cpus_per_worker, or add a larger node"
         )
     return count
 
@@ -518,6 +569,7 @@ class HostPool:
     ) -> None:
         self.count = count
         self.capacity = space.resources.trials_per_host
+        self.workers = space.resources.workers_per_trial  # data-parallel ranks per host
         self.board = BoardRef.start(f"host-board:{name}", hub, self.count)
         self._space, self._backend, self._name = space, backend, name
         self._storage, self._hub = storage_path, hub
@@ -546,7 +598,7 @@ class HostPool:
                 },
                 name=f"{self._name}-{host}",
                 storage_path=self._storage,
-                workers=1,
+                workers=res.workers_per_trial,
                 cpus_per_worker=res.host_cpus(),
                 gpus_per_worker=res.gpus_per_worker,
                 worker_retries=res.worker_retries,

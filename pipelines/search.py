@@ -251,8 +251,9 @@ def run_search(
         print(
             f"{concurrent} trial(s) at a time"
             + (
-                f", packed on {hosts.count} trial host(s) of {hosts.capacity} slots, each "
-                f"loading {space.model} once"
+                f", packed on {hosts.count} trial host(s) of {hosts.capacity} slots"
+                + (f" and {hosts.workers} workers" if hosts.workers > 1 else "")
+                + f", each loading {space.model} once"
                 if hosts
                 else ""
             ),

@@ -163,19 +163,22 @@ class Resources:
 
     def host_count(self, nodes: list[dict[str, float]], runs: int) -> int:
         """How many trial hosts a search starts: `hosts` if set, else as many as the cluster's
-        nodes (their resources: `ray.nodes()[i]["Resources"]`) hold, one per GPU worker on GPU
-        nodes, but no more than `runs` (trials x seeds) fill; 0 when no node holds one."""
+        nodes (their resources: `ray.nodes()[i]["Resources"]`) hold, one per GPU worker group
+        on GPU nodes (`workers_per_trial` workers each), but no more than `runs` (trials x
+        seeds) fill; 0 when the nodes do not hold one."""
         if self.hosts:
             return self.hosts
         need = {"CPU": self.host_cpus(), "GPU": self.gpus_per_worker}
-        fit = sum(
+        workers = sum(
             min(int(node.get(k, 0.0) // v) for k, v in need.items() if v > 0) for node in nodes
         )
+        fit = workers // self.workers_per_trial
         return min(fit, max(1, math.ceil(runs / self.trials_per_host)))
 
     def host_cpus(self) -> float:
-        """CPUs a host reserves: a CPU host packs `trials_per_host` runs on the CPUs as many
-        trials would take; a GPU host packs them on its GPU and takes one worker's CPUs."""
+        """CPUs each worker of a host reserves: a CPU host packs `trials_per_host` runs on the
+        CPUs as many trials' workers would take; a GPU host packs them on its GPUs and takes one
+        worker's CPUs per worker."""
         if self.gpus_per_worker > 0:
             return self.cpus_per_worker
         return self.cpus_per_worker * self.trials_per_host
@@ -571,13 +574,6 @@ def validate_space(
         if getattr(resources, key) < 0:
             raise c.error(f"resources.{key}", f"{getattr(resources, key)} must be 0 or more")
     if resources.trials_per_host:
-        if resources.workers_per_trial > 1:
-            raise c.error(
-                "resources.trials_per_host",
-                f"a trial host trains its slots in one worker, but workers_per_trial is "
-                f"{resources.workers_per_trial}; set workers_per_trial: 1, or trials_per_host: 0 "
-                "for data-parallel trials",
-            )
         shared = sorted(set(search) & set(packed_shared))
         if shared:
             raise c.error(

@@ -156,11 +156,6 @@ BAD = [
     (mutate(stability={"seeds": 0}), "stability.seeds", "at least 1"),
     (mutate(resources={"trials_per_host": -1}), "resources.trials_per_host", "0 or more"),
     (
-        mutate(resources={"trials_per_host": 2, "workers_per_trial": 2}),
-        "resources.trials_per_host",
-        "workers_per_trial: 1",
-    ),
-    (
         mutate(
             resources={"trials_per_host": 2},
             search={**SEARCH, "max_length": {"type": "categorical", "values": [64, 128]}},
@@ -357,6 +352,16 @@ GPU_NODES = [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 32.0, "GPU": 4.0}]
         ({"trials_per_host": 4, "gpus_per_worker": 1}, GPU_NODES, 1, 4),  # 4 trials: 1 host
         ({"trials_per_host": 1, "gpus_per_worker": 1}, GPU_NODES, 4, 4),  # one per trial
         ({"trials_per_host": 2, "gpus_per_worker": 1, "hosts": 3}, GPU_NODES, 3, 6),
+        # Hosts of 2 data-parallel workers: one per 2 GPUs, wherever the workers land.
+        ({"trials_per_host": 1, "gpus_per_worker": 1, "workers_per_trial": 2}, GPU_NODES, 4, 4),
+        (
+            {"trials_per_host": 1, "gpus_per_worker": 1, "workers_per_trial": 3},
+            [{"CPU": 8.0, "GPU": 2.0}] * 3,
+            2,
+            2,
+        ),
+        ({"trials_per_host": 2, "workers_per_trial": 2, "cpus_per_worker": 0.5}, CPU2, 1, 2),
+        ({"trials_per_host": 2, "workers_per_trial": 2}, CPU2, 0, 1),  # 2 x 2 CPUs: too big
     ],
 )
 def test_trial_hosts_and_concurrency_follow_resources(

@@ -121,6 +121,89 @@ def test_a_packed_trial_computes_what_it_computes_alone(packed_search, tmp_path)
             assert value == pytest.approx(metrics[metric], abs=1e-5), (metric, packed, alone)
 
 
+TWO_RANKS = r"""
+import json, sys
+import torch.distributed as dist
+from graphlora.config import MoELoRAConfig
+from graphlora.train import TrainConfig, run_training
+dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2)
+adapter, training = json.loads(open(sys.argv[2]).read())
+seen = []
+run_training(TrainConfig(**training), MoELoRAConfig(**adapter),
+             on_eval=lambda step, m: seen.append((step, m)) and False)
+print("RESULT " + json.dumps(seen))
+dist.destroy_process_group()
+"""
+
+
+def _run_training_on_two_ranks(adapter: dict, training: dict, tmp_path) -> list:
+    """`run_training` on 2 gloo ranks of 1 thread each (as a host's 2 one-CPU workers): the
+    evaluations rank 0 saw."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "run.json").write_text(json.dumps([adapter, training]))
+    (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "two_ranks.py"), str(r), str(tmp_path / "run.json")],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    line = next(ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[7:])
+
+
+def test_a_host_of_two_data_parallel_workers_trains_as_two_ranks_do(ray_cluster, tmp_path):
+    """`workers_per_trial: 2`: one host of 2 Ray Train workers (1 CPU each) trains 2 packed
+    trials data-parallel; a trial's every evaluation equals `run_training` on 2 gloo ranks."""
+    make_space(tmp_path, "graphlora", trials=2, workers=2, experiment="ddphost")
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "cpus_per_worker: 1, max_concurrent_trials: 2",
+            "cpus_per_worker: 0.5, trials_per_host: 2",
+        )
+    )
+    space = load_search_space(path)
+    out = io.StringIO()
+    result = run_search(space, output_dir=tmp_path / "out", out=out)
+    assert "packed on 1 trial host(s) of 2 slots and 2 workers" in out.getvalue()
+    assert {t["status"] for t in result.trials} <= {"completed", "stopped_early_asha"}
+    assert live_placement_groups() == []
+    client = MlflowClient(tracking_uri())
+    assert client.get_run(result.parent_run_id).data.metrics["base_loads"] == 1
+    runs = _runs(client, space.experiment, result.parent_run_id)
+    assert len(runs) == 2
+    for run in runs:
+        _assert_clean_history(client, run)
+    trial = max(result.trials, key=lambda t: t["evals"])
+    adapter, training = space.configs(trial["params"], space.seed)
+    training["max_steps"] = trial["evals"] * space.budget.eval_every
+    alone = _run_training_on_two_ranks(adapter, training, tmp_path)
+    assert alone, "no evaluation to compare"
+    run = next(r for r in runs if r.data.tags["trial_id"] == trial["trial_id"])
+    for metric in ("val_accuracy", "val_loss", "train_loss"):
+        packed = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric)]
+        assert [s for s, _ in packed] == [s for s, _ in alone]
+        for (_, value), (_, metrics) in zip(packed, alone, strict=True):
+            assert value == pytest.approx(metrics[metric], abs=1e-5), (metric, packed, alone)
+
+
 def test_host_worker_sigkilled_resumes_every_slot_from_its_checkpoint(ray_cluster, tmp_path):
     space = _packed_space(tmp_path, "hostkill", trials=2)
     thread, box, out = search_in_thread(space, tmp_path)
@@ -163,7 +246,7 @@ def test_a_host_no_node_can_hold_is_refused_before_anything_is_recorded(ray_clus
     space = dataclasses.replace(
         space, resources=dataclasses.replace(space.resources, trials_per_host=3)
     )
-    with pytest.raises(HostsError, match=r"needs 3 CPU on one node"):
+    with pytest.raises(HostsError, match=r"needs 3 CPU on one node, and this Ray cluster"):
         run_search(space, output_dir=tmp_path / "out", out=io.StringIO())
     client = MlflowClient(tracking_uri())
     assert client.get_experiment_by_name(space.experiment) is None or not _runs(
