@@ -20,6 +20,7 @@ from pipelines.records import config_params, load_map, log_lineage, tidy_metrics
 from pipelines.space import DEFAULT_BACKEND, SearchSpace
 from pipelines.tracking import COMPLETED, FAILED, INTERRUPTED, STOPPED_EARLY_ASHA, Tracker
 
+ASHA_STOP = "asha_stop"  # run tag: ASHA's reason for cutting the trial, set when it decides
 LOAD_MAP = "routing_counts.json"  # a trial run's artifact: layers x experts, training tokens
 # Summed over a stage's runs into the search run's cost (`SearchMonitor.cost`).
 COST_METRICS = (
@@ -116,12 +117,20 @@ class SearchMonitor(tune.Callback):
         Finished ones become rows as they were; unfinished ones (still `running` after a
         killed driver, or `interrupted` by Ctrl-C / SIGTERM) are re-opened when Ray Tune
         restarts their trial (`on_trial_start`), so a resumed search never duplicates a run.
+        An unfinished one that ASHA had already cut (its `asha_stop` tag) ends here as
+        `stopped_early_asha`, at the evaluation ASHA judged: its trial does not train again.
         """
         for r in sorted(runs, key=lambda r: r.info.start_time):
             tags, trial_id = r.data.tags, r.data.tags.get("trial_id")
             if not trial_id or tags.get("kind") != self.stage:
                 continue
             metrics = dict(r.data.metrics)
+            status, reason = tags.get("status", "running"), tags.get("status_reason")
+            if status in ("running", INTERRUPTED) and tags.get(ASHA_STOP):
+                # ASHA had cut it; the search stopped before the trial ended: it ends now, as
+                # ASHA left it, rather than train again.
+                status, reason = STOPPED_EARLY_ASHA, tags[ASHA_STOP]
+                self.tracker.finish(r.info.run_id, status, reason)
             evals = self.tracker.client.get_metric_history(r.info.run_id, "evals")
             objective = {  # one point per step (a final report repeats the last one)
                 m.step: m.value
@@ -134,8 +143,8 @@ class SearchMonitor(tune.Callback):
                 "params": json.loads(tags.get("trial_params", "{}")),
                 "run": json.loads(tags["stability_run"]) if "stability_run" in tags else None,
                 "run_id": r.info.run_id,
-                "status": tags.get("status", "running"),
-                "reason": tags.get("status_reason"),
+                "status": status,
+                "reason": reason,
                 "evals": len(evals),
                 # ASHA's view of the trial: its objective at each evaluation, in order
                 "objectives": [objective[k] for k in sorted(objective)][: len(evals)],
@@ -143,7 +152,7 @@ class SearchMonitor(tune.Callback):
                 "last_step": max((m.step for m in evals), default=0),
                 "worker_failures": int(metrics.get("worker_failures", 0)),
                 # ended before the resume (an interrupted trial has not: it continues)
-                "kept": tags.get("status", "running") not in ("running", INTERRUPTED),
+                "kept": status not in ("running", INTERRUPTED),
             }
 
     def ended(self) -> dict[str, dict | None]:
@@ -274,6 +283,13 @@ class SearchMonitor(tune.Callback):
         if failures > rec["worker_failures"]:
             rec["worker_failures"] = failures
             self._print(f"{rec['name']} worker failure {failures}, Ray Train restarts it: {log}")
+        # ASHA judged this result before the callbacks saw it. Its cut goes on the run at once:
+        # a search stopped before the trial ends (Ctrl-C, a stopped machine) must not train a
+        # cut trial again when it resumes (`adopt_runs`).
+        cut = getattr(self.scheduler, "stop_reasons", {}).get(trial.trial_id)
+        if cut and rec.get("asha_stop") != cut:
+            rec["asha_stop"] = cut
+            self.tracker.set_tags(rec["run_id"], {ASHA_STOP: cut})
         if result.get("final"):  # only what the last evaluation did not already log
             new = {k: v for k, v in metrics.items() if rec["last"].get(k) != v}
             self.tracker.log_metrics(rec["run_id"], new, step=step)

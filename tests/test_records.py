@@ -163,3 +163,44 @@ def test_a_trials_device_seconds_count_its_share_of_a_host(resources, per_seed):
     cost = trial_cost({"train_time_s": 4.0}, 10.0, 2, plan)
     assert cost["device_seconds"] == pytest.approx(2 * per_seed * 10.0)
     assert cost["startup_time_s"] == pytest.approx(6.0)
+
+
+def test_a_trial_asha_cut_before_the_search_stopped_ends_on_resume(tmp_path, monkeypatch):
+    """ASHA cuts a trial; Ctrl-C lands before the trial ends (its run is `interrupted`). The
+    resumed search's monitor ends that run as `stopped_early_asha` at the evaluation ASHA
+    judged, and hands its last metrics to the trial (`ended`), so it does not train again."""
+    import io
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.monitor import SearchMonitor
+    from pipelines.tracking import INTERRUPTED, STOPPED_EARLY_ASHA, Tracker, tracking_uri
+
+    monkeypatch.setenv("GRAPHLORA_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    space = load_search_space(Path(__file__).resolve().parents[1] / "search_spaces/quickstart.yaml")
+    tracker = Tracker("resume-cut")
+    parent = tracker.start_run("search x", tags={"kind": "search"})
+    asha = SimpleNamespace(stop_reasons={})  # what the monitor reads of FlagASHAScheduler
+    monitor = SearchMonitor(tracker, parent, space, scheduler=asha, out=io.StringIO(), total=2)
+    params = {"learning_rate": 0.02, "num_experts": 4, "top_k": 2, "rank": 2}
+    cut, going = (SimpleNamespace(trial_id=t, config=params) for t in ("cut_1", "going_2"))
+    for trial in (cut, going):
+        monitor.on_trial_start(0, [], trial)
+    asha.stop_reasons["cut_1"] = "ASHA: objective=0.2 below the rung cutoff"
+    for trial in (cut, going):
+        result = {"step": 20, "val_accuracy": 0.2, "objective": 0.2}
+        monitor.on_trial_result(0, [], trial, result)
+    assert monitor.close_interrupted("SIGINT") == ["cut_1", "going_2"]
+
+    resumed = SearchMonitor(tracker, parent, space, out=io.StringIO(), total=2)
+    resumed.adopt_runs(tracker.child_runs(parent))
+    ended = resumed.ended()
+    assert set(ended) == {"cut_1"} and ended["cut_1"]["val_accuracy"] == 0.2
+    assert resumed.records["cut_1"]["status"] == STOPPED_EARLY_ASHA
+    assert resumed.records["going_2"]["status"] == INTERRUPTED  # continues when Tune restarts it
+    run = MlflowClient(tracking_uri()).get_run(resumed.records["cut_1"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["status"] == STOPPED_EARLY_ASHA
+    assert run.data.tags["status_reason"] == asha.stop_reasons["cut_1"]

@@ -189,7 +189,8 @@ def _resume(name: str, env: dict, tmp_path: Path) -> str:
 
 def _assert_resumed_cleanly(client, space, parent_id, finished_before, continued_ids) -> None:
     """One run per trial, none running, none failed by the interruption; finished trials not
-    re-run; interrupted ones went on from their Train checkpoint, not from step 0."""
+    re-run; interrupted ones went on from their Train checkpoint, not from step 0, or ended as
+    ASHA had cut them before the interruption."""
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "completed"
     assert parent.data.tags["resumes"] == "1"
@@ -203,7 +204,12 @@ def _assert_resumed_cleanly(client, space, parent_id, finished_before, continued
         if run.info.run_id in finished_before:  # not re-run
             assert run.info.end_time == finished_before[run.info.run_id]
         if run.info.run_id in continued_ids:
-            log = run.data.tags.get("recovery_log", "")
+            tags = run.data.tags
+            if tags.get("asha_stop"):  # ASHA had cut it before the stop: it ends, not retrains
+                assert tags["status"] == "stopped_early_asha", tags
+                assert tags["status_reason"] == tags["asha_stop"]
+                continue
+            log = tags.get("recovery_log", "")
             assert "resumed from its checkpoint at step" in log, (run.info.run_name, log)
     assert continued_ids
 
