@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from pipelines.records import seed_stats
 from pipelines.space import SearchSpace
 from pipelines.worker import TRAIN_POLL_S, seed_trainer, worker_errors
 
+RETURN_WAIT_S = 5.0  # longest a trial waits for its runs to return once all sent their last
 OBJECTIVE = "objective"  # the score of a trial's last evaluation, reported to ASHA and Optuna
 
 
@@ -216,7 +217,9 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
         failed = False
         while True:
             done = {i for i, f in enumerate(futures) if f.done()}
-            mail = ray.get(hub.take.remote(trial_id, 0.5))
+            # A run's last messages reach the hub before its run returns: once all have
+            # returned, what is left to take is already there.
+            mail = ray.get(hub.take.remote(trial_id, 0.0 if len(done) == len(seeds) else 0.5))
             if not mail and len(done) == len(seeds):
                 break
             for i in done:
@@ -238,6 +241,8 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
                 else:
                     evals[index][int(metrics["step"])] = metrics
             flush(done | set(finals))
+            if len(finals) == len(seeds):  # every run has said its last: they are returning
+                wait(futures, timeout=RETURN_WAIT_S)
     for f in futures:
         if f.exception() is not None:
             raise f.exception()

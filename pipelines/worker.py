@@ -17,7 +17,7 @@ from typing import Any
 from pipelines.space import training_api
 
 VERDICT_WAIT_S = 60.0  # longest a Train run waits for ASHA's verdict on an evaluation
-TRAIN_POLL_S = "0.25"  # Ray Train controller poll interval, unless the environment sets one
+TRAIN_POLL_S = "0.1"  # Ray Train controller poll interval, unless the environment sets one
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
