@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,7 +353,10 @@ class PackedTrainer:
         generator: torch.Generator,
         resume_from: str | Path | None,
     ) -> RunState:
+        trainer = weakref.ref(self)  # the slot's run must not keep the trainer (and model) alive
+
         def evaluate(examples: list[Example]) -> EvalResult:
+            self = trainer()  # noqa: PLW0642 - the live trainer
             with self.pack.alone(slot):
                 res = _evaluate(self.model, self.tokenizer, examples, cfg, self.device)
             self._train_modes()

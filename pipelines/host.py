@@ -43,6 +43,11 @@ from pipelines.space import SearchSpace, training_api
 from pipelines.worker import TRAIN_POLL_S, eval_index, worker_errors
 
 MANIFEST = "host.json"  # in a host checkpoint: the jobs of the slots it holds
+# glibc malloc gives a packed step's working set (every slot's activations) back to the OS after
+# each step and faults it in again: 1.25x the time of separate passes at a CPU FFN site, 0.97x
+# with these two (BENCHMARKS.md). A CPU host's workers start with them unless the environment
+# sets them; a GPU's caching allocator keeps its memory anyway.
+CPU_HOST_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 ABORT_POLL_S = 1.0  # how often a busy host asks whether the search was stopped
 HELLO_WAIT_S = 600.0  # longest the board waits for every host's first hello
 
@@ -585,6 +590,7 @@ class HostPool:
         # Ray Train forwards reports every 2 s by default: dead time per evaluation that ASHA's
         # verdict would wait for. Read when a Train run starts.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+        malloc = {k: v for k, v in CPU_HOST_MALLOC.items() if k not in os.environ}
         for i in range(self.count):
             host = f"host{i}"
             trainer = seed_trainer(
@@ -604,6 +610,7 @@ class HostPool:
                 worker_retries=res.worker_retries,
                 callbacks=[_host_relay(self.board, self._hub, host)],
                 train_fn=host_fn_per_worker,
+                worker_env=None if res.gpus_per_worker else malloc,
             )
             thread = threading.Thread(
                 target=self._fit, args=(host, trainer), name=f"trial-{host}", daemon=True

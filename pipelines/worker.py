@@ -147,12 +147,13 @@ def seed_trainer(
     worker_retries: int,
     callbacks: list | None = None,
     train_fn: Any = None,
+    worker_env: dict[str, str] | None = None,
 ) -> Any:
     """The `TorchTrainer` of one seed: `train_fn_per_worker(config)` (or `train_fn`) on
     `workers` workers, restarted from its last checkpoint up to `worker_retries` times, keeping
     only the latest checkpoint (a resumable state, or the final adapter). Search trials, trial
     hosts (`pipelines/host.py`) and the promotion pipeline (`pipelines/train.py`) build their
-    Train runs here."""
+    Train runs here. `worker_env`: environment variables for the workers' processes."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -169,6 +170,7 @@ def seed_trainer(
             callbacks=callbacks,
             failure_config=FailureConfig(max_failures=worker_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
     )
 

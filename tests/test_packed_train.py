@@ -234,6 +234,24 @@ def test_an_on_eval_stop_finishes_the_slot_as_run_training_does(tmp_path):
     _assert_same_weights(tmp_path / "alone", tmp_path / "packed", "stopped at step 2")
 
 
+def test_a_trainer_is_freed_when_its_last_reference_goes():
+    """No slot keeps its trainer alive: `del` frees it without waiting for the cyclic GC (a
+    script that builds trainers one after another does not pile them up)."""
+    import gc
+    import weakref
+
+    trainer = PackedTrainer(RUNS["graph"][0], DATA)
+    trainer.add("graph", *RUNS["graph"])
+    trainer.step()
+    ref = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_what_the_slots_cannot_share_is_refused_clearly():
     trainer = PackedTrainer(RUNS["graph"][0], DATA)
     adapter = RUNS["plain"][1]
