@@ -1,7 +1,8 @@
 """Packed searches on trial hosts (`resources.trials_per_host`), on a real local Ray (2 CPUs) and
 a real MLflow store: the base model is loaded once per host, trials take slots, ASHA's stops and
-a NaN end one slot and not the host, a packed trial computes what it computes alone, and a host
-whose worker is SIGKILLed resumes every slot from its checkpoint."""
+a NaN end one slot and not the host, a packed trial computes what it computes alone, a host
+whose worker is SIGKILLed resumes every slot from its checkpoint, and a host of two
+data-parallel workers that loses one computes what two ranks compute uninterrupted."""
 
 from __future__ import annotations
 
@@ -168,9 +169,22 @@ def _run_training_on_two_ranks(adapter: dict, training: dict, tmp_path) -> list:
     return json.loads(line[7:])
 
 
-def test_a_host_of_two_data_parallel_workers_trains_as_two_ranks_do(ray_cluster, tmp_path):
+def _running_with_an_evaluation(client, experiment: str, count: int):
+    """The tests' Train worker pids once `count` trials run with an evaluation each, else None."""
+    parents = _runs(client, experiment)
+    runs = [r for p in parents for r in _runs(client, experiment, p.info.run_id)]
+    going = [r for r in runs if r.info.status == "RUNNING"]
+    if len(going) == count and all(r.data.metrics.get("evals", 0) >= 1 for r in going):
+        return _train_worker_pids()
+    return None
+
+
+def test_a_data_parallel_host_that_loses_a_worker_trains_as_two_ranks_do(ray_cluster, tmp_path):
     """`workers_per_trial: 2`: one host of 2 Ray Train workers (1 CPU each) trains 2 packed
-    trials data-parallel; a trial's every evaluation equals `run_training` on 2 gloo ranks."""
+    trials data-parallel. One of its workers is SIGKILLed once both trials have evaluated: Ray
+    Train restarts the whole host, every rank resumes both slots from the host's checkpoint, and
+    the trial that ran to the end reports, at every evaluation, what `run_training` on 2 gloo
+    ranks computes without any interruption."""
     make_space(tmp_path, "graphlora", trials=2, workers=2, experiment="ddphost")
     path = tmp_path / "space.yaml"
     path.write_text(
@@ -180,23 +194,35 @@ def test_a_host_of_two_data_parallel_workers_trains_as_two_ranks_do(ray_cluster,
         )
     )
     space = load_search_space(path)
-    out = io.StringIO()
-    result = run_search(space, output_dir=tmp_path / "out", out=out)
+    thread, box, out = search_in_thread(space, tmp_path)
+    client = MlflowClient(tracking_uri())
+    pids = _wait(
+        lambda: _running_with_an_evaluation(client, space.experiment, 2),
+        300,
+        "both packed trials with one evaluation",
+        poll=0.25,
+    )
+    assert len(pids) == 2  # the host's two ranks
+    os.kill(min(pids), signal.SIGKILL)  # one of them: the host loses a worker
+    thread.join(600)
+    assert not thread.is_alive() and "error" not in box, (box, out.getvalue())
+    result = box["result"]
     assert "packed on 1 trial host(s) of 2 slots and 2 workers" in out.getvalue()
     assert {t["status"] for t in result.trials} <= {"completed", "stopped_early_asha"}
     assert live_placement_groups() == []
-    client = MlflowClient(tracking_uri())
-    assert client.get_run(result.parent_run_id).data.metrics["base_loads"] == 1
+    assert client.get_run(result.parent_run_id).data.metrics["base_loads"] == 2  # + restart
     runs = _runs(client, space.experiment, result.parent_run_id)
     assert len(runs) == 2
     for run in runs:
         _assert_clean_history(client, run)
     trial = max(result.trials, key=lambda t: t["evals"])
+    run = next(r for r in runs if r.data.tags["trial_id"] == trial["trial_id"])
+    log = run.data.tags.get("recovery_log", "")
+    assert "resumed from its checkpoint at step" in log, log
     adapter, training = space.configs(trial["params"], space.seed)
     training["max_steps"] = trial["evals"] * space.budget.eval_every
     alone = _run_training_on_two_ranks(adapter, training, tmp_path)
     assert alone, "no evaluation to compare"
-    run = next(r for r in runs if r.data.tags["trial_id"] == trial["trial_id"])
     for metric in ("val_accuracy", "val_loss", "train_loss"):
         packed = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric)]
         assert [s for s, _ in packed] == [s for s, _ in alone]
@@ -208,16 +234,12 @@ def test_host_worker_sigkilled_resumes_every_slot_from_its_checkpoint(ray_cluste
     space = _packed_space(tmp_path, "hostkill", trials=2)
     thread, box, out = search_in_thread(space, tmp_path)
     client = MlflowClient(tracking_uri())
-
-    def both_evaluated():
-        parents = _runs(client, space.experiment)
-        runs = [r for p in parents for r in _runs(client, space.experiment, p.info.run_id)]
-        going = [r for r in runs if r.info.status == "RUNNING"]
-        if len(going) == 2 and all(r.data.metrics.get("evals", 0) >= 1 for r in going):
-            return _train_worker_pids()
-        return None
-
-    pids = _wait(both_evaluated, 300, "both packed trials with one evaluation", poll=0.25)
+    pids = _wait(
+        lambda: _running_with_an_evaluation(client, space.experiment, 2),
+        300,
+        "both packed trials with one evaluation",
+        poll=0.25,
+    )
     for pid in pids:  # the host: one Train worker training both trials
         os.kill(pid, signal.SIGKILL)
     thread.join(600)
