@@ -4,19 +4,13 @@ as ``run_training`` does) the same gradient as one process on the whole batch.""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
+from gloo_ranks import run_on_ranks
 from tiny_models import VOCAB, tiny_base
 
 from graphlora.config import MoELoRAConfig
 from graphlora.inject import inject_adapter, moe_blocks
 
-TESTS = Path(__file__).resolve().parent
 GLOBAL_BATCH, SEQ, STEPS = 4, 7, 2
 
 
@@ -66,43 +60,16 @@ def normal_loss_trace(rank: int, world: int) -> dict[str, list]:
     return trace
 
 
-def _worker() -> None:
-    rank, world, store = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    torch.set_num_threads(1)
-    # A file store, not a TCP port: no race for a free port with other tests on the machine.
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world
-    )
-    trace = normal_loss_trace(rank, world)
-    torch.distributed.destroy_process_group()
-    print("RESULT " + json.dumps(trace))
+RANK = r"""
+from gloo_ranks import join, result
+from test_ddp_load import normal_loss_trace
+rank, world, _ = join()
+result(normal_loss_trace(rank, world))
+"""
 
 
 def test_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    code = "from test_ddp_load import _worker; _worker()"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, str(rank), "2", str(tmp_path / "store")],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for rank in (0, 1)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-2000:]
-    ranks = [
-        json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
-        for out, _ in outs
-    ]
+    ranks = run_on_ranks(RANK, tmp_path)
     single = normal_loss_trace(0, 1)  # torch.distributed not initialised here
     assert len(single["grad"]) == STEPS and any(v != 0 for v in single["grad"][-1])
     assert all(c > 0 for layer in single["load"][0] for c in layer), "some expert got no token"

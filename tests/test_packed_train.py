@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gloo_ranks import run_on_ranks
 from safetensors.torch import load_file
 
 from graphlora.config import MoELoRAConfig
@@ -293,35 +294,30 @@ def test_gradient_accumulation_packs_each_micro_batch():
 
 
 DDP_PACK = r"""
-import json, sys
-import torch.distributed as dist
-from safetensors.torch import load_file
+from gloo_ranks import join, result
 from test_packed_train import DATA, RUNS, _cfg, _with_output
-from graphlora.inject import WEIGHTS_NAME
 from graphlora.packed_train import PackedTrainer
 from graphlora.train import run_training
-rank, out = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", rank=rank, world_size=2)
+rank, _, (out,) = join()
 slots = {s: RUNS[s] for s in ("graph", "plain", "mix")}
 slots["nan"] = (_cfg(seed=5, inject_nan_at_step=3 + rank), RUNS["plain"][1])  # NaN on one rank
-result = {}
+results = {}
 for s, (cfg, adapter) in slots.items():
     if s == "nan":
         continue
     seen = []
     final = run_training(_with_output(cfg, f"{out}/alone-{s}"), adapter, data=DATA,
                          on_eval=lambda step, m, seen=seen: seen.append(m))
-    result[s] = {"alone": seen, "alone_final": final}
+    results[s] = {"alone": seen, "alone_final": final}
 trainer = PackedTrainer(slots["graph"][0], DATA)
 for s, (cfg, adapter) in slots.items():
-    result.setdefault(s, {})["packed"] = []
+    results.setdefault(s, {})["packed"] = []
     trainer.add(s, _with_output(cfg, f"{out}/packed-{s}"), adapter,
-                on_eval=lambda step, m, s=s: result[s]["packed"].append(m))
+                on_eval=lambda step, m, s=s: results[s]["packed"].append(m))
 for s, r in trainer.run().items():
-    result[s]["packed_final"] = r.metrics
-    result[s]["error"] = str(r.error) if r.error else None
-print("RESULT " + json.dumps(result))
-dist.destroy_process_group()
+    results[s]["packed_final"] = r.metrics
+    results[s]["error"] = str(r.error) if r.error else None
+result(results)
 """
 
 
@@ -329,43 +325,7 @@ def test_two_gloo_ranks_pack_each_configuration_as_run_training_on_two_ranks(tmp
     """Data-parallel packing: on 2 ranks, each slot equals its configuration's `run_training`
     on the same 2 ranks (every evaluation, final metrics, adapter weights); a NaN on one rank
     ends its slot on both."""
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    script = tmp_path / "worker.py"
-    script.write_text(DDP_PACK)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    tests = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(tmp_path)],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    results = [
-        json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
-        for out, _ in outs
-    ]
+    results = run_on_ranks(DDP_PACK, tmp_path, str(tmp_path))
     for rank, result in enumerate(results):
         assert result["nan"]["error"].startswith("step 3: training loss is nan"), result["nan"]
         for slot in ("graph", "plain", "mix"):

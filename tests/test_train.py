@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from gloo_ranks import run_on_ranks
 
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DATA_DIR_ENV, make_synthetic_task
@@ -101,20 +101,14 @@ def test_summarize_seeds():
     assert s["test_accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_WORKER = r"""
-import hashlib, json, os, sys
-import torch, torch.distributed as dist
+import hashlib
+from gloo_ranks import join, result
 from graphlora.config import MoELoRAConfig
 from graphlora.data import make_synthetic_task
 from graphlora.inject import adapter_state_dict
 from graphlora.train import TrainConfig, run_training
-dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2)
+join()
 hashes, evals = [], []
 def on_step(step, model):
     h = hashlib.sha256()
@@ -128,39 +122,13 @@ cfg = TrainConfig(max_steps=4, batch_size=8, eval_every=2, max_eval_examples=10,
 final = run_training(cfg, MoELoRAConfig(method="graphlora", gcn_hidden=16), on_eval=on_eval,
                      on_step=on_step, data=make_synthetic_task(n_train=64, n_val=10, n_test=10))
 keys = ("val_accuracy", "val_loss", "train_loss", "best_val_accuracy")
-print("RESULT " + json.dumps({"hashes": hashes, "evals": [{k: e[k] for k in keys} for e in evals],
-                              "test": final["test_accuracy"]}))
-dist.destroy_process_group()
+result({"hashes": hashes, "evals": [{k: e[k] for k in keys} for e in evals],
+        "test": final["test_accuracy"]})
 """
 
 
 def test_two_process_gloo_ddp_ranks_agree(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER)
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r)],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-2000:]
-    results = [
-        json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
-        for out, _ in outs
-    ]
+    results = run_on_ranks(DDP_WORKER, tmp_path)
     assert len(results[0]["hashes"]) == 4
     assert results[0]["hashes"] == results[1]["hashes"], "adapter parameters diverged"
     assert results[0]["evals"] == results[1]["evals"], "ranks reported different metrics"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import signal
 
@@ -27,6 +28,7 @@ from graphlora.config import MoELoRAConfig
 from graphlora.train import TrainConfig, run_training
 from pipelines.search import load_search_space, run_search
 from pipelines.tracking import tracking_uri
+from tests.gloo_ranks import run_on_ranks
 
 
 def _packed_space(tmp_path, experiment: str, trials: int, *, nan: bool = False):
@@ -123,50 +125,24 @@ def test_a_packed_trial_computes_what_it_computes_alone(packed_search, tmp_path)
 
 
 TWO_RANKS = r"""
-import json, sys
-import torch.distributed as dist
+import json
+from gloo_ranks import join, result
 from graphlora.config import MoELoRAConfig
 from graphlora.train import TrainConfig, run_training
-dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2)
-adapter, training = json.loads(open(sys.argv[2]).read())
+_, _, (run,) = join()
+adapter, training = json.loads(open(run).read())
 seen = []
 run_training(TrainConfig(**training), MoELoRAConfig(**adapter),
              on_eval=lambda step, m: seen.append((step, m)) and False)
-print("RESULT " + json.dumps(seen))
-dist.destroy_process_group()
+result(seen)
 """
 
 
 def _run_training_on_two_ranks(adapter: dict, training: dict, tmp_path) -> list:
     """`run_training` on 2 gloo ranks of 1 thread each (as a host's 2 one-CPU workers): the
     evaluations rank 0 saw."""
-    import json
-    import socket
-    import subprocess
-    import sys
-
     (tmp_path / "run.json").write_text(json.dumps([adapter, training]))
-    (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(tmp_path / "two_ranks.py"), str(r), str(tmp_path / "run.json")],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    line = next(ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[7:])
+    return run_on_ranks(TWO_RANKS, tmp_path, str(tmp_path / "run.json"))[0]
 
 
 def _running_with_an_evaluation(client, experiment: str, count: int):
