@@ -145,14 +145,22 @@ def _run_training_on_two_ranks(adapter: dict, training: dict, tmp_path) -> list:
     return run_on_ranks(TWO_RANKS, tmp_path, str(tmp_path / "run.json"))[0]
 
 
-def _running_with_an_evaluation(client, experiment: str, count: int):
-    """The tests' Train worker pids once `count` trials run with an evaluation each, else None."""
-    parents = _runs(client, experiment)
-    runs = [r for p in parents for r in _runs(client, experiment, p.info.run_id)]
-    going = [r for r in runs if r.info.status == "RUNNING"]
-    if len(going) == count and all(r.data.metrics.get("evals", 0) >= 1 for r in going):
-        return _train_worker_pids()
-    return None
+def _search_until_both_evaluated(space, tmp_path):
+    """`search_in_thread(space)`, returned once its 2 trials run with an evaluation each: the
+    thread, its box and output, an MLflow client, and the Train worker pids at that moment."""
+    thread, box, out = search_in_thread(space, tmp_path)
+    client = MlflowClient(tracking_uri())
+
+    def both_evaluated():
+        parents = _runs(client, space.experiment)
+        runs = [r for p in parents for r in _runs(client, space.experiment, p.info.run_id)]
+        going = [r for r in runs if r.info.status == "RUNNING"]
+        if len(going) == 2 and all(r.data.metrics.get("evals", 0) >= 1 for r in going):
+            return _train_worker_pids()
+        return None
+
+    pids = _wait(both_evaluated, 300, "both packed trials with one evaluation", poll=0.25)
+    return thread, box, out, client, pids
 
 
 def test_a_data_parallel_host_that_loses_a_worker_trains_as_two_ranks_do(ray_cluster, tmp_path):
@@ -170,14 +178,7 @@ def test_a_data_parallel_host_that_loses_a_worker_trains_as_two_ranks_do(ray_clu
         )
     )
     space = load_search_space(path)
-    thread, box, out = search_in_thread(space, tmp_path)
-    client = MlflowClient(tracking_uri())
-    pids = _wait(
-        lambda: _running_with_an_evaluation(client, space.experiment, 2),
-        300,
-        "both packed trials with one evaluation",
-        poll=0.25,
-    )
+    thread, box, out, client, pids = _search_until_both_evaluated(space, tmp_path)
     assert len(pids) == 2  # the host's two ranks
     os.kill(min(pids), signal.SIGKILL)  # one of them: the host loses a worker
     thread.join(600)
@@ -208,14 +209,7 @@ def test_a_data_parallel_host_that_loses_a_worker_trains_as_two_ranks_do(ray_clu
 
 def test_host_worker_sigkilled_resumes_every_slot_from_its_checkpoint(ray_cluster, tmp_path):
     space = _packed_space(tmp_path, "hostkill", trials=2)
-    thread, box, out = search_in_thread(space, tmp_path)
-    client = MlflowClient(tracking_uri())
-    pids = _wait(
-        lambda: _running_with_an_evaluation(client, space.experiment, 2),
-        300,
-        "both packed trials with one evaluation",
-        poll=0.25,
-    )
+    thread, box, out, client, pids = _search_until_both_evaluated(space, tmp_path)
     for pid in pids:  # the host: one Train worker training both trials
         os.kill(pid, signal.SIGKILL)
     thread.join(600)
