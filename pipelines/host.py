@@ -283,6 +283,9 @@ class _Host:
         self.jobs: dict[str, dict] = {}  # slot key -> its job
         self.evaluated: dict[str, tuple[int, dict]] = {}  # slot key -> (step, metrics), this step's
         self.parked: dict[str, Path] = {}  # slot key -> its state in the checkpoint resumed from
+        self.tmp = Path()  # the host's scratch folder, while it serves
+        self.states: _SlotStates | None = None  # each slot's state as of its last evaluation
+        self._polled = 0.0  # when rank 0 last asked whether the search was stopped
 
     def serve(self) -> None:
         import ray.train
@@ -389,15 +392,7 @@ class _Host:
         evaluated.clear()
         if ended:
             _send(
-                [
-                    (
-                        jobs[r.slot]["trial_id"],
-                        jobs[r.slot]["seed_index"],
-                        {**r.metrics, "final": 1},
-                    )
-                    for r in ended
-                    if r.error is None
-                ],
+                [_message(jobs[r.slot], {**r.metrics, "final": 1}) for r in ended if not r.error],
                 ended=[(r.slot, _error_text(r.error)) for r in ended],
             )
             for result in ended:

@@ -26,7 +26,8 @@ Schema (every key; `?` marks optional ones, with their default)::
                  trials_per_host: 0,  # > 0: trial hosts load the base once and pack this many
                                     # runs per forward (pipelines/host.py); 0: a Train run each
                  hosts: 0}          # how many hosts; 0: as many as the nodes hold (a
-                                    # GPU host: one GPU worker; a CPU host: its slots' CPUs)
+                                    # GPU host: workers_per_trial GPU workers, data-parallel;
+                                    # a CPU host: its slots' CPUs per worker)
     seeds_per_trial?: 1             # seeds trained side by side per trial; ASHA/Optuna see the mean
     stability?: {top_k_configs: 0, seeds: 5}    # re-run the best configs with fresh seeds
     objective?: {metric: val_accuracy, mode: max, std_penalty: 0.0,   # mean -/+ penalty * std
