@@ -71,6 +71,7 @@ from graphlora.train import (
     _use_bf16,
     _world,
     dropout_generator,
+    labelled_positions,
 )
 
 __all__ = [
@@ -525,9 +526,7 @@ class PackedTrainer:
             key: torch.cat([_widen(b[key], width, value) for b in batches.values()])
             for key, value in fill.items()
         }
-        target = packed["labels"][:, 1:]
-        keep = target != -100
-        select = F.pad(keep, (0, 1), value=False)  # (B, S): predicts a label
+        target, keep, select = labelled_positions(packed["labels"])
         rows = {s: b["input_ids"].shape[0] for s, b in batches.items()}
         with self.pack.layout(rows), head_at(self.model, select):
             out = self.model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"])

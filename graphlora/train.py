@@ -227,15 +227,22 @@ def _encode_train(tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa
     return out
 
 
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a causal LM's (B, S) ``labels`` (-100: no label): ``(target, keep, select)``, the
+    next-token targets (B, S-1), which of them are labelled, and the (B, S) positions whose
+    output predicts a label (where ``head_at`` runs the output head)."""
+    target = labels[:, 1:]
+    keep = target != -100
+    return target, keep, torch.nn.functional.pad(keep, (0, 1), value=False)
+
+
 def _forward_loss(model, batch: dict[str, torch.Tensor]):  # noqa: ANN001, ANN202
     """``model(**batch)`` with the same ``loss`` (mean cross-entropy of the labelled tokens, plus
     the adapter's auxiliary loss), but the output head runs only where a label is predicted: no
     (batch, length, vocab) logits tensor. ``logits`` come out as (labelled tokens, vocab)."""
     if model.get_output_embeddings() is None:
         return model(**batch)
-    target = batch["labels"][:, 1:]
-    keep = target != -100
-    select = torch.nn.functional.pad(keep, (0, 1), value=False)  # (B, S): predicts a label
+    target, keep, select = labelled_positions(batch["labels"])
     with head_at(model, select):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     task = torch.nn.functional.cross_entropy(out.logits.float(), target[keep])
