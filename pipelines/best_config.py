@@ -20,6 +20,7 @@ from pipelines.space import (
     Checker,
     SpaceError,
     field_names,
+    first_line,
     parse_yaml,
     training_api,
 )
@@ -145,11 +146,6 @@ def read_best_config_file(path: str | Path) -> BestConfig:
     except OSError as exc:
         raise SpaceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     return parse_best_config(text, str(path))
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def find_search_run(client: Any, ref: str, uri: str) -> Any:

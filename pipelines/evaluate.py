@@ -24,6 +24,7 @@ from typing import Any
 if __name__ == "__main__":  # `python pipelines/evaluate.py`: make `pipelines` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.space import first_line
 from pipelines.tracking import Tracker, TrackingError, check_store, tracking_uri
 
 SPLITS = ("test", "validation", "train")
@@ -39,11 +40,6 @@ def quiet_progress_bars() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     hf_logging.disable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _model_facts(model: str | None, adapter: str | None) -> dict[str, Any]:
@@ -66,7 +62,7 @@ def _model_facts(model: str | None, adapter: str | None) -> dict[str, Any]:
     try:
         info = mlflow.models.get_model_info(model)
     except (MlflowException, OSError) as exc:
-        raise EvaluationError(f"--model {model}: {_first_line(exc)}") from exc
+        raise EvaluationError(f"--model {model}: {first_line(exc)}") from exc
     return (info.metadata or {}).get("graphlora", {})
 
 
@@ -80,7 +76,7 @@ def _predictor(model: str | None, adapter: str | None, base_model: str | None) -
         try:
             mc = MultipleChoiceModel.load(Path(adapter).expanduser(), base_model=base_model)
         except (FileNotFoundError, ModelLoadError, ValueError) as exc:
-            raise EvaluationError(f"--adapter {adapter}: {_first_line(exc)}") from exc
+            raise EvaluationError(f"--adapter {adapter}: {first_line(exc)}") from exc
         return lambda examples: mc.evaluate(examples).predictions
     import mlflow
     import pandas as pd
@@ -89,7 +85,7 @@ def _predictor(model: str | None, adapter: str | None, base_model: str | None) -
     try:
         pyfunc = mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as exc:
-        raise EvaluationError(f"--model {model}: {_first_line(exc)}") from exc
+        raise EvaluationError(f"--model {model}: {first_line(exc)}") from exc
 
     def predict(examples: list) -> list[int]:
         frame = pd.DataFrame(
@@ -137,7 +133,7 @@ def evaluate(
     try:
         examples = getattr(load_task(dataset, data_dir=data_dir), split)
     except DataError as exc:
-        raise EvaluationError(_first_line(exc)) from exc
+        raise EvaluationError(first_line(exc)) from exc
     examples = examples[:max_examples] if max_examples else examples
     if not examples:
         raise EvaluationError(f"dataset {dataset!r} has no {split} examples")

@@ -39,8 +39,8 @@ from typing import Any
 import ray
 
 from pipelines.asha import HubRef
-from pipelines.space import SearchSpace, training_api
-from pipelines.worker import TRAIN_POLL_S, eval_index, worker_errors
+from pipelines.space import SearchSpace, error_line, training_api
+from pipelines.worker import eval_index, fast_train_reports, seed_trainer, worker_errors
 
 MANIFEST = "host.json"  # in a host checkpoint: the jobs of the slots it holds
 # glibc malloc gives a packed step's working set (every slot's activations) back to the OS after
@@ -385,7 +385,7 @@ class _Host:
                 [_message(jobs[k], {**m, "step": step}) for k, (step, m) in evaluated.items()],
                 checkpoint=self._checkpoint(),
             )
-        stop = self._share(self._verdicts() if self.lead else None)
+        stop = self._share(self._verdicts() if self.lead else None) if evaluated else []
         for key in stop:
             self.states.drop(key)
             ended.append(trainer.stop(key))
@@ -574,17 +574,12 @@ class HostPool:
         self._space, self._backend, self._name = space, backend, name
         self._storage, self._hub = storage_path, hub
         self._threads: list[threading.Thread] = []
-        self.errors: dict[str, str] = {}
 
     def start(self) -> None:
         """Start every host (each loads the base model once, then waits for jobs)."""
-        from pipelines.worker import seed_trainer
-
         res = self._space.resources
         base = self._space.configs({}, self._space.seed)[1]
-        # Ray Train forwards reports every 2 s by default: dead time per evaluation that ASHA's
-        # verdict would wait for. Read when a Train run starts.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+        fast_train_reports()
         malloc = {k: v for k, v in CPU_HOST_MALLOC.items() if k not in os.environ}
         for i in range(self.count):
             host = f"host{i}"
@@ -617,9 +612,7 @@ class HostPool:
         try:
             trainer.fit()
         except BaseException as exc:  # its retries are spent: its runs fail, the others go on
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-            self.errors[host] = reason
-            ray.get(self.board.host_lost.remote(host, reason[:1000]))
+            ray.get(self.board.host_lost.remote(host, error_line(exc)[:1000]))
 
     def stats(self) -> dict[str, float]:
         """`hosts`, `base_loads` (base model loads so far) and their seconds (`base_load_s`)."""

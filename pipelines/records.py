@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.space import DEFAULT_BACKEND, training_api
+from pipelines.space import DEFAULT_BACKEND, first_line, training_api
 
 # Quality metrics: what `<metric>_std` is reported for when a trial has several seeds.
 QUALITY = frozenset(
@@ -291,5 +291,4 @@ def log_lineage(
             run_id, base_model_tags(str(training["model"]), training.get("model_revision"))
         )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        tracker.set_tags(run_id, {"graphlora.lineage_error": first[:500]})
+        tracker.set_tags(run_id, {"graphlora.lineage_error": first_line(exc)[:500]})

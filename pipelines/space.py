@@ -683,19 +683,27 @@ def check_constructible(space: SearchSpace, train_cls: type, adapter_cls: type) 
             where = f" with method {method!r} (from search.method)" if len(methods) > 1 else ""
             raise SpaceError(
                 f"{space.path}: adapter: rejected by {adapter_cls.__name__}{where}: "
-                f"{_first_line(exc)}"
+                f"{first_line(exc)}"
             ) from exc
     try:
         train_cls(**training)
     except (TypeError, ValueError) as exc:
         raise SpaceError(
-            f"{space.path}: training: rejected by {train_cls.__name__}: {_first_line(exc)}"
+            f"{space.path}: training: rejected by {train_cls.__name__}: {first_line(exc)}"
         ) from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error for a person says."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def error_line(exc: BaseException) -> str:
+    """`Type: first line` of an exception (its type's name alone when it has no message)."""
+    name = type(exc).__name__
+    return f"{name}: {first_line(exc)}" if str(exc).strip() else name
 
 
 class DefineByRun:

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.space import first_line
+
 # mlflow is imported where it is used: processes that import this module without talking to
 # MLflow (e.g. the search CLI refusing bad input) skip its ~1.3 s import.
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
@@ -141,8 +143,9 @@ class Tracker:
         except TrackingError:
             raise
         except Exception as exc:  # mlflow raises many types; all mean the same to a person
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrackingError(f"MLflow store {self.uri} is not usable: {first}") from exc
+            raise TrackingError(
+                f"MLflow store {self.uri} is not usable: {first_line(exc)}"
+            ) from exc
 
     def start_run(
         self,

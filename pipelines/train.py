@@ -50,15 +50,14 @@ from pipelines.best_config import (
     best_config_from_run,
     best_config_from_search,
     build_configs,
-    first_line,
     read_best_config_file,
 )
 from pipelines.evaluate import quiet_progress_bars
 from pipelines.records import config_params, log_lineage
-from pipelines.space import DEFAULT_BACKEND, SpaceError
+from pipelines.space import DEFAULT_BACKEND, SpaceError, error_line, first_line
 from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
 from pipelines.tuning import init_ray
-from pipelines.worker import TRAIN_POLL_S
+from pipelines.worker import fast_train_reports
 
 SOURCE_TAG = "graphlora.source_search_run"
 KIND = "final"  # `kind` tag of promotion runs (searches: search / stability)
@@ -301,7 +300,7 @@ def _train_seeds(
     (at step = seed index) and adapter go to the MLflow run at once. Returns `{"seed", **final}`
     per seed, in seed order."""
     storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    fast_train_reports()
     per_seed: list[dict[str, Any]] = [{} for _ in plan.seeds]
     started = time.monotonic()
     with ThreadPoolExecutor(_side_by_side(plan, out), thread_name_prefix="seed") as pool:
@@ -443,7 +442,7 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
             why = f"stopped ({first_line(exc)}) before the model was registered"
             tracker.finish(run_id, INTERRUPTED, why)
         else:
-            tracker.finish(run_id, "failed", f"{type(exc).__name__}: {first_line(exc)}")
+            tracker.finish(run_id, "failed", error_line(exc))
         raise
     print(
         f"final: test_accuracy {summary['test_accuracy_mean']:.4f} +- "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -22,7 +21,7 @@ from typing import Any
 from pipelines.host import job_key, run_on_host
 from pipelines.records import seed_stats
 from pipelines.space import SearchSpace
-from pipelines.worker import TRAIN_POLL_S, seed_trainer, worker_errors
+from pipelines.worker import fast_train_reports, seed_trainer, worker_errors
 
 RETURN_WAIT_S = 5.0  # longest a trial waits for its runs to return once all sent their last
 OBJECTIVE = "objective"  # the score of a trial's last evaluation, reported to ASHA and Optuna
@@ -140,9 +139,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
             raise RuntimeError(f"trial {trial_id} had failed before the search was resumed")
         ray.tune.report({**last, "final": 1})
         return
-    # Ray Train polls its workers (and so forwards reports) every 2 s by default; that is dead
-    # time per evaluation that the verdict round trip would wait for. Read when the run starts.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    fast_train_reports()
     params, seeds = unpack_trial_config(config, plan)
     res = space.resources
     hub = plan.hub or TrialHub.remote()
