@@ -30,12 +30,28 @@ from pipelines.search import load_search_space, run_search
 from pipelines.tracking import tracking_uri
 from tests.gloo_ranks import run_on_ranks
 
+# Trials that ASHA never cuts (its grace period is every evaluation) and that train long enough
+# for a test to see both of a host's slots evaluated before either ends.
+UNCUT = (
+    ("max_steps: 40, eval_every: 10", "max_steps: 120, eval_every: 10"),
+    ("grace_period: 1", "grace_period: 12"),
+)
 
-def _packed_space(tmp_path, experiment: str, trials: int, *, nan: bool = False):
+
+def _uncut(text: str) -> str:
+    for old, new in UNCUT:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def _packed_space(tmp_path, experiment: str, trials: int, *, nan: bool = False, uncut=False):
     """`make_space`'s space on one host of 2 slots (its 2 CPUs: the whole local Ray)."""
     make_space(tmp_path, "graphlora", trials=trials, experiment=experiment)
     path = tmp_path / "space.yaml"
     text = path.read_text().replace("max_concurrent_trials: 2", "trials_per_host: 2")
+    if uncut:
+        text = _uncut(text)
     if nan:  # one trial's loss turns NaN at step 3 (seeded TPE proposes it first)
         text = text.replace(
             "  top_k: {type: int, low: 1, high: 2}\n",
@@ -152,6 +168,8 @@ def _search_until_both_evaluated(space, tmp_path):
     client = MlflowClient(tracking_uri())
 
     def both_evaluated():
+        if not thread.is_alive():  # both slots were never seen evaluated at once
+            raise AssertionError(f"the search ended first: {box}\n{out.getvalue()}")
         parents = _runs(client, space.experiment)
         runs = [r for p in parents for r in _runs(client, space.experiment, p.info.run_id)]
         going = [r for r in runs if r.info.status == "RUNNING"]
@@ -172,7 +190,7 @@ def test_a_data_parallel_host_that_loses_a_worker_trains_as_two_ranks_do(ray_clu
     make_space(tmp_path, "graphlora", trials=2, workers=2, experiment="ddphost")
     path = tmp_path / "space.yaml"
     path.write_text(
-        path.read_text().replace(
+        _uncut(path.read_text()).replace(
             "cpus_per_worker: 1, max_concurrent_trials: 2",
             "cpus_per_worker: 0.5, trials_per_host: 2",
         )
@@ -208,7 +226,7 @@ def test_a_data_parallel_host_that_loses_a_worker_trains_as_two_ranks_do(ray_clu
 
 
 def test_host_worker_sigkilled_resumes_every_slot_from_its_checkpoint(ray_cluster, tmp_path):
-    space = _packed_space(tmp_path, "hostkill", trials=2)
+    space = _packed_space(tmp_path, "hostkill", trials=2, uncut=True)
     thread, box, out, client, pids = _search_until_both_evaluated(space, tmp_path)
     for pid in pids:  # the host: one Train worker training both trials
         os.kill(pid, signal.SIGKILL)
