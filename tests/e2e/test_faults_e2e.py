@@ -21,7 +21,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 from test_search_e2e import child_runs, live_placement_groups, make_space
 
-from pipelines.search import run_search
+from pipelines.search import load_search_space, run_search
 from pipelines.tracking import tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,8 +146,6 @@ def _small_space(tmp_path: Path, experiment: str, hosts: bool = False):
     between a trial's first evaluation and its end, so a fault sent on seeing that evaluation
     lands while the trial runs. `hosts`: on one trial host of 2 slots, as the quickstart."""
     make_space(tmp_path, "graphlora", trials=3, experiment=experiment)
-    from pipelines.search import load_search_space
-
     path = tmp_path / "space.yaml"
     if hosts:
         path.write_text(path.read_text().replace("max_concurrent_trials: 2", "trials_per_host: 2"))
@@ -347,11 +345,16 @@ def search_in_thread(space, tmp_path: Path) -> tuple[threading.Thread, dict, io.
 
 
 def test_train_worker_sigkilled_mid_trial_restarts_from_checkpoint(ray_cluster, tmp_path):
-    space = make_space(tmp_path, "graphlora", trials=1, concurrent=1, experiment="worker")
+    make_space(tmp_path, "graphlora", trials=1, concurrent=1, experiment="worker")
+    path = tmp_path / "space.yaml"  # 70 steps after the first evaluation: the kill lands mid-way
+    path.write_text(path.read_text().replace("max_steps: 40", "max_steps: 80"))
+    space = load_search_space(path)
     thread, box, out = search_in_thread(space, tmp_path)
     client = MlflowClient(tracking_uri())
 
     def evaluated_worker():
+        if not thread.is_alive():
+            raise AssertionError(f"the search ended first: {box}\n{out.getvalue()}")
         parents = _runs(client, space.experiment)
         runs = [r for p in parents for r in _runs(client, space.experiment, p.info.run_id)]
         if any(r.data.metrics.get("evals", 0) >= 1 for r in runs):
@@ -387,8 +390,6 @@ def test_nan_loss_fails_its_trial_and_the_search_goes_on(ray_cluster, tmp_path):
         "  inject_nan_at_step: {type: categorical, values: [3, 1000000]}\n",
     )
     path.write_text(text.replace("max_steps: 40", "max_steps: 10"))
-    from pipelines.search import load_search_space
-
     space = load_search_space(path)
     result = run_search(space, output_dir=tmp_path / "out", out=io.StringIO())
     by_status: dict[str, list] = {}
