@@ -13,6 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pipelines.space import first_line
+
 PARETO, LOAD_MAP, STABILITY = "pareto.png", "load_map.png", "stability.png"
 
 
@@ -202,6 +204,5 @@ def save_search_pictures(
         try:
             written.append(draw(out_dir / name))
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            skipped.append(f"{name}: {first}")
+            skipped.append(f"{name}: {first_line(exc)}")
     return written, skipped

@@ -43,7 +43,13 @@ if __name__ == "__main__":  # `python pipelines/search.py`: make `pipelines` imp
 import yaml
 
 from pipelines.host import HostPool, HostsError, hosts_for
-from pipelines.space import DEFAULT_BACKEND, SearchSpace, SpaceError, load_search_space
+from pipelines.space import (
+    DEFAULT_BACKEND,
+    SearchSpace,
+    SpaceError,
+    first_line,
+    load_search_space,
+)
 from pipelines.stability import choose_best, run_stability_stage
 from pipelines.tracking import (
     INTERRUPTED,
@@ -651,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init_ray()
     except (ConnectionError, RuntimeError) as exc:
-        print(f"error: cannot connect to Ray: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: cannot connect to Ray: {first_line(exc)}", file=sys.stderr)
         return 2
     try:
         if args.resume:

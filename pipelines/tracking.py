@@ -259,7 +259,5 @@ def save_optuna_plots(study: Any, out_dir: Path) -> tuple[list[Path], list[str]]
             plt.close(fig)
             written.append(path)
         except Exception as exc:  # a plot is a nicety; say why it is missing and go on
-            skipped.append(
-                f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            )
+            skipped.append(f"{name}: {first_line(exc)}")
     return written, skipped
