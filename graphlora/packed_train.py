@@ -4,7 +4,7 @@
 A search trains many configurations over the same base. ``PackedTrainer`` loads the base once and
 trains P runs, the slots, side by side (``graphlora.packing``): each step is one forward and one
 backward of the base over the packed batch, the slots' rows concatenated. Every slot keeps what
-``run_training`` keeps for a run (``graphlora.train.RunState``): its optimizer and learning-rate
+``run_training`` keeps for a run (``graphlora.run.RunState``): its optimizer and learning-rate
 schedule, its data order, its dropout generator, its evaluation schedule, its metrics, its
 checkpoints. A slot's loss is its rows' task loss plus its own weighted auxiliary loss; the
 slots' parameters are disjoint and the base is frozen, so the backward of the sum gives each slot
@@ -55,23 +55,23 @@ from graphlora.data import DatasetSplits, Example, load_task
 from graphlora.evaluate import EvalResult, head_at, pad_batch
 from graphlora.models import load_model_and_tokenizer
 from graphlora.packing import inject_packed
-from graphlora.train import (
+from graphlora.run import (
     NonFiniteLossError,
     OnEval,
     RunState,
     TrainConfig,
-    _all_reduce_sum,
-    _encode_train,
-    _evaluate,
-    _log,
-    _micro_batch,
-    _non_finite_message,
-    _pick_device,
-    _run_shape,
-    _use_bf16,
-    _world,
+    all_reduce_sum,
+    bf16_enabled,
     dropout_generator,
+    encode_train,
+    evaluate_sharded,
     labelled_positions,
+    log_rank0,
+    micro_batch,
+    non_finite_message,
+    pick_device,
+    rank_and_world,
+    run_shape,
 )
 
 __all__ = [
@@ -217,9 +217,9 @@ class PackedTrainer:
         base_dropout_off: bool = False,
     ) -> None:
         started = time.perf_counter()
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_and_world()
         self.base = base
-        self.device = _pick_device(base.device)
+        self.device = pick_device(base.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -249,7 +249,7 @@ class PackedTrainer:
             )
         self.base_dropout_off = dropout if base_dropout_off else []
         if base_dropout_off:
-            _log(
+            log_rank0(
                 f"[graphlora] packed: the base model's dropout is off ({len(dropout)} site(s) "
                 "found); it runs in eval mode while the slots' adapters train, so each slot "
                 "trains as its configuration alone with the base dropout off"
@@ -257,9 +257,9 @@ class PackedTrainer:
         self.pack = inject_packed(model)
         self.model = model.to(self.device)
         self._base_eval = base_dropout_off  # the base in eval mode, the slots' adapters training
-        self.encoded = _encode_train(self.tokenizer, self.data.train, base)
-        self.micro, self.per_step = _micro_batch(base, self.world)
-        self.use_bf16 = _use_bf16(base, self.device)
+        self.encoded = encode_train(self.tokenizer, self.data.train, base)
+        self.micro, self.per_step = micro_batch(base, self.world)
+        self.use_bf16 = bf16_enabled(base, self.device)
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else 0
         self._slots: dict[str, _Slot] = {}
@@ -335,13 +335,13 @@ class PackedTrainer:
             run,
             metadata={
                 "base_model": self.info.to_dict(),
-                "run": _run_shape(train_cfg, self.info.to_dict()),
+                "run": run_shape(train_cfg, self.info.to_dict()),
             },
             on_eval=on_eval,
             checkpoint=checkpoint,
         )
         run.setup_time = time.perf_counter() - started
-        _log(
+        log_rank0(
             f"[graphlora] slot {slot}: method {adapter_cfg.method}, {run.n_trainable:,} trainable "
             f"params, step {run.step}/{train_cfg.max_steps}; {len(self._slots)} slot(s) on "
             f"{self.info.name} ({self.device})"
@@ -359,7 +359,7 @@ class PackedTrainer:
         def evaluate(examples: list[Example]) -> EvalResult:
             self = trainer()  # noqa: PLW0642 - the live trainer
             with self.pack.alone(slot):
-                res = _evaluate(self.model, self.tokenizer, examples, cfg, self.device)
+                res = evaluate_sharded(self.model, self.tokenizer, examples, cfg, self.device)
             self._train_modes()
             return res
 
@@ -370,7 +370,7 @@ class PackedTrainer:
             cfg, self.data, view, generator, evaluate, self.device, label=f"slot {slot}: "
         )
         if resume_from is not None:
-            shape = _run_shape(cfg, self.info.to_dict())
+            shape = run_shape(cfg, self.info.to_dict())
             run.load_checkpoint(resume_from, expect={"run": shape})
         if cfg.eval_at_start and run.step == 0:
             run.evaluate_at_start()
@@ -448,7 +448,7 @@ class PackedTrainer:
                     outs[s]["loss"] = outs[s]["loss"] * float("nan")
             # Summed over the ranks, so that a non-finite loss on any rank ends the slot on all.
             values = torch.stack([outs[s]["loss"].detach().float() for s in live])
-            values = (_all_reduce_sum(values) / self.world).tolist()
+            values = (all_reduce_sum(values) / self.world).tolist()
             total = None
             for s, value in zip(live, values, strict=True):
                 if not math.isfinite(value):  # the slot ends; its loss joins no backward
@@ -478,7 +478,7 @@ class PackedTrainer:
             if s in failed:
                 run = runs[s]
                 error = NonFiniteLossError(
-                    _non_finite_message(run.step, failed[s], run.cfg, self._slots[s].adapter_cfg)
+                    non_finite_message(run.step, failed[s], run.cfg, self._slots[s].adapter_cfg)
                 )
                 ended.append(self._fail(s, error))
             else:
@@ -509,7 +509,7 @@ class PackedTrainer:
         flat = torch.cat(
             [p.grad.reshape(-1).float() for p in params] + [step_loss[s].reshape(1) for s in runs]
         )
-        flat = _all_reduce_sum(flat) / self.world
+        flat = all_reduce_sum(flat) / self.world
         offset = 0
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
@@ -557,7 +557,7 @@ class PackedTrainer:
                 state_dir = None if self.rank else state.run.save_checkpoint(tmp, state.metadata)
                 stop = bool(state.on_eval(state.run.step, dict(state.run.metrics), state_dir))
         if self.world > 1:  # the ranks stop together
-            stop = _all_reduce_sum(torch.tensor([float(stop)], device=self.device)).item() > 0
+            stop = all_reduce_sum(torch.tensor([float(stop)], device=self.device)).item() > 0
         return stop
 
     def _done(self, slot: str) -> bool:
@@ -567,7 +567,7 @@ class PackedTrainer:
     def _finish(self, slot: str, stopped_early: bool) -> SlotResult:
         state = self._slots[slot]
         if stopped_early:
-            _log(f"[graphlora] slot {slot}: stopped early at step {state.run.step} (on_eval)")
+            log_rank0(f"[graphlora] slot {slot}: stopped early at step {state.run.step} (on_eval)")
         metrics = state.run.finish(stopped_early)
         if state.train_cfg.output_dir and not self.rank:
             self.pack.save_adapter(
@@ -578,7 +578,7 @@ class PackedTrainer:
         return self.results[slot]
 
     def _fail(self, slot: str, error: Exception) -> SlotResult:
-        _log(f"[graphlora] slot {slot}: {error}; the slot ends, the others go on")
+        log_rank0(f"[graphlora] slot {slot}: {error}; the slot ends, the others go on")
         metrics = dict(self._slots[slot].run.metrics)
         self._drop(slot)
         self.results[slot] = SlotResult(slot, metrics, error)

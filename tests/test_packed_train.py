@@ -27,7 +27,8 @@ from graphlora.data import make_synthetic_task
 from graphlora.inject import WEIGHTS_NAME
 from graphlora.models import load_model_and_tokenizer
 from graphlora.packed_train import PackedTrainer, run_packed
-from graphlora.train import NonFiniteLossError, TrainConfig, _encode_train, run_training
+from graphlora.run import encode_train
+from graphlora.train import NonFiniteLossError, TrainConfig, run_training
 
 DATA = make_synthetic_task(n_train=40, n_val=8, n_test=8)
 TIMING = ("time", "samples_per_sec", "peak_memory")  # not what a run computes
@@ -127,7 +128,7 @@ def _trainer(tmp: Path, slots, seen: dict[str, list], **kw) -> PackedTrainer:  #
 def test_every_training_example_has_the_same_width():
     # The premise of comparing to 1e-5 (module docstring).
     _, tokenizer, _ = load_model_and_tokenizer("tiny-qwen2")
-    widths = {len(e.ids) for e in _encode_train(tokenizer, DATA.train, _cfg())}
+    widths = {len(e.ids) for e in encode_train(tokenizer, DATA.train, _cfg())}
     assert len(widths) == 1, widths
 
 

@@ -11,11 +11,10 @@ from gloo_ranks import run_on_ranks
 
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DATA_DIR_ENV, make_synthetic_task
+from graphlora.run import lr_factor, pick_device, run_shape
 from graphlora.train import (
     NonFiniteLossError,
     TrainConfig,
-    _run_shape,
-    lr_factor,
     main,
     run_training,
     summarize_seeds,
@@ -226,7 +225,7 @@ def test_a_packaged_model_brings_its_own_training_defaults():
     cfg = TrainConfig.from_dict({"model": "minilm-l6", **defaults})
     assert cfg.max_length <= 256 and cfg.eval_at_start and cfg.max_steps <= 300
     assert training_defaults("tiny-qwen2") == {}
-    assert "eval_at_start" not in _run_shape(cfg, {})  # a checkpoint resumes with or without
+    assert "eval_at_start" not in run_shape(cfg, {})  # a checkpoint resumes with or without
 
 
 def test_a_packaged_model_brings_adapter_defaults_per_method_that_flags_override(monkeypatch):
@@ -252,11 +251,10 @@ def test_a_packaged_model_brings_adapter_defaults_per_method_that_flags_override
 def test_a_bare_cuda_device_names_this_ranks_gpu(monkeypatch):
     """`device: cuda` (as TrainConfig documents it) resolves to an indexed device, which
     torch.cuda.set_device needs (a bare "cuda" made run_training raise on a GPU machine)."""
-    from graphlora.train import _pick_device
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert str(_pick_device("cuda")) == "cuda:0"
+    assert str(pick_device("cuda")) == "cuda:0"
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert str(_pick_device("cuda")) == "cuda:3"
-    assert str(_pick_device("cuda:1")) == "cuda:1"
-    assert str(_pick_device("cpu")) == "cpu"
+    assert str(pick_device("cuda")) == "cuda:3"
+    assert str(pick_device("cuda:1")) == "cuda:1"
+    assert str(pick_device("cpu")) == "cpu"
