@@ -147,18 +147,22 @@ class TrainConfig:
 
 
 def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` under ``torch.distributed``; ``(0, 1)`` without it."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, in place (``t`` itself when there is one rank)."""
     if rank_and_world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def pick_device(name: str) -> torch.device:
+    """The device ``TrainConfig.device`` names: ``auto`` is this rank's GPU (``LOCAL_RANK``) when
+    there is one, else the CPU; a bare ``cuda`` gets this rank's index."""
     if name != "auto":
         device = torch.device(name)
         if device.type == "cuda" and device.index is None:
@@ -171,11 +175,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def log_rank0(msg: str) -> None:
+    """A progress line on stderr, from rank 0 only."""
     if rank_and_world()[0] == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's global RNGs (CPU and every GPU): the adapter's initialisation."""
     random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
@@ -196,10 +202,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# the loop
+# pieces of a step, shared by both loops
 
 
 def encode_train(tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa: ANN001, ANN202
+    """Tokenized prompt + answer (+ EOS) of each training example, prompts cut from the left at
+    ``max_length``; the loss covers the answer, or everything with ``train_on_prompt``."""
     eos = tokenizer.eos_token or ""
     out = [encode_pair(tokenizer, ex.prompt, ex.answer + eos, cfg.max_length) for ex in examples]
     if cfg.train_on_prompt:
@@ -238,6 +246,8 @@ def non_finite_message(step: int, loss: float, cfg: TrainConfig, adapter: MoELoR
 
 
 def evaluate_sharded(model, tokenizer, examples, cfg: TrainConfig, device) -> EvalResult:  # noqa: ANN001
+    """Score ``examples``, each rank its shard; the counts are summed over the ranks, so every
+    rank returns the same accuracy and loss (its own shard's predictions)."""
     rank, world = rank_and_world()
     shard = list(examples)[rank::world]
     res = evaluate_examples(
