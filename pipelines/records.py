@@ -21,6 +21,7 @@ import json
 import re
 import statistics
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,11 @@ def _source(source: str) -> Any:
         try:
             from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-            return resolve_dataset_source(Path(source.removeprefix("local:")).as_uri())
+            with warnings.catch_warnings():
+                # MLflow registers its local-file source twice (schemes "" and "file") and
+                # warns, on every search, that a file:// URI matches both: they are the same.
+                warnings.filterwarnings("ignore", message=".*interpreted in multiple ways")
+                return resolve_dataset_source(Path(source.removeprefix("local:")).as_uri())
         except Exception:  # no source type for it: say where it came from in a tag
             pass
     return CodeDatasetSource({"graphlora.data_source": source})

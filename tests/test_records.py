@@ -15,6 +15,7 @@ from pipelines.records import (
     BOOKKEEPING,
     config_from_params,
     config_params,
+    dataset_inputs,
     load_map,
     seed_stats,
     tidy_metrics,
@@ -88,6 +89,20 @@ def test_params_are_the_full_configuration_and_rebuild_it(space_file):
     back_adapter, back_training = config_from_params({**logged, "seeds": "7,8"})
     assert adapter_cls(**back_adapter) == adapter_cls(**adapter)
     assert train_cls(**back_training) == train_cls(**training)
+
+
+def test_a_local_dataset_is_recorded_with_its_file_source_and_no_warning(recwarn):
+    """A task read from files is a local-file dataset source. MLflow's registry matches a
+    file:// URI twice (the same source under two schemes) and used to warn a user on every
+    search; nothing is printed now."""
+    tasks = Path(__file__).resolve().parents[1] / "graphlora" / "task_data" / "commonsense"
+    inputs = dataset_inputs({"dataset": str(tasks / "ARC-Easy")}, ["train", "test"])
+    assert [i.dataset.name for i in inputs] == ["ARC-Easy-train", "ARC-Easy-test"]
+    assert {i.dataset.source_type for i in inputs} == {"local"}
+    assert all((tasks / "ARC-Easy").as_uri() in i.dataset.source for i in inputs)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [
+        str(w.message) for w in recwarn
+    ]
 
 
 def test_pareto_front():
