@@ -336,7 +336,6 @@ def run_search(
                 search_alg=ConcurrencyLimiter(searcher, concurrent),
                 scheduler=scheduler,
                 num_samples=new_trials,
-                max_concurrent_trials=concurrent,
             ),
             monitor,
         )
