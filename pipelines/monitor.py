@@ -287,8 +287,8 @@ class SearchMonitor(tune.Callback):
         # a search stopped before the trial ends (Ctrl-C, a stopped machine) must not train a
         # cut trial again when it resumes (`adopt_runs`).
         cut = getattr(self.scheduler, "stop_reasons", {}).get(trial.trial_id)
-        if cut and rec.get("asha_stop") != cut:
-            rec["asha_stop"] = cut
+        if cut and rec.get(ASHA_STOP) != cut:
+            rec[ASHA_STOP] = cut
             self.tracker.set_tags(rec["run_id"], {ASHA_STOP: cut})
         if result.get("final"):  # only what the last evaluation did not already log
             new = {k: v for k, v in metrics.items() if rec["last"].get(k) != v}
