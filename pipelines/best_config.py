@@ -27,7 +27,9 @@ from pipelines.space import (
 from pipelines.tracking import check_store, tracking_uri
 
 BEST_CONFIG = "best_config.yaml"
-_TOP_LEVEL = {"source", "objective", "scores", "adapter", "training"}
+_TOP_LEVEL = {"source", "objective", "scores", "routing", "adapter", "training"}
+# The search's record of the router's health (`pipelines.records.routing_summary`): optional.
+_ROUTING_KEYS = {"min_batch_entropy", "collapsed_layers"}
 # Training fields the promotion sets itself: a seed in the file is an error (the search writes
 # none, and --seeds would silently win); the others are overridden.
 _SET_HERE = {"seed", "output_dir", "eval_test"}
@@ -59,6 +61,8 @@ class BestConfig:
     search_run_id: str | None = None
     experiment: str | None = None  # the search's experiment
     resources: dict[str, Any] = field(default_factory=dict)  # the search space's `resources:`
+    # the router at the search's last evaluation: {min_batch_entropy, collapsed_layers}, or {}
+    routing: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
@@ -92,6 +96,17 @@ def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> B
     scores = c.mapping("scores", raw.get("scores") or {})
     for key, value in scores.items():
         c.value(f"scores.{key}", value, "number")
+    routing = c.mapping("routing", raw.get("routing") or {})
+    for key, value in routing.items():
+        if key not in _ROUTING_KEYS:
+            raise c.unknown(f"routing.{key}", str(key), _ROUTING_KEYS)
+        if key == "min_batch_entropy":
+            c.value(f"routing.{key}", value, "number")
+        elif not isinstance(value, list):
+            raise c.error(f"routing.{key}", f"expected a list of layer indices, got {value!r}")
+        else:
+            for i in value:
+                c.value(f"routing.{key}", i, "int")
     best = BestConfig(
         origin=name,
         adapter=sections["adapter"],
@@ -103,6 +118,7 @@ def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> B
         },
         scores=dict(scores),
         source=str(raw.get("source") or ""),
+        routing=dict(routing),
         text=text,
     )
     build_configs(best, best.training, c=c, backend=backend)
@@ -262,7 +278,7 @@ def best_config_from_run(run_id: str, backend: str = DEFAULT_BACKEND) -> BestCon
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from pipelines.records import config_from_params
+    from pipelines.records import COLLAPSED_TAG, collapsed_from_text, config_from_params
 
     uri = tracking_uri()
     check_store(uri)
@@ -298,12 +314,13 @@ def best_config_from_run(run_id: str, backend: str = DEFAULT_BACKEND) -> BestCon
         parent = up.data.tags.get(MLFLOW_PARENT_RUN_ID)
     objective = {k: v for k, v in (space.get("objective") or {}).items() if k in _OBJECTIVE_KEYS}
     source = f"{run.info.run_name} ({run_id})"
-    doc = {
-        "source": source,
-        "objective": objective,
-        "adapter": adapter,
-        "training": training,
-    }
+    doc: dict[str, Any] = {"source": source, "objective": objective}
+    if "routing/min_batch_entropy" in run.data.metrics:  # a trial or stability seed run
+        doc["routing"] = {
+            "min_batch_entropy": run.data.metrics["routing/min_batch_entropy"],
+            "collapsed_layers": collapsed_from_text(run.data.tags.get(COLLAPSED_TAG)),
+        }
+    doc.update({"adapter": adapter, "training": training})
     text = yaml.safe_dump(doc, sort_keys=False)
     best = parse_best_config(text, f"run {run_id}: params", backend)
     best.origin = f"run {run_id}"

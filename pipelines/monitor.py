@@ -16,12 +16,26 @@ from typing import Any
 import yaml
 from ray import tune
 
-from pipelines.records import config_params, load_map, log_lineage, tidy_metrics
+from pipelines.records import (
+    COLLAPSED_TAG,
+    collapsed_from_text,
+    collapsed_note,
+    collapsed_text,
+    config_params,
+    load_map,
+    log_lineage,
+    routing_comment,
+    routing_health,
+    routing_row,
+    routing_summary,
+    tidy_metrics,
+)
 from pipelines.space import DEFAULT_BACKEND, SearchSpace
 from pipelines.tracking import COMPLETED, FAILED, INTERRUPTED, STOPPED_EARLY_ASHA, Tracker
 
 ASHA_STOP = "asha_stop"  # run tag: ASHA's reason for cutting the trial, set when it decides
 LOAD_MAP = "routing_counts.json"  # a trial run's artifact: layers x experts, training tokens
+ROUTING_HEALTH = "routing_health.json"  # beside it: its last evaluation's per-batch routing
 # Summed over a stage's runs into the search run's cost (`SearchMonitor.cost`).
 COST_METRICS = (
     "wall_time_s",
@@ -151,6 +165,7 @@ class SearchMonitor(tune.Callback):
                 "last": metrics,
                 "last_step": max((m.step for m in evals), default=0),
                 "worker_failures": int(metrics.get("worker_failures", 0)),
+                "collapsed": collapsed_from_text(tags.get(COLLAPSED_TAG)),
                 # ended before the resume (an interrupted trial has not: it continues)
                 "kept": status not in ("running", INTERRUPTED),
             }
@@ -298,6 +313,9 @@ class SearchMonitor(tune.Callback):
             if counts:
                 rec["load_map"] = counts
                 self.tracker.log_text(rec["run_id"], json.dumps(counts), LOAD_MAP)
+            if health := routing_health(result):
+                rec["health"] = health
+                self.tracker.log_text(rec["run_id"], json.dumps(health), ROUTING_HEALTH)
             return
         if step <= rec["last_step"]:
             return  # already logged before a resume
@@ -305,6 +323,7 @@ class SearchMonitor(tune.Callback):
         rec["last_step"] = step
         self.tracker.log_metrics(rec["run_id"], {**metrics, "evals": rec["evals"]}, step=step)
         rec["last"].update(metrics)
+        rec["health"] = routing_health(result) or rec.get("health", {})
         obj = result.get("objective")
         if obj is not None and (self.best is None or self.better(obj, self.best[0]) == obj):
             self.best = (obj, rec["trial"])
@@ -323,12 +342,26 @@ class SearchMonitor(tune.Callback):
         if rec.get("kept"):
             return
         rec["status"], rec["reason"] = status, reason
+        collapsed = self._collapsed(rec)
         self.tracker.finish(rec["run_id"], status, reason)
         last = rec["last"]
         score = f"objective={_fmt(last.get('objective'))}" if "objective" in last else ""
         test = f" test_accuracy={_fmt(last['test_accuracy'])}" if "test_accuracy" in last else ""
         why = f" ({reason})" if reason else ""
-        self._print(f"{rec['name']} {status}{why}: {score}{test} {self._counts()}")
+        note = f" routing collapsed in layers {collapsed}" if collapsed else ""
+        self._print(f"{rec['name']} {status}{why}: {score}{test}{note} {self._counts()}")
+
+    def _collapsed(self, rec: dict[str, Any]) -> str:
+        """The layers whose routing collapsed at the trial's last evaluation, as the
+        `routing_collapsed` tag it gets ("1,2"); the tag is set only when one did."""
+        from graphlora.health import collapsed_layers
+
+        if rec.get("health"):  # else as adopted from its tag (resumed, no evaluation since)
+            rec["collapsed"] = collapsed_layers(rec["health"])
+        text = collapsed_text(rec.get("collapsed", []))
+        if text:
+            self.tracker.set_tags(rec["run_id"], {COLLAPSED_TAG: text})
+        return text
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reasons = getattr(self.scheduler, "stop_reasons", {})
@@ -364,6 +397,7 @@ class SearchMonitor(tune.Callback):
                     "wall_time_s": last.get("wall_time_s"),
                     "device_seconds": last.get("device_seconds"),
                     "peak_memory_mb": last.get("peak_memory_mb"),
+                    **routing_row(rec["last"], rec.get("collapsed", [])),
                     "run_id": rec["run_id"],
                 }
             )
@@ -384,19 +418,29 @@ class SearchMonitor(tune.Callback):
 
     def load_maps(self, trial_ids: list[str]) -> dict[str, list[list[float]]]:
         """The load maps of these trials (from memory, else the run's `routing_counts.json`)."""
+        return self._artifacts(trial_ids, "load_map", LOAD_MAP)
+
+    def routing_healths(self, trial_ids: list[str]) -> dict[str, dict[str, float]]:
+        """The per-layer routing figures of these trials' last evaluations (from memory, else
+        the run's `routing_health.json`; `pipelines.records.routing_health`)."""
+        return self._artifacts(trial_ids, "health", ROUTING_HEALTH)
+
+    def _artifacts(self, trial_ids: list[str], key: str, name: str) -> dict[str, Any]:
+        """`rec[key]` of these trials, read from their run's JSON artifact `name` when not in
+        memory; trials without it are left out (a failed trial, an older search)."""
         out = {}
         for tid in trial_ids:
             rec = self.records.get(tid)
             if rec is None:
                 continue
-            if "load_map" not in rec:
+            if not rec.get(key):
                 try:
                     with tempfile.TemporaryDirectory() as tmp:
-                        path = self.tracker.client.download_artifacts(rec["run_id"], LOAD_MAP, tmp)
-                        rec["load_map"] = json.loads(Path(path).read_text())
-                except Exception:  # no counts (a failed trial, an older search): no picture
+                        path = self.tracker.client.download_artifacts(rec["run_id"], name, tmp)
+                        rec[key] = json.loads(Path(path).read_text())
+                except Exception:  # not recorded: no picture (or no labels) for it
                     continue
-            out[tid] = rec["load_map"]
+            out[tid] = rec[key]
         return out
 
     def stability_groups(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -418,6 +462,9 @@ class SearchMonitor(tune.Callback):
             if rec["status"] == FAILED:
                 continue
             g = groups[rec["run"]["group"]]
+            g.setdefault("routing_runs", []).append(
+                routing_row(rec["last"], rec.get("collapsed", []))
+            )
             for key in ("objective", "test_accuracy"):
                 if rec["last"].get(key) is not None:
                     g["values"].setdefault(key, []).append(rec["last"][key])
@@ -437,6 +484,7 @@ class SearchMonitor(tune.Callback):
                 scores[f"{obj.metric}_mean"], scores.get(f"{obj.metric}_std", 0.0)
             )
             g["scores"] = {"score": g["score"], **scores}
+            g["routing"] = routing_summary(g.pop("routing_runs", []))
             self.tracker.log_metrics(g["run_id"], g["scores"])
             self.tracker.finish(g["run_id"], COMPLETED)
             out.append(g)
@@ -458,7 +506,8 @@ class SearchMonitor(tune.Callback):
             ]
             for r in rows
         ]
-        _print_grid(self.out or sys.stdout, f"{title}: {len(rows)} trials", header, table)
+        note, title = collapsed_note(rows), f"{title}: {len(rows)} trials"
+        _print_grid(self.out or sys.stdout, title, header, table, (note,) if note else ())
 
     def print_stability(self, groups: list[dict[str, Any]]) -> None:
         metric = self.space.objective.metric
@@ -478,13 +527,17 @@ class SearchMonitor(tune.Callback):
         _print_grid(self.out or sys.stdout, "stability", header, table)
 
 
-def _print_grid(out: Any, title: str, header: list[str], rows: list[list[str]]) -> None:
+def _print_grid(
+    out: Any, title: str, header: list[str], rows: list[list[str]], notes: tuple[str, ...] = ()
+) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     line = "  ".join
     print(f"\n{title}", file=out)
     print(line(h.ljust(w) for h, w in zip(header, widths, strict=True)), file=out)
     for row in rows:
         print(line(str(c).ljust(w) for c, w in zip(row, widths, strict=True)), file=out)
+    for note in notes:
+        print(note, file=out)
     print(file=out, flush=True)
 
 
@@ -530,12 +583,15 @@ def write_results(
                 "std_penalty": space.objective.std_penalty,
             },
             "scores": {k: float(v) for k, v in best["scores"].items()},
+            **({"routing": best["routing"]} if best.get("routing") else {}),
             "adapter": adapter,
             "training": training,
         }
         files.append(output_dir / "best_config.yaml")
         files[-1].write_text(
             "# Best configuration found. Load with MoELoRAConfig(**adapter) and\n"
-            "# TrainConfig(**training, seed=...).\n" + yaml.safe_dump(doc, sort_keys=False)
+            "# TrainConfig(**training, seed=...).\n"
+            + (routing_comment() if "routing" in doc else "")
+            + yaml.safe_dump(doc, sort_keys=False)
         )
     return files

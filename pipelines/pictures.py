@@ -3,16 +3,21 @@
 - `pareto.png`: every trial's validation metric against its trainable parameters, the Pareto
   front (better metric for fewer parameters) marked;
 - `load_map.png`: per-layer expert load (layers x experts, share of the training tokens' routing
-  assignments) of the best trials, the best of each method side by side when several ran;
+  assignments) of the best trials, the best of each method side by side when several ran; beside
+  each layer's row, its per-batch routing at the last evaluation ("batch H 0.33, 2.0 used"),
+  collapsed layers in red (`health_labels`): a whole-run load map hides a router that gives
+  every token of a batch one pair of experts and rotates the pair between batches;
 - `stability.png`: each re-run configuration's seeds as points, with their mean and std.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.records import health_rows
 from pipelines.space import first_line
 
 PARETO, LOAD_MAP, STABILITY = "pareto.png", "load_map.png", "stability.png"
@@ -98,17 +103,55 @@ def plot_pareto(rows: list[dict[str, Any]], metric: str, mode: str, path: Path) 
     return path
 
 
-def plot_load_maps(maps: dict[str, list[list[float]]], path: Path) -> Path:
-    """One heatmap per labelled load map (layers x experts), each row as shares of its layer.
+def health_labels(health: Mapping[str, float], layers: int) -> list[tuple[str, bool]]:
+    """Per MoE layer, the label beside its load-map row and whether its routing collapsed.
+
+    Args:
+        health: a trial's `layer{i}/batch_entropy`, `layer{i}/experts_used`... at its last
+            evaluation (`pipelines.records.routing_health`, its `routing_health.json`).
+        layers: rows of its load map.
+
+    Returns:
+        ("batch H 0.33, 2.0 used", collapsed) per layer, collapsed as
+        `graphlora.health.collapsed_layers` says (batch entropy below `COLLAPSE_ENTROPY`), its
+        label ending "collapsed"; ("", False) for a layer without figures.
+    """
+    from graphlora.health import collapsed_layers
+
+    rows, collapsed = health_rows(health), set(collapsed_layers(health))
+    out = []
+    for i in range(layers):
+        row = rows[i] if i < len(rows) else {}
+        parts = []
+        if "batch_entropy" in row:
+            parts.append(f"batch H {row['batch_entropy']:.2f}")
+        if "experts_used" in row:
+            parts.append(f"{row['experts_used']:.1f} used")
+        if i in collapsed:
+            parts.append("collapsed")
+        out.append((", ".join(parts), i in collapsed))
+    return out
+
+
+def plot_load_maps(
+    maps: dict[str, list[list[float]]],
+    path: Path,
+    health: Mapping[str, Mapping[str, float]] | None = None,
+) -> Path:
+    """One heatmap per labelled load map (layers x experts), each row as shares of its layer;
+    beside each row, that layer's `health_labels` when `health` (label -> figures) has them.
 
     Raises:
         ValueError: No load map.
     """
     if not maps:
         raise ValueError("no trial recorded its routing counts (routing_counts.json)")
+    health = health or {}
+    labelled = any(health.get(label) for label in maps)
     plt = _pyplot()
+    width = 6.5 if labelled else 4.5
     fig, axes = plt.subplots(
-        1, len(maps), figsize=(4.5 * len(maps) + 1, 5), squeeze=False, constrained_layout=True
+        1, len(maps), figsize=(width * len(maps) + 1, 5), squeeze=False, constrained_layout=True
     )
     image = None
     for ax, (label, counts) in zip(axes[0], maps.items(), strict=True):
@@ -119,8 +162,28 @@ def plot_load_maps(maps: dict[str, list[list[float]]], path: Path) -> Path:
         ax.set_ylabel("MoE layer")
         ax.set_xticks(range(len(shares[0])))
         ax.set_yticks(range(len(shares)))
+        for i, (text, collapsed) in enumerate(health_labels(health.get(label, {}), len(shares))):
+            ax.annotate(  # just right of the row, outside the heatmap
+                text,
+                (1.0, i),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+                color="tab:red" if collapsed else "black",
+                fontweight="bold" if collapsed else "normal",
+            )
     fig.colorbar(image, ax=axes[0].tolist(), label="share of the layer's routing (training tokens)")
-    fig.suptitle("expert load per layer, whole run")
+    title = "expert load per layer, whole run"
+    if labelled:
+        from graphlora.health import COLLAPSE_ENTROPY
+
+        title += (
+            "; right: per-batch routing entropy H (0-1) and experts in use, last evaluation "
+            f"(red: collapsed, H < {COLLAPSE_ENTROPY:g})"
+        )
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -189,14 +252,16 @@ def save_search_pictures(
     *,
     metric: str,
     mode: str,
+    health: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[list[Path], list[str]]:
-    """The three pictures into `out_dir`; returns the files written and, for each picture that
-    could not be drawn, a one-line reason (a picture is a nicety: the search goes on)."""
+    """The three pictures into `out_dir` (`health`: per load map's label, its trial's routing
+    figures, `plot_load_maps`); returns the files written and, for each picture that could not
+    be drawn, a one-line reason (a picture is a nicety: the search goes on)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     for name, draw in (
         (PARETO, lambda p: plot_pareto(rows, metric, mode, p)),
-        (LOAD_MAP, lambda p: plot_load_maps(load_maps, p)),
+        (LOAD_MAP, lambda p: plot_load_maps(load_maps, p, health)),
         (STABILITY, lambda p: plot_stability(stability, metric, p)),
     ):
         if name == STABILITY and not stability:

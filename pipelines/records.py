@@ -7,6 +7,9 @@
 - Metrics: what the run measured (quality per evaluation, cost, routing), none of Ray Tune's
   bookkeeping (`tidy_metrics`); `<metric>_std` only for quality metrics over several seeds, with
   the sample standard deviation (`seed_stats`), as in `graphlora.train.summarize_seeds`.
+- Routing health: the router's per-layer per-batch figures at the last evaluation
+  (`routing_health`, the `routing_health.json` artifact beside the load map) and the layers
+  whose routing collapsed (the `routing_collapsed` tag, `collapsed_text`).
 - Lineage: the run's data as `mlflow.data` dataset inputs (name, source, digest; train /
   validation / test contexts) and the base model reference with its revision or checksum as tags
   (`lineage`).
@@ -130,6 +133,119 @@ def load_map(metrics: Mapping[str, Any]) -> list[list[float]]:
     layers = 1 + max(i for i, _ in cells)
     experts = 1 + max(j for _, j in cells)
     return [[cells.get((i, j), 0.0) for j in range(experts)] for i in range(layers)]
+
+
+# --- routing health: the router's per-batch figures at the last evaluation -------------------
+
+COLLAPSED_TAG = "routing_collapsed"  # run tag: the layers whose routing collapsed, "1,2,3"
+
+
+@functools.cache
+def _health_key() -> re.Pattern[str]:
+    """`layer{i}/<field>` for the per-layer fields of `graphlora.health` (the load map shows the
+    whole run; these show what one training batch saw, averaged since the evaluation before)."""
+    from graphlora.health import HEALTH_FIELDS
+
+    return re.compile(r"layer(\d+)/(" + "|".join(map(re.escape, HEALTH_FIELDS)) + ")")
+
+
+def routing_health(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The per-layer routing figures of a report, under the library's names
+    (`layer{i}/batch_entropy`, `layer{i}/experts_used`, `layer{i}/distinct_topk`,
+    `layer{i}/token_mi`); {} when its router has fewer than two experts. What a trial's
+    `routing_health.json` holds, and what `graphlora.health.collapsed_layers` reads."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if _health_key().fullmatch(k) and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def health_rows(health: Mapping[str, float]) -> list[dict[str, float]]:
+    """`routing_health` per layer: row i holds layer i's figures by short name ([] if none)."""
+    cells: dict[int, dict[str, float]] = {}
+    for key, value in health.items():
+        if m := _health_key().fullmatch(key):
+            cells.setdefault(int(m[1]), {})[m[2]] = float(value)
+    return [cells.get(i, {}) for i in range(1 + max(cells, default=-1))]
+
+
+def collapsed_text(layers: Iterable[int]) -> str:
+    """Layer indices as the `routing_collapsed` tag writes them: "1,2,3" ("" for none)."""
+    return ",".join(str(i) for i in layers)
+
+
+def collapsed_from_text(text: str | None) -> list[int]:
+    """The layer indices of a `routing_collapsed` tag ([] for none or "")."""
+    return [int(i) for i in (text or "").split(",") if i.strip()]
+
+
+def routing_row(last: Mapping[str, Any], collapsed: Iterable[int]) -> dict[str, Any]:
+    """A run's routing health as columns of its row (results.csv): its lowest per-layer batch
+    entropy at the last evaluation, and the layers that collapsed ("1,2", as its tag)."""
+    return {
+        "min_batch_entropy": last.get("routing/min_batch_entropy"),
+        "routing_collapsed": collapsed_text(collapsed),
+    }
+
+
+def routing_summary(runs: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """A configuration's `routing:` record (best_config.yaml) from its runs' rows, each with
+    `min_batch_entropy` (`routing/min_batch_entropy`) and `routing_collapsed` (tag text): the
+    lowest per-batch entropy of any layer in any run, and the layers that collapsed in any run.
+    None when no run measured it (a router with one expert, a library without the figures)."""
+    runs = [r for r in runs if isinstance(r.get("min_batch_entropy"), int | float)]
+    if not runs:
+        return None
+    layers = {i for r in runs for i in collapsed_from_text(r.get("routing_collapsed"))}
+    return {
+        "min_batch_entropy": float(min(r["min_batch_entropy"] for r in runs)),
+        "collapsed_layers": sorted(layers),
+    }
+
+
+def routing_comment() -> str:
+    """best_config.yaml's comment on its `routing:` record (`routing_summary`)."""
+    from graphlora.health import COLLAPSE_ENTROPY
+
+    return (
+        "# routing: the router at the last evaluation: min_batch_entropy, the lowest per-batch\n"
+        "# routing entropy of any layer (0-1); collapsed_layers, the layers below "
+        f"{COLLAPSE_ENTROPY:g}.\n"
+    )
+
+
+def routing_warning(routing: Mapping[str, Any]) -> str | None:
+    """The line said of a best configuration whose router collapsed in the search (its
+    `routing:` record); None when none of its layers did."""
+    from graphlora.health import COLLAPSE_ENTROPY
+
+    layers = routing.get("collapsed_layers") or []
+    if not layers:
+        return None
+    low = routing.get("min_batch_entropy")
+    lowest = f", lowest {low:.2f}" if isinstance(low, int | float) else ""
+    return (
+        f"note: its routing collapsed in the search in layers {collapsed_text(layers)} "
+        f"(per-batch routing entropy < {COLLAPSE_ENTROPY:g}{lowest}): each batch's tokens "
+        "went to the same few experts"
+    )
+
+
+def collapsed_note(rows: Iterable[Mapping[str, Any]]) -> str | None:
+    """One line naming the trials whose routing collapsed and where, e.g. "routing collapsed
+    (batch entropy < 0.5) in: trial 02 layers 1,2; trial 05 layer 0"; None when none did."""
+    from graphlora.health import COLLAPSE_ENTROPY
+
+    named = []
+    for r in rows:
+        layers = collapsed_from_text(r.get("routing_collapsed"))
+        if layers:
+            word = "layer" if len(layers) == 1 else "layers"
+            named.append(f"trial {r['trial']:02d} {word} {collapsed_text(layers)}")
+    if not named:
+        return None
+    return f"routing collapsed (batch entropy < {COLLAPSE_ENTROPY:g}) in: " + "; ".join(named)
 
 
 # --- params: the full resolved configuration -------------------------------------------------

@@ -43,6 +43,7 @@ if __name__ == "__main__":  # `python pipelines/search.py`: make `pipelines` imp
 import yaml
 
 from pipelines.host import HostPool, HostsError, hosts_for
+from pipelines.records import collapsed_note, routing_warning
 from pipelines.space import (
     DEFAULT_BACKEND,
     SearchSpace,
@@ -399,6 +400,8 @@ def run_search(
             ),
             file=out,
         )
+        if note := routing_warning(best.get("routing") or {}):
+            print(note, file=out)
         if not stability:
             print(
                 "test: not evaluated (search trials are chosen on validation only); the "
@@ -436,15 +439,23 @@ def _pictures(
     methods = {t["trial_id"]: str(t["params"].get("method", space.method)) for t in trials}
     chosen = best_load_map_trials(trials, obj.mode, methods)
     maps = monitor.load_maps([t["trial_id"] for t in chosen])
-    labelled = {}
+    health = monitor.routing_healths([t["trial_id"] for t in chosen])
+    labelled, labelled_health = {}, {}
     for t in chosen:
         if t["trial_id"] in maps:
             value = t.get(obj.metric)
             score = f"{value:.3f}" if isinstance(value, int | float) else "-"
             label = f"trial {t['trial']:02d} {methods[t['trial_id']]} ({obj.metric} {score})"
             labelled[label] = maps[t["trial_id"]]
+            labelled_health[label] = health.get(t["trial_id"], {})
     ours, skipped = save_search_pictures(
-        out_dir, trials, stability, labelled, metric=obj.metric, mode=obj.mode
+        out_dir,
+        trials,
+        stability,
+        labelled,
+        metric=obj.metric,
+        mode=obj.mode,
+        health=labelled_health,
     )
     theirs, skipped_optuna = save_optuna_plots(study, out_dir)
     return ours + theirs, skipped + skipped_optuna
@@ -484,6 +495,8 @@ def describe_search(
             for k, v in best["params"].items()
         )
         lines += [f"Best: {best['source']}: {params} ({scores}).", ""]
+    if note := collapsed_note(trials):
+        lines += [f"{note[0].upper()}{note[1:]}.", ""]
     lines += [
         f"Cost: {cost.get('total_device_seconds', 0):.0f} device-seconds, "
         f"{cost.get('total_wall_time_s', 0):.0f} s of trial wall time in all.",
@@ -499,7 +512,8 @@ def describe_search(
     lines += ["Pictures (Artifacts tab, `plots/`):"]
     notes = {
         "pareto.png": "validation metric against trainable parameters, Pareto front marked",
-        "load_map.png": "expert load per layer (training tokens) of the best trials",
+        "load_map.png": "expert load per layer (training tokens) of the best trials, each "
+        "layer's per-batch routing entropy and experts in use beside it (collapsed in red)",
         "stability.png": "the stability stage: each configuration's seeds, mean and std",
         "optimization_history.png": "Optuna: objective per trial",
         "param_importances.png": "Optuna: hyperparameter importances",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pipelines.records import config_params, log_lineage
+from pipelines.records import config_params, log_lineage, routing_summary
 from pipelines.space import SearchSpace
 from pipelines.tracking import Tracker
 from pipelines.trial import OBJECTIVE, TrialPlan, train_driver_fn
@@ -104,7 +104,8 @@ def run_stability_stage(
 
 
 def choose_best(space: SearchSpace, trials: list[dict], stability: list[dict]) -> dict | None:
-    """Best by `objective.score` over seeds: stability groups if any, else search trials."""
+    """Best by `objective.score` over seeds: stability groups if any, else search trials; with
+    its router's health (`routing`, `pipelines.records.routing_summary`; None: not measured)."""
     rev = space.objective.mode == "max"
     if stability:
         g = sorted(stability, key=lambda g: g["score"], reverse=rev)[0]
@@ -112,6 +113,7 @@ def choose_best(space: SearchSpace, trials: list[dict], stability: list[dict]) -
             "source": f"stability {g['group']} (trial {g['from_trial']})",
             "params": g["params"],
             "scores": g["scores"],
+            "routing": g.get("routing"),
         }
     done = [t for t in trials if t["status"] != "failed" and t.get(OBJECTIVE) is not None]
     if not done:
@@ -121,4 +123,5 @@ def choose_best(space: SearchSpace, trials: list[dict], stability: list[dict]) -
         "source": f"trial {t['trial']}",
         "params": t["params"],
         "scores": {OBJECTIVE: t[OBJECTIVE]},
+        "routing": routing_summary([t]),
     }

@@ -53,7 +53,7 @@ from pipelines.best_config import (
     read_best_config_file,
 )
 from pipelines.evaluate import quiet_progress_bars
-from pipelines.records import config_params, log_lineage
+from pipelines.records import config_params, log_lineage, routing_warning
 from pipelines.space import DEFAULT_BACKEND, SpaceError, error_line, first_line
 from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
 from pipelines.tuning import init_ray
@@ -422,6 +422,8 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
         file=out,
         flush=True,
     )
+    if note := routing_warning(plan.best.routing):
+        print(note, file=out, flush=True)
     try:
         per_seed = _train_seeds(plan, tracker, run_id, run_name, out)
         summary = summarize_seeds(per_seed)

@@ -120,8 +120,16 @@ def test_parse_seeds_rejects(text):
         ),
         (lambda d: d.update(stability={}), r": stability: unknown key"),
         (lambda d: d.pop("adapter"), r"adapter: missing required key"),
+        (
+            lambda d: d.update(routing={"collapsed_layers": "1,2"}),
+            r"routing\.collapsed_layers: expected a list of layer indices, got '1,2' \(line \d+\)",
+        ),
+        (
+            lambda d: d.update(routing={"min_entropy": 0.2}),
+            r"routing\.min_entropy: unknown key; did you mean 'min_batch_entropy'\?",
+        ),
     ],
-    ids=["unknown-key", "top-k", "lr", "seed", "top-level", "missing"],
+    ids=["unknown-key", "top-k", "lr", "seed", "top-level", "missing", "routing", "routing-key"],
 )
 def test_a_best_config_that_no_longer_validates_is_one_line_and_exit_2(
     best_file, tmp_path, store, capsys, monkeypatch, edit, message
@@ -333,6 +341,39 @@ def test_promotion_from_a_trial_run_gets_the_trials_configuration(store, tmp_pat
     assert plan.experiment == "from-run"
     assert plan.best.resources == space.raw["resources"]
     assert plan.best.objective["metric"] == space.objective.metric
+
+
+def test_a_collapsed_router_reaches_the_promotion(tmp_path, store, monkeypatch):
+    """The search's routing record of the best configuration (best_config.yaml, or a trial run's
+    `routing_collapsed` tag) reaches the promotion, which says that its routing collapsed."""
+    from pipelines.records import COLLAPSED_TAG, config_params, routing_warning
+
+    space = load_search_space(QUICKSTART)
+    params = {"learning_rate": 0.01, "num_experts": 4, "top_k": 2, "rank": 2, "edge_density": 0.2}
+    routing = {"min_batch_entropy": 0.25, "collapsed_layers": [0, 1]}
+    best = {"source": "trial 3", "params": params, "scores": {"objective": 0.75}}
+    write_results(tmp_path, space, [], [], {**best, "routing": routing})
+    plan = train.plan_promotion(config=tmp_path / "best_config.yaml", seeds="1")
+    assert plan.best.routing == routing
+    assert "routing collapsed in the search in layers 0,1" in routing_warning(plan.best.routing)
+
+    def stop(*args):  # noqa: ANN002, ANN202 (the training is not what this is about)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_train_seeds", stop)
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        train.promote(plan, out=out)
+    assert routing_warning(routing) in out.getvalue().splitlines()
+
+    tracker = Tracker("from-run-routing")
+    adapter, training = space.configs(params, space.seed)
+    run_id = tracker.start_run(
+        "trial 01 x", params=config_params(adapter, training), tags={COLLAPSED_TAG: "1"}
+    )
+    tracker.log_metrics(run_id, {"routing/min_batch_entropy": 0.4})
+    plan = train.plan_promotion(from_run=run_id, output_dir=tmp_path / "out", seeds="1")
+    assert plan.best.routing == {"min_batch_entropy": 0.4, "collapsed_layers": [1]}
 
 
 def test_from_run_refuses_a_run_without_a_configuration(store, capsys, monkeypatch):

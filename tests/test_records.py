@@ -10,13 +10,21 @@ from pathlib import Path
 import pytest
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from pipelines.pictures import pareto_front, save_search_pictures
+from pipelines.pictures import health_labels, pareto_front, save_search_pictures
 from pipelines.records import (
     BOOKKEEPING,
+    collapsed_from_text,
+    collapsed_note,
+    collapsed_text,
     config_from_params,
     config_params,
     dataset_inputs,
+    health_rows,
     load_map,
+    routing_health,
+    routing_row,
+    routing_summary,
+    routing_warning,
     seed_stats,
     tidy_metrics,
 )
@@ -219,3 +227,191 @@ def test_a_trial_asha_cut_before_the_search_stopped_ends_on_resume(tmp_path, mon
     assert run.info.status == "FINISHED"
     assert run.data.tags["status"] == STOPPED_EARLY_ASHA
     assert run.data.tags["status_reason"] == asha.stop_reasons["cut_1"]
+
+
+def health_metrics(entropies: list[float], used: list[float]) -> dict[str, float]:
+    """An evaluation's metrics as `graphlora.run.RunState.evaluate` reports them for a router of
+    several experts: per-layer health figures, their aggregates, and what was there before."""
+    out: dict[str, float] = {"val_accuracy": 0.5, "objective": 0.5}
+    for i, (h, n) in enumerate(zip(entropies, used, strict=True)):
+        out |= {
+            f"layer{i}/batch_entropy": h,
+            f"layer{i}/experts_used": n,
+            f"layer{i}/distinct_topk": 2.0 * n,
+            f"layer{i}/token_mi": h / 2,
+            f"layer{i}/load_cv": 0.1,
+            f"routing_counts/layer{i}/expert0": 10.0,
+        }
+    out |= {
+        "routing/batch_entropy": statistics.fmean(entropies),
+        "routing/min_batch_entropy": min(entropies),
+        "routing/collapsed_layers": float(sum(h < 0.5 for h in entropies)),
+    }
+    return out
+
+
+HEALTHY = health_metrics([0.9, 0.8, 0.95], [3.5, 3.0, 3.8])
+COLLAPSED = health_metrics([0.9, 0.33, 0.2], [3.5, 2.0, 1.0])  # layers 1 and 2 collapsed
+
+
+def test_routing_health_keeps_the_per_layer_batch_figures_only():
+    health = routing_health(COLLAPSED)
+    assert set(health) == {
+        f"layer{i}/{f}"
+        for i in range(3)
+        for f in ("batch_entropy", "experts_used", "distinct_topk", "token_mi")
+    }
+    assert health_rows(health)[1] == {
+        "batch_entropy": 0.33,
+        "experts_used": 2.0,
+        "distinct_topk": 4.0,
+        "token_mi": 0.165,
+    }
+    assert routing_health({"val_accuracy": 0.5, "layer0/load_cv": 0.2}) == {}  # one expert
+    # per-layer figures stay off the metrics; the aggregates are metrics
+    tidy = tidy_metrics(COLLAPSED)
+    assert not any(k.startswith("layer") for k in tidy)
+    assert tidy["routing/min_batch_entropy"] == 0.2 and tidy["routing/collapsed_layers"] == 2.0
+
+
+def test_a_collapsed_configuration_is_named_and_summarised():
+    assert collapsed_text([1, 2, 3]) == "1,2,3" and collapsed_text([]) == ""
+    assert collapsed_from_text("1,2,3") == [1, 2, 3] and collapsed_from_text(None) == []
+    healthy = {"trial": 1, **routing_row(HEALTHY, [])}
+    collapsed = {"trial": 2, **routing_row(COLLAPSED, [1, 2])}
+    assert collapsed == {"trial": 2, "min_batch_entropy": 0.2, "routing_collapsed": "1,2"}
+    assert collapsed_note([healthy]) is None
+    assert collapsed_note([healthy, collapsed, {"trial": 5, "routing_collapsed": "0"}]) == (
+        "routing collapsed (batch entropy < 0.5) in: trial 02 layers 1,2; trial 05 layer 0"
+    )
+    # a configuration over its seeds: the lowest entropy, the layers any seed collapsed in
+    seed_b = routing_row({"routing/min_batch_entropy": 0.45}, [0])
+    assert routing_summary([collapsed, seed_b]) == {
+        "min_batch_entropy": 0.2,
+        "collapsed_layers": [0, 1, 2],
+    }
+    assert routing_summary([healthy]) == {"min_batch_entropy": 0.8, "collapsed_layers": []}
+    assert routing_summary([{"min_batch_entropy": None, "routing_collapsed": ""}]) is None
+    assert routing_warning({"min_batch_entropy": 0.8, "collapsed_layers": []}) is None
+    note = routing_warning({"min_batch_entropy": 0.2, "collapsed_layers": [1, 2]})
+    assert "collapsed in the search in layers 1,2" in note and "lowest 0.20" in note
+
+
+def test_the_load_map_labels_each_layer_with_its_per_batch_routing(tmp_path):
+    labels = health_labels(routing_health(COLLAPSED), 4)
+    assert labels == [
+        ("batch H 0.90, 3.5 used", False),
+        ("batch H 0.33, 2.0 used, collapsed", True),
+        ("batch H 0.20, 1.0 used, collapsed", True),
+        ("", False),  # a layer without figures
+    ]
+    assert all(not c for _, c in health_labels(routing_health(HEALTHY), 3))
+    assert health_labels({}, 2) == [("", False), ("", False)]  # an older trial: no labels
+    maps = {"trial 01": [[5, 5, 0, 0], [9, 1, 0, 0], [0, 0, 10, 0]], "trial 02": [[1, 2], [2, 1]]}
+    written, skipped = save_search_pictures(
+        tmp_path,
+        [],
+        [],
+        maps,
+        metric="val_accuracy",
+        mode="max",
+        health={"trial 01": routing_health(COLLAPSED)},  # trial 02 without: drawn unlabelled
+    )
+    assert [p.name for p in written] == ["load_map.png"] and skipped == [
+        "pareto.png: no trial reported both val_accuracy and trainable_params"
+    ]
+
+
+def test_a_collapsed_trial_is_tagged_recorded_and_named(tmp_path, monkeypatch):
+    """Two trials, one whose routing collapsed in layers 1 and 2: only it gets the
+    `routing_collapsed` tag; both keep their per-layer figures in `routing_health.json`, read
+    back from MLflow alone; the printed table names it; best_config.yaml carries its routing."""
+    import io
+    from types import SimpleNamespace
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.best_config import parse_best_config
+    from pipelines.monitor import COLLAPSED_TAG, ROUTING_HEALTH, SearchMonitor, write_results
+    from pipelines.stability import choose_best
+    from pipelines.tracking import Tracker, tracking_uri
+
+    monkeypatch.setenv("GRAPHLORA_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    space = load_search_space(SPACES / "quickstart.yaml")
+    tracker = Tracker("routing-health")
+    parent = tracker.start_run("search x", tags={"kind": "search"})
+    out = io.StringIO()
+    monitor = SearchMonitor(tracker, parent, space, out=out, total=2)
+    params = {"learning_rate": 0.02, "num_experts": 4, "top_k": 2, "rank": 2}
+    trials = {t: SimpleNamespace(trial_id=t, config=params) for t in ("ok_1", "gone_2")}
+    finals = {"ok_1": HEALTHY, "gone_2": {**COLLAPSED, "objective": 0.7, "val_accuracy": 0.7}}
+    for tid, trial in trials.items():
+        monitor.on_trial_start(0, [], trial)
+        monitor.on_trial_result(0, [], trial, {**finals[tid], "step": 10})
+        monitor.on_trial_result(0, [], trial, {**finals[tid], "step": 10, "final": 1})
+        monitor.on_trial_complete(0, [], trial)
+    client = MlflowClient(tracking_uri())
+    runs = {t: client.get_run(monitor.records[t]["run_id"]) for t in trials}
+    assert runs["gone_2"].data.tags[COLLAPSED_TAG] == "1,2"
+    assert COLLAPSED_TAG not in runs["ok_1"].data.tags  # healthy: no tag at all
+    assert runs["gone_2"].data.metrics["routing/collapsed_layers"] == 2.0
+    assert not any(k.startswith("layer") for k in runs["gone_2"].data.metrics)
+    assert "routing collapsed in layers 1,2" in out.getvalue()  # its progress line
+
+    rows = monitor.rows()
+    assert [(r["min_batch_entropy"], r["routing_collapsed"]) for r in rows] == [
+        (0.8, ""),
+        (0.2, "1,2"),
+    ]
+    monitor.print_table(rows, "search")
+    assert "routing collapsed (batch entropy < 0.5) in: trial 02 layers 1,2\n" in out.getvalue()
+
+    # the picture's figures come back from MLflow alone (an adopted, resumed search)
+    again = SearchMonitor(tracker, parent, space, out=io.StringIO(), total=2)
+    again.adopt_runs(tracker.child_runs(parent))
+    assert again.routing_healths(["ok_1", "gone_2"]) == {
+        t: routing_health(finals[t]) for t in trials
+    }
+    assert [r["routing_collapsed"] for r in again.rows()] == ["", "1,2"]
+    names = {a.path for a in client.list_artifacts(runs["gone_2"].info.run_id)}
+    assert {"routing_counts.json", ROUTING_HEALTH} <= names
+
+    best = choose_best(space, rows, [])
+    assert best["source"] == "trial 2"
+    assert best["routing"] == {"min_batch_entropy": 0.2, "collapsed_layers": [1, 2]}
+    write_results(tmp_path, space, rows, [], best)
+    text = (tmp_path / "best_config.yaml").read_text()
+    assert "# routing: " in text
+    doc = yaml.safe_load(text)
+    assert doc["routing"] == {"min_batch_entropy": 0.2, "collapsed_layers": [1, 2]}
+    assert parse_best_config(text, "best_config.yaml").routing == doc["routing"]
+    with (tmp_path / "results.csv").open() as f:
+        header = f.readline().strip().split(",")
+    assert {"min_batch_entropy", "routing_collapsed"} <= set(header)
+
+
+def test_a_stability_configuration_carries_the_routing_of_its_seeds():
+    """The best configuration after a stability stage: its lowest entropy over its seeds, and
+    the layers any seed collapsed in."""
+    import io
+    from types import SimpleNamespace
+
+    from pipelines.monitor import SearchMonitor
+    from pipelines.stability import choose_best
+
+    space = load_search_space(SPACES / "quickstart.yaml")
+    tracker = SimpleNamespace(log_metrics=lambda *a, **k: None, finish=lambda *a, **k: None)
+    monitor = SearchMonitor(tracker, "parent", space, out=io.StringIO(), stage="stability")
+    run = {"group": "config-1", "params": {"rank": 2}, "from_trial": 2, "group_run_id": "g1"}
+    for seed, (metrics, layers) in enumerate([(HEALTHY, []), (COLLAPSED, [1, 2])]):
+        monitor.records[f"s{seed}"] = {
+            "status": "completed",
+            "run": run,
+            "last": tidy_metrics(metrics),
+            "collapsed": layers,
+        }
+    groups = monitor.stability_groups([run])
+    assert groups[0]["routing"] == {"min_batch_entropy": 0.2, "collapsed_layers": [1, 2]}
+    assert choose_best(space, [], groups)["routing"] == groups[0]["routing"]
