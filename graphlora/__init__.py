@@ -11,6 +11,7 @@ from graphlora.inject import (
     inject_adapter,
     load_adapter,
     reset_load_state,
+    routing_health,
     routing_stats,
     save_adapter,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "inject_adapter",
     "load_adapter",
     "reset_load_state",
+    "routing_health",
     "routing_stats",
     "save_adapter",
 ]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ROUTERS = ("none", "softmax", "dense", "graph")
+BALANCE_FORMS = ("batch", "paper", "switch")
+EXPERT_FEATURES = ("token", "paper")
 
 # Each preset lists only what differs from the dataclass' base defaults below.
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
@@ -34,6 +36,18 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "alpha": 4.0,
         "poisson_coef": 0.005,
         "normal_coef": 8.0,
+    },
+    # The published form, exactly: expert nodes blind to the token, the Normal loss on the run's
+    # running load with a trainable sigma (docs/method.md section 6 says why it is not the default).
+    "graphlora-paper": {
+        "router": "graph",
+        "top_k": 2,
+        "rank": 2,
+        "alpha": 4.0,
+        "poisson_coef": 0.005,
+        "normal_coef": 8.0,
+        "expert_features": "paper",
+        "balance": "paper",
     },
     "graphlora-no-graph": {
         "router": "softmax",
@@ -69,6 +83,8 @@ _BASE_DEFAULTS: dict[str, Any] = {
     "normal_coef": 0.0,
     "balance_coef": 0.0,
     "experts_per_layer": None,
+    "expert_features": "token",
+    "balance": "batch",
 }
 
 
@@ -80,8 +96,8 @@ class MoELoRAConfig:
     """
 
     method: str = "graphlora"
-    """Preset: lora, mixlora, loramoe, mingmoe, mola, graphlora, graphlora-no-graph,
-    graphlora-no-poisson, graphlora-no-normal."""
+    """Preset: lora, mixlora, loramoe, mingmoe, mola, graphlora, graphlora-paper,
+    graphlora-no-graph, graphlora-no-poisson, graphlora-no-normal."""
     num_experts: int | None = None
     """Experts N per MoE layer (ignored where ``experts_per_layer`` is set)."""
     top_k: int | None = None
@@ -102,12 +118,20 @@ class MoELoRAConfig:
     records as ``gcn_hidden_used``."""
     edge_density: float = 0.1
     """Expert-expert edge density beta in [0, 1]."""
+    expert_features: str | None = None
+    """Graph router's expert-node features: token (x_i * act(P h), so routing depends on the token
+    from the first step) or paper (a trainable x_i shared by every token, as published)."""
     graph_seed: int = 0
     """Seed of the random expert-expert edges (layer i uses graph_seed + i)."""
     poisson_coef: float | None = None
     """Weight c_P of the Poisson distinction loss (0 disables it)."""
     normal_coef: float | None = None
-    """Weight c_N of the Normal load-balance loss (0 disables it)."""
+    """Weight c_N of GraphLoRA's load-balance loss (0 disables it); ``balance`` says its form."""
+    balance: str | None = None
+    """Form of the load-balance loss weighted by ``normal_coef``: batch (the Normal target on the
+    current global batch: value from the hard top-k assignment fractions, gradient through the
+    full softmax to every expert, sigma fixed), paper (eqs. 8-9: the run's running total of top-k
+    mass, trainable sigma) or switch (N * sum_i f_i P_i on the current batch)."""
     balance_coef: float | None = None
     """Weight of the Switch/Mixtral load-balance loss (0 disables it)."""
     lambda_init: float = 1.5
@@ -115,7 +139,8 @@ class MoELoRAConfig:
     lambda_range: tuple[float, float] = (1.0, 2.0)
     """lambda is clamped into this closed range."""
     sigma_init: float | None = None
-    """Initial Normal sigma; None means N / 2."""
+    """Normal sigma (initial value with balance paper, where it trains; fixed otherwise); None
+    means N / 2."""
     experts_per_layer: list[int] | None = None
     """MoLA layout: expert counts for equal contiguous groups of the target layers, shallow to
     deep (e.g. [5, 7, 9, 11] = one count per quarter). Overrides num_experts."""
@@ -169,6 +194,10 @@ class MoELoRAConfig:
             raise bad("dropout", "must be in [0, 1)")
         if not 0.0 <= self.edge_density <= 1.0:
             raise bad("edge_density", "must be in [0, 1]")
+        if self.expert_features not in EXPERT_FEATURES:
+            raise bad("expert_features", f"must be one of {list(EXPERT_FEATURES)}")
+        if self.balance not in BALANCE_FORMS:
+            raise bad("balance", f"must be one of {list(BALANCE_FORMS)}")
         if self.gcn_layers < 1:
             raise bad("gcn_layers", "must be >= 1")
         if self.gcn_hidden < 1:
@@ -245,4 +274,11 @@ def adapter_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(MoELoRAConfig)]
 
 
-__all__ = ["METHOD_PRESETS", "ROUTERS", "MoELoRAConfig", "adapter_field_names"]
+__all__ = [
+    "BALANCE_FORMS",
+    "EXPERT_FEATURES",
+    "METHOD_PRESETS",
+    "ROUTERS",
+    "MoELoRAConfig",
+    "adapter_field_names",
+]

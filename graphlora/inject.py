@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from graphlora.config import MoELoRAConfig
+from graphlora.health import health_summary
 from graphlora.losses import weighted_aux_loss
 from graphlora.moe import (
     LoRALinear,
@@ -362,6 +363,26 @@ def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, float]:
     return out
 
 
+def routing_health(model: nn.Module, reset: bool = True) -> dict[str, float]:
+    """Per-layer routing health of the batches since the last reset (``graphlora.health``):
+    per-batch load entropy, experts in use, distinct top-k sets and token-expert mutual
+    information, averaged over the batches of training forwards (and of evaluation forwards
+    while ``model.graphlora_context.health_in_eval`` is set). Layers with one expert are left
+    out, so an adapter without a router gives ``{}``.
+
+    Args:
+        model: a model carrying an adapter, or a packed slot's view.
+        reset: start a new window afterwards.
+    """
+    blocks = moe_blocks(model)
+    sums = [b.routing_health if b.num_experts >= 2 else b.routing_health * 0 for b in blocks]
+    out = health_summary(sums)
+    if reset:
+        for block in blocks:
+            block.routing_health.zero_()
+    return out
+
+
 def routing_counts(model: nn.Module) -> list[list[float]]:
     """Per MoE layer, the (token, slot) assignments each expert received since the last reset
     (training tokens only); ``routing_stats(reset=True)`` zeroes them, so a caller that wants a
@@ -429,6 +450,8 @@ def read_adapter_config(path: str | Path) -> tuple[MoELoRAConfig, dict[str, Any]
         raise FileNotFoundError(f"{file}: no adapter config here; expected a save_adapter folder")
     doc = json.loads(file.read_text())
     adapter = doc.pop("adapter")
+    for name in ("expert_features", "balance"):  # saved before these existed: the paper's forms
+        adapter.setdefault(name, "paper")
     return MoELoRAConfig.from_dict(adapter), doc
 
 

@@ -72,6 +72,43 @@ def normal_balance_loss(load: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor
     return (target * (torch.log(target + EPS) - torch.log(v_a + EPS))).sum()
 
 
+def batch_balance_loss(
+    fractions: torch.Tensor, mean_probs: torch.Tensor, sigma: torch.Tensor | float
+) -> torch.Tensor:
+    """GraphLoRA's Normal balance target on the current batch (``balance: batch``,
+    docs/method.md section 6): KL(v_normal || v_a) where v_a is this batch's load.
+
+    The value of v_a is the hard top-k assignment fractions f, floored at 1/(2N) and renormalised
+    so the log stays finite; its gradient goes through the mean full-softmax probabilities P, as in
+    the Switch loss, so every expert gets one, an expert no token picks included (the paper's
+    running total of top-k mass gives an unused expert none). Sorting by value assigns each expert
+    its rank in the target; sigma should be a constant (a trainable sigma narrows its own target).
+
+    Args:
+        fractions: (N,) fraction of this batch's (token, slot) assignments per expert (no grad).
+        mean_probs: (N,) mean full-softmax probability per expert over the batch's real tokens.
+        sigma: the Normal's sigma (> 0).
+
+    Returns:
+        Scalar: sum_i v_normal_i * log(v_normal_i / v_a,i).
+    """
+    n = fractions.shape[0]
+    value = fractions.detach().float().clamp_min(0.5 / n)
+    value = value / value.sum()
+    mean_probs = mean_probs.float()
+    load = value + (mean_probs - mean_probs.detach())  # value f, gradient through P
+    order = value.argsort(descending=True, stable=True)
+    v_a = load[order]
+    sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=load.device)
+    target = normal_target(sigma_t, n)
+    return (target * (torch.log(target + EPS) - torch.log(v_a))).sum()
+
+
+def switch_loss(fractions: torch.Tensor, mean_probs: torch.Tensor) -> torch.Tensor:
+    """N * sum_i f_i * P_i from assignment fractions f and mean full-softmax probabilities P."""
+    return fractions.shape[0] * (fractions.detach().float() * mean_probs.float()).sum()
+
+
 def switch_balance_loss(
     router_probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -92,7 +129,7 @@ def switch_balance_loss(
     if probs.shape[0] == 0:
         return router_probs.sum() * 0.0
     f = torch.bincount(idx.reshape(-1), minlength=n).float() / idx.numel()
-    return n * (f * probs.mean(dim=0)).sum()
+    return switch_loss(f, probs.mean(dim=0))
 
 
 AUX_LOSS_COEFS = {"poisson": "poisson_coef", "normal": "normal_coef", "balance": "balance_coef"}

@@ -33,7 +33,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from graphlora.config import MoELoRAConfig
-from graphlora.losses import normal_balance_loss, poisson_distinction_loss, switch_balance_loss
+from graphlora.health import HEALTH_FIELDS, batch_health
+from graphlora.losses import (
+    batch_balance_loss,
+    normal_balance_loss,
+    poisson_distinction_loss,
+    switch_balance_loss,
+    switch_loss,
+)
 from graphlora.routers import GraphRouter, Routing, SoftmaxRouter, route
 
 
@@ -50,6 +57,9 @@ class RoutingContext:
         off to train ranks independently."""
         self.load_group: dist.ProcessGroup | None = None
         """Process group of the data-parallel ranks (None: the default group)."""
+        self.health_in_eval: bool = False
+        """Count evaluation forwards in the blocks' routing health too (training forwards always
+        count): set it to measure how held-out tokens are routed."""
 
     def token_mask(self, batch_shape: torch.Size) -> torch.Tensor | None:
         """(T,) bool mask of real tokens for hidden states of shape ``batch_shape``: (B, S), or
@@ -193,6 +203,7 @@ class MoELoRABlock(nn.Module):
                 gcn_layers=config.gcn_layers,
                 edge_density=config.edge_density,
                 graph_seed=config.graph_seed + layer_seed,
+                expert_features=config.expert_features,
                 act=act,
             )
         elif config.router in ("softmax", "dense"):
@@ -204,19 +215,26 @@ class MoELoRABlock(nn.Module):
         self.use_normal = config.normal_coef > 0 and self.router is not None
         self.use_balance = config.balance_coef > 0 and self.router is not None
         self.lambda_range = tuple(config.lambda_range)
+        self.balance = config.balance
         if self.use_poisson:
             self.coord_lambda = nn.Parameter(torch.tensor(float(config.lambda_init)))
-        if self.use_normal:
-            sigma0 = config.sigma_init if config.sigma_init is not None else n / 2
+        sigma0 = config.sigma_init if config.sigma_init is not None else n / 2
+        self.fixed_sigma = float(sigma0)  # the batch form's sigma: a constant target
+        if self.use_normal and self.balance == "paper":
             # sigma = softplus(raw) keeps sigma positive; raw is set so sigma starts at sigma0.
             self.coord_sigma_raw = nn.Parameter(
                 torch.tensor(sigma0 + math.log(-math.expm1(-sigma0)))
             )
-        # c of the Normal loss: cumulative top-k weight per expert this training run.
+        # c of the paper's Normal loss: cumulative top-k weight per expert this training run.
         self.register_buffer("coord_load", torch.zeros(n), persistent=False)
         # Detached diagnostics: (token, slot) assignments per expert, training tokens of this
         # rank only, since the last reset.
         self.register_buffer("routing_counts", torch.zeros(n), persistent=False)
+        # Routing health since the last reset: batches seen, then the sum of each figure of
+        # graphlora.health.HEALTH_FIELDS over them (this rank's real tokens).
+        self.register_buffer(
+            "routing_health", torch.zeros(1 + len(HEALTH_FIELDS)), persistent=False
+        )
         self.aux: dict[str, torch.Tensor] = {}
 
     @property
@@ -226,13 +244,16 @@ class MoELoRABlock(nn.Module):
 
     @property
     def sigma(self) -> torch.Tensor:
-        """Normal sigma (> 0)."""
-        return F.softplus(self.coord_sigma_raw)
+        """Normal sigma (> 0): trainable with balance paper, a constant otherwise."""
+        if hasattr(self, "coord_sigma_raw"):
+            return F.softplus(self.coord_sigma_raw)
+        return torch.tensor(self.fixed_sigma)
 
     def reset_load(self) -> None:
         """Forget the cumulative load c (start of a training run) and the diagnostics."""
         self.coord_load.zero_()
         self.routing_counts.zero_()
+        self.routing_health.zero_()
 
     def _route(self, x: torch.Tensor) -> Routing:
         if self.router is None:
@@ -244,16 +265,22 @@ class MoELoRABlock(nn.Module):
     def _update_stats(self, routing: Routing, mask: torch.Tensor | None) -> None:
         if not self.training:  # evaluation passes touch neither the load nor the diagnostics
             self.aux = {}
+            if self.context.health_in_eval and self.router is not None:
+                idx, probs = self._real(routing.indices, mask), self._real(routing.probs, mask)
+                self._count_health(idx, probs)
             return
-        idx = routing.indices if mask is None else routing.indices[mask]
-        topk = routing.topk_probs if mask is None else routing.topk_probs[mask]
+        idx = self._real(routing.indices, mask)
+        topk = self._real(routing.topk_probs, mask)
+        probs = self._real(routing.probs, mask)
         with torch.no_grad():
             counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
             self.routing_counts += counts.to(self.routing_counts.dtype)
+        if self.router is not None:
+            self._count_health(idx, probs)
         aux: dict[str, torch.Tensor] = {}
         if self.use_poisson:
             aux["poisson"] = poisson_distinction_loss(routing.probs, self.lam, mask)
-        if self.use_normal:
+        if self.use_normal and self.balance == "paper":
             contrib = torch.zeros(self.num_experts, device=topk.device, dtype=torch.float32)
             contrib = contrib.index_add(0, idx.reshape(-1), topk.reshape(-1).float())
             if self.context.sync_load:
@@ -261,9 +288,39 @@ class MoELoRABlock(nn.Module):
             load = self.coord_load.detach() + contrib  # c_now = c_prev.detach() + this batch
             self.coord_load.copy_(load.detach())
             aux["normal"] = normal_balance_loss(load, self.sigma)
+        elif self.use_normal:
+            frac, mean_probs = self._batch_load(counts, probs)
+            if self.balance == "batch":
+                aux["normal"] = batch_balance_loss(frac, mean_probs, self.fixed_sigma)
+            else:
+                aux["normal"] = switch_loss(frac, mean_probs)
         if self.use_balance:
             aux["balance"] = switch_balance_loss(routing.probs, routing.indices, mask)
         self.aux = aux
+
+    @staticmethod
+    def _real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The rows of ``t`` (T, ...) of real tokens (all rows without a mask)."""
+        return t if mask is None else t[mask]
+
+    def _count_health(self, idx: torch.Tensor, probs: torch.Tensor) -> None:
+        health = batch_health(idx, probs, self.num_experts).to(self.routing_health.device)
+        self.routing_health[0] += 1
+        self.routing_health[1:] += health
+
+    def _batch_load(
+        self, counts: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This training batch's assignment fractions f (no gradient) and mean full-softmax
+        probabilities P (with gradient), over the global batch under torch.distributed."""
+        n = self.num_experts
+        tokens = torch.full((1,), float(probs.shape[0]), device=probs.device)
+        stats = torch.cat([counts.float(), probs.float().sum(dim=0), tokens])  # (2N+1,)
+        if self.context.sync_load:
+            stats = global_load(stats, self.context.load_group)
+        counts, prob_sum, tokens = stats[:n], stats[n : 2 * n], stats[2 * n]
+        frac = counts.detach() / counts.detach().sum().clamp_min(1.0)
+        return frac, prob_sum / tokens.detach().clamp_min(1.0)
 
     def _frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The frozen per-token products all experts share, each (T, I)."""

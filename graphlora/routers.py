@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphlora.config import EXPERT_FEATURES
 from graphlora.graph import build_moe_graph, normalized_adjacency
 
 
@@ -67,8 +68,19 @@ class GraphRouter(nn.Module):
     """GraphLoRA's GCN router (paper eqs. 3-4, docs/method.md section 2).
 
     Every token has its own copy of the (N+1)-node MoE graph, and all copies share one normalised
-    adjacency A_hat. Expert node features do not depend on the token, so the first GCN layer splits
-    into a token-independent part computed once per forward and a rank-one token part:
+    adjacency A_hat. The token node's feature is ``act(P h)``; the expert nodes' features depend on
+    ``expert_features``:
+
+    - ``"paper"``: a trainable vector x_i per expert, the same for every token (the published
+      form). The token then reaches each expert node only through its edge to the token node, as
+      the same term scaled by a degree-dependent number, which nearly cancels in the softmax: at
+      init every token gets nearly the same top-k set (docs/method.md section 6).
+    - ``"token"``: ``x_i * act(P h)`` (elementwise), the expert's vector modulated by the token, so
+      every expert node sees the token through its own features and the logits spread across
+      tokens about as much as across experts from the first step. Same parameters as ``"paper"``.
+
+    In the paper form the first GCN layer splits into a token-independent part computed once per
+    forward and a rank-one token part:
 
         (A_hat X W_0)[j] = (A_hat[:, :N] X_e W_0)[j] + A_hat[j, N] * (x_tok W_0)
 
@@ -86,9 +98,15 @@ class GraphRouter(nn.Module):
         gcn_layers: int = 2,
         edge_density: float = 0.1,
         graph_seed: int = 0,
+        expert_features: str = "token",
         act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
     ) -> None:
         super().__init__()
+        if expert_features not in EXPERT_FEATURES:
+            raise ValueError(
+                f"expert_features: must be one of {list(EXPERT_FEATURES)} (got {expert_features!r})"
+            )
+        self.expert_features = expert_features
         self.num_experts = num_experts
         self.gcn_hidden = gcn_hidden
         self.act = act
@@ -128,9 +146,16 @@ class GraphRouter(nn.Module):
         weights = [w.float() for w in self.router_gcn_weights]
         with _no_autocast(x):
             tok = self.act(F.linear(x.float(), self.router_token_proj.float()))  # (T, d_gcn)
-            # Layer 0: token-independent expert part once, plus the rank-one token part.
-            const = adj[:, :n] @ (self.router_expert_features.float() @ weights[0])  # (N+1, d_gcn)
-            h = self.act(const + a_tok[:, None] * (tok @ weights[0])[:, None, :])  # (T, N+1, d_gcn)
+            experts = self.router_expert_features.float()  # (N, d_gcn)
+            tok_w = (tok @ weights[0])[:, None, :]  # (T, 1, d_gcn)
+            if self.expert_features == "token":
+                # Layer 0 on every token's graph: expert nodes x_i * tok, token node tok.
+                nodes_w = (experts[None] * tok[:, None, :]) @ weights[0]  # (T, N, d_gcn)
+                h = self.act(torch.matmul(adj[:, :n], nodes_w) + a_tok[:, None] * tok_w)
+            else:
+                # Layer 0: token-independent expert part once, plus the rank-one token part.
+                const = adj[:, :n] @ (experts @ weights[0])  # (N+1, d_gcn)
+                h = self.act(const + a_tok[:, None] * tok_w)  # (T, N+1, d_gcn)
             for i, w in enumerate(weights[1:], start=1):
                 last = i == len(weights) - 1
                 rows = adj[:n] if last else adj  # the last layer's token row is discarded

@@ -33,6 +33,7 @@ from graphlora.inject import (
     gcn_hidden_used,
     moe_blocks,
     routing_counts,
+    routing_health,
     routing_stats,
 )
 
@@ -436,6 +437,7 @@ class RunState:
             "setup_time_s": self.setup_time,
             **{f"aux_{k}": v / n for k, v in self.aux_sum.items()},
             **routing_stats(self.adapter, reset=True),
+            **routing_health(self.adapter, reset=True),
             **{k: v for k, v in self.metrics.items() if k.startswith("step0_")},
         }
         self.eval_time += metrics["eval_time_s"]
@@ -489,6 +491,7 @@ class RunState:
             "aux_sum": self.aux_sum,
             "loss_n": self.loss_n,
             "block_counts": [b.routing_counts.detach().cpu() for b in moe_blocks(self.adapter)],
+            "block_health": [b.routing_health.detach().cpu() for b in moe_blocks(self.adapter)],
             "dropout_rng": self.generator.get_state(),
         }
         out = save_training_state(
@@ -526,6 +529,9 @@ class RunState:
             blocks = moe_blocks(self.adapter)
             for block, counts in zip(blocks, progress["block_counts"], strict=True):
                 block.routing_counts.copy_(counts.to(block.routing_counts.device))
+        if "block_health" in progress:  # routing health since the last evaluation
+            for block, sums in zip(moe_blocks(self.adapter), progress["block_health"], strict=True):
+                block.routing_health.copy_(sums.to(block.routing_health.device))
         if "dropout_rng" in progress:  # older checkpoints drew dropout from the global RNG
             self.generator.set_state(progress["dropout_rng"])
 

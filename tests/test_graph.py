@@ -39,11 +39,20 @@ def test_normalized_adjacency_is_gcn_normalisation():
     torch.testing.assert_close(normalized_adjacency(ei, n + 1), expected)
 
 
+@pytest.mark.parametrize("features", ["token", "paper"])
 @pytest.mark.parametrize("layers", [1, 2, 3])
-def test_gcn_router_equals_torch_geometric_gcnconv(layers):
+def test_gcn_router_equals_torch_geometric_gcnconv(layers, features):
     torch.manual_seed(0)
     d, n, h, t = 24, 8, 16, 5
-    router = GraphRouter(d, n, gcn_hidden=h, gcn_layers=layers, edge_density=0.3, graph_seed=1)
+    router = GraphRouter(
+        d,
+        n,
+        gcn_hidden=h,
+        gcn_layers=layers,
+        edge_density=0.3,
+        graph_seed=1,
+        expert_features=features,
+    )
     x = torch.randn(t, d)
     ours = router.gcn_nodes(x)  # (T, N, h)
 
@@ -53,9 +62,11 @@ def test_gcn_router_equals_torch_geometric_gcnconv(layers):
         conv.lin.weight.data.copy_(w.data.t())
         convs.append(conv)
     tok = F.silu(x @ router.router_token_proj.t())
+    experts = router.router_expert_features
     graphs = [
         Data(
-            x=torch.cat([router.router_expert_features, tok[i : i + 1]]),
+            # token form: each expert node's vector modulated by the token's
+            x=torch.cat([experts * tok[i] if features == "token" else experts, tok[i : i + 1]]),
             edge_index=router.router_edge_index,
         )
         for i in range(t)

@@ -135,7 +135,7 @@ def test_forward_exposes_weighted_aux_losses(batch):
 
 
 def test_lambda_sigma_train_and_load_accumulates(batch):
-    model = inject_adapter(tiny_base(), _cfg("graphlora"))
+    model = inject_adapter(tiny_base(), _cfg("graphlora-paper"))  # the running load c
     model.train()
     out = model(**batch, labels=batch["input_ids"])
     out.loss.backward()
@@ -169,7 +169,8 @@ def _expected_trainable(cfg: MoELoRAConfig, layers: int = 2) -> int:
             h = cfg.gcn_hidden
             total += h * d + n * h + cfg.gcn_layers * h * h + h
         total += int(cfg.poisson_coef > 0 and cfg.router != "none")
-        total += int(cfg.normal_coef > 0 and cfg.router != "none")
+        # sigma trains only in the paper's balance form
+        total += int(cfg.normal_coef > 0 and cfg.router != "none" and cfg.balance == "paper")
         if cfg.attention_lora:
             total += r * ((d + q_out) + 2 * (d + kv_out) + (q_out + d))
     return total

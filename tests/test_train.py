@@ -76,6 +76,9 @@ def test_metrics_and_callback_stop():
         "aux_poisson",
         "aux_normal",
         "routing/load_cv",
+        "routing/batch_entropy",
+        "routing/min_experts_used",
+        "layer0/distinct_topk",
     ):
         assert key in seen[0][1], key
     assert m["stopped_early"] == 1.0 and 0 <= m["test_accuracy"] <= 1
