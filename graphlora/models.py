@@ -198,6 +198,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         # (BENCHMARKS.md); a 64-wide graph router scored as the 256-wide one, at less compute.
         adapter_defaults={
             "graphlora": {"rank": 8, "alpha": 16.0, "normal_coef": 0.1, "gcn_hidden": 64},
+            "graphlora-paper": {"rank": 8, "alpha": 16.0, "normal_coef": 0.1, "gcn_hidden": 64},
         },
     ),
 }

@@ -510,6 +510,7 @@ class Pack:
     def _build_view(self, slot: str) -> nn.Module:
         view = nn.Module()
         view.graphlora_config = self._configs[slot]
+        view.graphlora_context = self._contexts[slot]
         for name, module in self.model.named_modules():  # model order: layer by layer
             if isinstance(module, (PackedFFN, PackedLoRALinear)) and slot in module.slots:
                 _place(view, name, module.slots[slot])

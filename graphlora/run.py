@@ -418,7 +418,8 @@ class RunState:
     def evaluate(self) -> dict[str, float]:
         """Evaluate on validation after the step just taken; returns (and keeps) the metrics."""
         t1 = time.perf_counter()
-        res = self._evaluate(self.val)
+        train_health = routing_health(self.adapter, reset=True)  # the batches since the last
+        res, val_health = self._evaluate_with_health(self.val)
         self.best_val = max(self.best_val, res.accuracy)
         self.counts = _add_counts(self.counts, routing_counts(self.adapter))
         n = max(1, self.loss_n)
@@ -437,7 +438,8 @@ class RunState:
             "setup_time_s": self.setup_time,
             **{f"aux_{k}": v / n for k, v in self.aux_sum.items()},
             **routing_stats(self.adapter, reset=True),
-            **routing_health(self.adapter, reset=True),
+            **train_health,
+            **val_health,
             **{k: v for k, v in self.metrics.items() if k.startswith("step0_")},
         }
         self.eval_time += metrics["eval_time_s"]
@@ -450,6 +452,20 @@ class RunState:
         self.loss_sum, self.aux_sum, self.loss_n = 0.0, {}, 0
         self.metrics = metrics
         return metrics
+
+    def _evaluate_with_health(self, examples: list[Example]) -> tuple[EvalResult, dict]:
+        """Evaluate ``examples`` and measure how their tokens are routed: ``val_routing/<field>``
+        for the model-wide figures of ``graphlora.health`` (held-out tokens, this rank's shard)."""
+        context = getattr(self.adapter, "graphlora_context", None)
+        if context is None:
+            return self._evaluate(examples), {}
+        context.health_in_eval = True
+        try:
+            res = self._evaluate(examples)
+        finally:
+            context.health_in_eval = False
+        health = routing_health(self.adapter, reset=True)
+        return res, {f"val_{k}": v for k, v in health.items() if k.startswith("routing/")}
 
     def finish(self, stopped_early: bool) -> dict[str, float]:
         """The run's final metrics: the last evaluation's, the run's load map, and the test

@@ -292,7 +292,7 @@ def test_define_by_run_never_proposes_top_k_above_num_experts(name):
         p = trial.params
         assert 1 <= p["top_k"] <= p["num_experts"], p
         seen_k.add((p["num_experts"], p["top_k"]))
-        return p["learning_rate"] * p["top_k"]  # anything; TPE needs a signal
+        return p["top_k"] / p["num_experts"]  # anything; TPE needs a signal
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))

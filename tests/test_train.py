@@ -79,6 +79,7 @@ def test_metrics_and_callback_stop():
         "routing/batch_entropy",
         "routing/min_experts_used",
         "layer0/distinct_topk",
+        "val_routing/batch_entropy",  # held-out tokens, measured in the validation pass
     ):
         assert key in seen[0][1], key
     assert m["stopped_early"] == 1.0 and 0 <= m["test_accuracy"] <= 1
