@@ -5,6 +5,7 @@ multi-seed / multi-worker trials work. (Failed trials: tests/e2e/test_faults_e2e
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import optuna
@@ -14,7 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from pipelines.records import config_from_params, is_quality
+from graphlora.health import collapsed_layers
+from pipelines.records import COLLAPSED_TAG, collapsed_text, config_from_params, is_quality
 from pipelines.search import run_search
 from pipelines.space import load_search_space, training_api
 from pipelines.tracking import tracking_uri
@@ -143,7 +145,15 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
         }
         assert contexts == {"synthetic-train": {"train"}, "synthetic-validation": {"validation"}}
         assert run.data.tags["graphlora.base_model_revision"] == "seed=0"
-        assert "routing_counts.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"routing_counts.json", "routing_health.json"} <= files
+        # Routing health at every evaluation, training and held-out batches; a collapse is named.
+        for key in ("routing/batch_entropy", "routing/min_experts_used", "val_routing/token_mi"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == t["evals"], key
+        health = json.loads(
+            Path(client.download_artifacts(run.info.run_id, "routing_health.json")).read_text()
+        )
+        assert collapsed_text(collapsed_layers(health)) == run.data.tags.get(COLLAPSED_TAG, "")
 
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"space.yaml", "results.csv", "best_config.yaml"} <= artifacts
