@@ -41,6 +41,21 @@ def _layers(metrics: dict[str, float]) -> list[int]:
     )
 
 
+def _progress(method: str, seed: int):  # noqa: ANN202
+    def on_eval(step: int, m: dict[str, float]) -> None:
+        print(
+            f"{method} seed {seed} @ {step}: val {m['val_accuracy']:.4f}; batch entropy min "
+            f"{m.get('routing/min_batch_entropy', float('nan')):.2f} mean "
+            f"{m.get('routing/batch_entropy', float('nan')):.2f}, experts used min "
+            f"{m.get('routing/min_experts_used', float('nan')):.1f}, held-out min "
+            f"{m.get('val_routing/min_batch_entropy', float('nan')):.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return on_eval
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/routing.py", description=__doc__)
     p.add_argument("--model", default="tiny-qwen2")
@@ -50,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, help="default: the model's")
     p.add_argument("--eval-every", type=int, help="default: the model's, or --max-steps")
     p.add_argument("--max-test", type=int, help="test questions (default: the whole split)")
+    p.add_argument(
+        "--no-step0", action="store_true", help="skip the step-0 evaluation (the same every run)"
+    )
     p.add_argument(
         "--set",
         nargs="*",
@@ -67,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_test:
         training["max_test_examples"] = args.max_test
     training.setdefault("eval_test", True)
+    if args.no_step0:
+        training["eval_at_start"] = False
     overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
     data = load_task(args.dataset)
     runs = []
@@ -77,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             cfg = TrainConfig.from_dict({**training, "seed": seed})
             t0 = time.perf_counter()
-            m = run_training(cfg, adapter_cfg, data=data)
+            m = run_training(cfg, adapter_cfg, data=data, on_eval=_progress(method, seed))
             m["wall_s"] = time.perf_counter() - t0
             runs.append({"method": method, "seed": seed, "adapter": adapter_cfg.to_dict(), **m})
+            print(json.dumps({"run": runs[-1]}, default=float), flush=True)  # one line per run
             print(
                 f"{method} seed {seed}: test {m.get('test_accuracy', float('nan')):.4f}, "
                 f"min batch entropy {m.get('routing/min_batch_entropy', float('nan')):.2f} "

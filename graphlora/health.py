@@ -52,9 +52,9 @@ def batch_health(indices: torch.Tensor, probs: torch.Tensor, num_experts: int) -
         used = (frac >= USED_SHARE).sum().float()
         if indices.shape[0] == 0:
             distinct = torch.zeros((), device=indices.device)
-        elif n <= 62:  # one bit per expert: a set is an int64
-            sets = (torch.ones_like(indices) << indices).sum(dim=-1)
-            distinct = sets.unique().numel() * torch.ones((), device=indices.device)
+        elif n <= 62:  # one bit per expert: a set is an int64; counted without a device sync
+            sets = (torch.ones_like(indices) << indices).sum(dim=-1).sort().values
+            distinct = 1 + (sets[1:] != sets[:-1]).sum()
         else:
             sets = indices.sort(dim=-1).values
             distinct = sets.unique(dim=0).shape[0] * torch.ones((), device=indices.device)
