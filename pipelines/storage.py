@@ -64,9 +64,12 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {}
 
 
-def check(url: str) -> None:
+def check(
+    url: str, what: str = "Optuna storage", setting: str = f"{ENV} / --optuna-storage"
+) -> None:
     """Refuse, in one line, a storage URL that is malformed, has no driver installed, or whose
-    database cannot be reached (before Ray starts and before the first trial).
+    database cannot be reached (before Ray starts and before the first trial). `what` and
+    `setting` name the store and where its URL came from, for the message.
 
     Raises:
         StorageError: what is wrong and what to do.
@@ -79,13 +82,13 @@ def check(url: str) -> None:
         parsed = make_url(url)
     except Exception:
         raise StorageError(
-            f"Optuna storage {shown!r} is not a database URL; use e.g. "
+            f"{what} {shown!r} is not a database URL; use e.g. "
             "postgresql://USER@HOST:5432/DB or sqlite:////ABSOLUTE/PATH/optuna.db"
         ) from None
     dialect = parsed.get_backend_name()
     if dialect not in ("sqlite", "postgresql", "mysql"):
         raise StorageError(
-            f"Optuna storage {shown}: {dialect!r} is not supported; use postgresql://, "
+            f"{what} {shown}: {dialect!r} is not supported; use postgresql://, "
             "mysql:// or sqlite:///"
         )
     try:
@@ -93,18 +96,18 @@ def check(url: str) -> None:
         engine = sqlalchemy.create_engine(url, **_engine_kwargs(url))
     except ImportError as exc:
         raise StorageError(
-            f"Optuna storage {shown}: its database driver is not installed ({exc.name}); "
+            f"{what} {shown}: its database driver is not installed ({exc.name}); "
             f"pip install '{_PACKAGES.get(exc.name or '', exc.name)}'"
         ) from None
     except Exception as exc:
-        raise StorageError(f"Optuna storage {shown}: {_first_line(exc)}") from None
+        raise StorageError(f"{what} {shown}: {_first_line(exc)}") from None
     try:
         with engine.connect():
             pass
     except Exception as exc:
         raise StorageError(
-            f"Optuna storage {shown} is unreachable: {_first_line(exc)}; start the database "
-            f"or fix {ENV} / --optuna-storage"
+            f"{what} {shown} is unreachable: {_first_line(exc)}; start the database "
+            f"or fix {setting}"
         ) from None
     finally:
         engine.dispose()
