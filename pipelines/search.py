@@ -42,6 +42,7 @@ if __name__ == "__main__":  # `python pipelines/search.py`: make `pipelines` imp
 
 import yaml
 
+from pipelines import storage as optuna_db
 from pipelines.host import HostPool, HostsError, hosts_for
 from pipelines.records import collapsed_note, routing_warning
 from pipelines.space import (
@@ -52,6 +53,7 @@ from pipelines.space import (
     load_search_space,
 )
 from pipelines.stability import choose_best, run_stability_stage
+from pipelines.storage import StorageError
 from pipelines.tracking import (
     INTERRUPTED,
     STOPPED_EARLY_ASHA,
@@ -127,6 +129,7 @@ def run_search(
     resume: bool = False,
     more_trials: int | None = None,
     warm_start: Any = None,
+    optuna_storage: str | None = None,
 ) -> SearchResult:
     """Search, re-run the top configs with more seeds, pick the best, record it all in MLflow.
 
@@ -149,9 +152,14 @@ def run_search(
             trials (its runs tagged `round=<k>`), and the best config is chosen again.
         warm_start: A `pipelines.warm_start.WarmStart`: a new search's Optuna study starts with
             those earlier trials (no retraining).
+        optuna_storage: A database URL for the Optuna study (`pipelines/storage.py`; default
+            `$GRAPHLORA_OPTUNA_STORAGE`, else `space.optuna_storage`, else `optuna.db` in
+            `output_dir`). A resume must name the study's database again.
 
     Raises:
         TrackingError: MLflow is unreachable or misconfigured (checked before any trial).
+        StorageError: the Optuna database is unreachable, or not the one a resumed search
+            started with (checked before any trial).
         HostsError: with trial hosts, no node of the cluster holds one (before anything).
         SearchInterrupted: SIGINT (Ctrl-C) or SIGTERM stopped it (when run in the main
             thread); the running trials and the search's MLflow runs say `interrupted`, and
@@ -174,9 +182,13 @@ def run_search(
     # With trial hosts, a cluster with no room for one is refused before anything starts.
     host_count = hosts_for(space) if space.resources.trials_per_host else 0
     tracker = Tracker(space.experiment)
+    optuna_storage = optuna_db.resolve(optuna_storage, space.optuna_storage)
+    if optuna_storage:
+        optuna_db.check(optuna_storage)
     if resume:
         output_dir = Path(output_dir).resolve()
         state = json.loads((output_dir / STATE_FILE).read_text())
+        optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
         name, parent = state["name"], state["parent_run_id"]
         tracker.reopen(parent)
         if more_trials:  # extend a finished search (a resumed extension keeps its round)
@@ -225,6 +237,8 @@ def run_search(
             "parent_run_id": parent,
             "storage_path": storage,
         }
+        if optuna_storage:
+            state["optuna_storage"] = optuna_db.masked(optuna_storage)  # never the password
         _write_state(output_dir, state)
         earlier = []
         print(
@@ -276,7 +290,7 @@ def run_search(
             grace_period=space.asha.grace_period,
             reduction_factor=space.asha.reduction_factor,
         )
-        study_storage = f"sqlite:///{output_dir / 'optuna.db'}"
+        study_storage = optuna_storage or optuna_db.default_url(output_dir)
         if warm_start is not None and not resume:
             from pipelines.warm_start import seed_study
 
@@ -299,7 +313,7 @@ def run_search(
             metric=metrics if len(metrics) > 1 else metrics[0],
             mode=modes if len(modes) > 1 else modes[0],
             sampler=optuna.samplers.TPESampler(seed=space.seed),
-            storage=optuna.storages.RDBStorage(study_storage),
+            storage=optuna_db.open_storage(study_storage),
             study_name=name,
         )
         plan = TrialPlan(
@@ -615,6 +629,13 @@ def main(argv: list[str] | None = None) -> int:
         "the same parameters for the same objective",
     )
     parser.add_argument("--output-dir", help="results folder (default: $GRAPHLORA_HOME/searches/)")
+    parser.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="the Optuna study in a shared database, e.g. postgresql://USER@HOST:5432/DB "
+        "(password in PGPASSWORD or ~/.pgpass); default: $GRAPHLORA_OPTUNA_STORAGE, else the "
+        "space's optuna_storage, else optuna.db in the results folder",
+    )
     flags = {  # flag -> the space entry it overrides
         "trials": ("budget", "trials"),
         "max_steps": ("budget", "max_steps"),
@@ -657,6 +678,11 @@ def main(argv: list[str] | None = None) -> int:
             space = dataclasses.replace(space, path=state["space_file"])
         else:
             space = load_search_space(args.space, overrides=overrides)
+        optuna_storage = optuna_db.resolve(args.optuna_storage, space.optuna_storage)
+        if args.resume:
+            optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
+        if optuna_storage:
+            optuna_db.check(optuna_storage)
         preflight(space)
         check_ray_address()
         tracker = Tracker(space.experiment)
@@ -664,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.warm_start import load_warm_start
 
             warm = load_warm_start(space, args.warm_start, tracker.client)
-    except (SpaceError, TrackingError, ConnectionError) as exc:
+    except (SpaceError, TrackingError, StorageError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -674,9 +700,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.resume:
-            run_search(space, output_dir=folder, resume=True, more_trials=args.trials)
+            run_search(
+                space,
+                output_dir=folder,
+                resume=True,
+                more_trials=args.trials,
+                optuna_storage=optuna_storage,
+            )
         else:
-            run_search(space, output_dir=args.output_dir, warm_start=warm)
+            run_search(
+                space, output_dir=args.output_dir, warm_start=warm, optuna_storage=optuna_storage
+            )
     except SearchInterrupted as exc:
         print(exc.resume_hint(), flush=True)  # the last line a person sees
         return exc.exit_status

@@ -33,6 +33,8 @@ Schema (every key; `?` marks optional ones, with their default)::
     objective?: {metric: val_accuracy, mode: max, std_penalty: 0.0,   # mean -/+ penalty * std
                  secondary?: {metric: trainable_params, mode: min}}  # Optuna: Pareto front
     mlflow?: {experiment: <file stem>}
+    optuna_storage?: postgresql://USER@HOST:5432/DB  # the Optuna study in a shared database
+                                    # (default: optuna.db in the results folder; see storage.py)
 
 Allowed `adapter:`/`training:`/`search:` names come from the training library's dataclasses
 (`field_names(SomeDataclass)`). `load_search_space` validates against the library a search runs
@@ -101,6 +103,7 @@ _TOP_LEVEL = {
     "training",
     "search",
     "seeds_per_trial",
+    "optuna_storage",
     *_SECTIONS,
 }
 _PARAM_KEYS = {"type", "low", "high", "values", "step"}
@@ -236,6 +239,7 @@ class SearchSpace:
     stability: Stability = Stability()
     objective: Objective = Objective()
     experiment: str = "graphlora"
+    optuna_storage: str | None = None  # a database URL; None: optuna.db in the results folder
     raw: dict[str, Any] = field(default_factory=dict)
 
     def configs(self, params: Mapping[str, Any], seed: int) -> tuple[dict, dict]:
@@ -486,6 +490,9 @@ def validate_space(
     seeds_per_trial = c.value("seeds_per_trial", raw.get("seeds_per_trial", 1), "int")
     if seeds_per_trial < 1:
         raise c.error("seeds_per_trial", f"{seeds_per_trial} must be at least 1")
+    optuna_storage = raw.get("optuna_storage")
+    if optuna_storage is not None:
+        c.value("optuna_storage", optuna_storage, "str")
 
     adapter_allowed = set(adapter_fields) - {"method"}
     training_allowed = set(training_fields) - set(PIPELINE_TRAINING_KEYS)
@@ -610,6 +617,7 @@ def validate_space(
         stability=stability,
         objective=objective,
         experiment=experiment,
+        optuna_storage=optuna_storage,
         raw=raw,
     )
 

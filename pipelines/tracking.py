@@ -1,10 +1,13 @@
 """MLflow for searches: where the store lives, one parent run per search, child runs per trial.
 
-Store: `MLFLOW_TRACKING_URI` when set (e.g. the head node's `http://127.0.0.1:5000`), else a
-SQLite store at a fixed absolute path, `$GRAPHLORA_HOME/mlflow.db` (default `~/.graphlora`), with
-artifacts under `$GRAPHLORA_HOME/mlartifacts` (set as the experiment's artifact_location). Fixed
+Store: `MLFLOW_TRACKING_URI` when set, else a SQLite store at a fixed absolute path,
+`$GRAPHLORA_HOME/mlflow.db` (default `~/.graphlora`), with artifacts under
+`$GRAPHLORA_HOME/mlartifacts` (set as the experiment's artifact_location; so too for a database
+URI such as `postgresql://...`, where MLflow would otherwise use a relative `./mlruns`). Fixed
 paths matter: `ray job submit --working-dir .` runs the driver in a temporary copy of the
-project, and a relative `./mlflow.db` would vanish with it.
+project, and a relative `./mlflow.db` would vanish with it. A team shares an `mlflow server`
+(`http://...`, PostgreSQL behind it, artifacts proxied by the server: README "Use a cluster"):
+every run, artifact, dataset input and model version then goes through it.
 
 Run layout in one experiment::
 
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.space import first_line
+from pipelines.storage import StorageError, masked
+from pipelines.storage import check as check_database
 
 # mlflow is imported where it is used: processes that import this module without talking to
 # MLflow (e.g. the search CLI refusing bad input) skip its ~1.3 s import.
@@ -92,11 +97,25 @@ def check_store(uri: str) -> None:
                 f"MLflow store folder {folder} is not writable; "
                 "set GRAPHLORA_HOME to a writable folder"
             )
+    elif is_database(uri):  # PostgreSQL, MySQL: reachable, with a driver, or one line
+        try:
+            check_database(uri, "MLflow store", "MLFLOW_TRACKING_URI")
+        except StorageError as exc:
+            raise TrackingError(str(exc)) from None
+    elif uri.split(":", 1)[0] in ("databricks", "databricks-uc", "uc"):
+        return  # hosted MLflow: its own client says what is missing (host, token)
     elif uri.startswith("file:") or "://" not in uri:
         raise TrackingError(
             f"MLFLOW_TRACKING_URI={uri}: the file store is deprecated in MLflow 3; "
             "use sqlite:///ABSOLUTE/PATH/mlflow.db or an http:// server"
         )
+
+
+def is_database(uri: str) -> bool:
+    """A database store MLflow opens directly (SQLite, PostgreSQL, MySQL...): no artifact
+    root of its own, unlike a tracking server."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    return scheme.split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
 
 
 def ui_link(experiment_id: str, uri: str | None = None) -> str:
@@ -105,7 +124,10 @@ def ui_link(experiment_id: str, uri: str | None = None) -> str:
     page = f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return uri.rstrip("/") + page
-    return f"mlflow ui --backend-store-uri {uri} --port 5000  then open http://127.0.0.1:5000{page}"
+    return (
+        f"mlflow ui --backend-store-uri {masked(uri)} --port 5000  "
+        f"then open http://127.0.0.1:5000{page}"
+    )
 
 
 class Tracker:
@@ -128,7 +150,7 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = None
-                if self.uri.startswith("sqlite:///"):
+                if is_database(self.uri):  # a server or a hosted store sets its own
                     location = (graphlora_home() / "mlartifacts" / experiment).as_uri()
                 self.experiment_id = self.client.create_experiment(
                     experiment, artifact_location=location
@@ -144,7 +166,7 @@ class Tracker:
             raise
         except Exception as exc:  # mlflow raises many types; all mean the same to a person
             raise TrackingError(
-                f"MLflow store {self.uri} is not usable: {first_line(exc)}"
+                f"MLflow store {masked(self.uri)} is not usable: {first_line(exc)}"
             ) from exc
 
     def start_run(

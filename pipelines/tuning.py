@@ -258,18 +258,50 @@ def fit_experiment(
 
 
 def optuna_search_class() -> type:
+    import warnings
+
     from optuna.exceptions import UpdateFinishedTrialError
     from ray.tune.search.optuna import OptunaSearch
 
+    from pipelines.storage import Heartbeat
+
     class ResumableOptunaSearch(OptunaSearch):
-        """OptunaSearch whose study (SQLite, in the search folder) may know more than Tune's
-        last snapshot after a resume: a trial Optuna already holds as finished is not told
-        again (Optuna would raise and stop the search)."""
+        """OptunaSearch whose study may know more than Tune's last snapshot after a resume: a
+        trial Optuna already holds as finished is not told again (Optuna would raise and stop
+        the search). On a shared database it beats a heartbeat for its trials
+        (`pipelines/storage.py`)."""
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
+            self._start_heartbeat()
             try:
                 super().on_trial_result(trial_id, result)
             except UpdateFinishedTrialError:
                 pass
+
+        def suggest(self, trial_id: str) -> dict | None:
+            with warnings.catch_warnings():  # "Heartbeat ... used with Study.optimize"
+                warnings.filterwarnings("ignore", "Heartbeat of storage")
+                config = super().suggest(trial_id)
+            self._start_heartbeat(trial_id)
+            return config
+
+        def _start_heartbeat(self, new_trial: str | None = None) -> None:
+            """On a shared database, beat for the trials held here (a restored searcher's too),
+            and at once for a trial just asked (a driver may die before the next beat)."""
+            storage = getattr(self._ot_study, "_storage", None)
+            if storage is None or not storage.get_heartbeat_interval():
+                return
+            if getattr(self, "_heartbeat", None) is None:
+                self._heartbeat = Heartbeat(self).start()  # its first beat holds every trial
+            elif new_trial in self._ot_trials:
+                storage.record_heartbeat(self._ot_trials[new_trial]._trial_id)
+
+        def save(self, checkpoint_path: str) -> None:
+            heartbeat = self.__dict__.pop("_heartbeat", None)  # a thread: not saved
+            try:
+                super().save(checkpoint_path)
+            finally:
+                if heartbeat is not None:
+                    self._heartbeat = heartbeat
 
     return ResumableOptunaSearch

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,3 +26,23 @@ def batch() -> dict[str, torch.Tensor]:
     mask[1, 6:] = 0
     mask[2, 3:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator:
+    """A real PostgreSQL server on 127.0.0.1 (`tests/postgres.py`) with the search's user and
+    database. In CI (CI=true) a server that cannot start fails the test; elsewhere it skips,
+    saying why."""
+    from postgres import PostgresServer
+
+    try:
+        server = PostgresServer()
+        server.start()
+        server.setup()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        message = f"PostgreSQL could not start: {str(exc).splitlines()[0]}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message + " (install postgresql-15; in CI this fails)")
+    yield server
+    server.close()

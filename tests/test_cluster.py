@@ -50,7 +50,9 @@ def test_dashboard_and_mlflow_bound_to_localhost(cluster):
     head = " ".join(cluster["head_start_ray_commands"])
     assert "ray start --head" in head and "--dashboard-host=127.0.0.1" in head
     assert "mlflow server --host 127.0.0.1" in head
-    assert "--backend-store-uri sqlite:////" in head and "--artifacts-destination /" in head
+    # The store outlives the cluster: PostgreSQL off the head, artifacts on S3 (not the head's
+    # disk, which `ray down` terminates).
+    assert "--backend-store-uri postgresql://" in head and "--artifacts-destination s3://" in head
     text = (ROOT / "cluster.yaml").read_text()
     assert "0.0.0.0" not in text
     assert "security_group" not in str(cluster["provider"]).lower()  # launcher default: SSH only
@@ -82,3 +84,25 @@ def test_secrets_never_become_mlflow_params():
         "hf_token": "***",
         "aws_secret_access_key": "***",
     }
+
+
+def test_head_runs_no_trials(cluster):
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+
+
+def test_ray_down_loses_nothing(cluster):
+    """Tracking and Optuna on a database off the cluster, artifacts and Ray Train's storage on
+    S3 that the GPU workers can write with their instance profile; no password in the file."""
+    import re
+
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "GRAPHLORA_OPTUNA_STORAGE" in text and "postgresql://graphlora@" in text
+    assert "GRAPHLORA_STORAGE_PATH" in text and "s3://YOUR-BUCKET/graphlora" in text
+    assert not re.search(r"postgresql://[^@\s]*:[^@\s]*@", text)  # user:password@
+    types = cluster["available_node_types"]
+    for name, node in types.items():
+        if name != cluster["head_node_type"]:
+            assert "instance-profile/" in node["node_config"]["IamInstanceProfile"]["Arn"]
+    install = " ".join(cluster["setup_commands"])
+    assert "-e .'[postgres]'" in install

@@ -143,6 +143,34 @@ def test_bad_tracking_uri_is_refused(home, capsys, monkeypatch, uri, expected) -
     _refused(capsys, ["--space", str(REPO / "search_spaces" / "quickstart.yaml")], expected)
 
 
+@pytest.mark.parametrize(
+    ("where", "url", "expected"),
+    [
+        ("flag", "not-a-url", "is not a database URL"),
+        ("env", "postgresql://u:pw@127.0.0.1:1/db", "is unreachable"),
+        ("space", "oracle://u@h/db", "'oracle' is not supported"),
+    ],
+)
+def test_bad_optuna_storage_is_refused(home, tmp_path, capsys, monkeypatch, where, url, expected):
+    """From the flag, GRAPHLORA_OPTUNA_STORAGE or the space's optuna_storage: one line, no
+    password in it, before Ray starts or MLflow records anything."""
+    monkeypatch.delenv("GRAPHLORA_OPTUNA_STORAGE", raising=False)
+    argv = ["--space", _space(tmp_path)]
+    if where == "flag":
+        argv += ["--optuna-storage", url]
+    elif where == "env":
+        monkeypatch.setenv("GRAPHLORA_OPTUNA_STORAGE", url)
+    else:
+        argv = ["--space", _space(tmp_path, "seed: 0", f"seed: 0\noptuna_storage: {url}")]
+    assert "pw@" not in _refused(capsys, argv, "Optuna storage", expected)
+    _no_runs()
+
+
+def test_optuna_storage_in_a_space_must_be_text(home, tmp_path, capsys) -> None:
+    _refused(capsys, ["--space", _space(tmp_path, "seed: 0", "seed: 0\noptuna_storage: 5")],
+             "optuna_storage")  # fmt: skip
+
+
 def test_resume_of_unknown_search_is_refused(home, capsys) -> None:
     _refused(capsys, ["--resume", "no-such-search"], "no search found", "no-such-search")
     _no_runs()

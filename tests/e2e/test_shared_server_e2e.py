@@ -1,0 +1,160 @@
+"""A search as a team runs it, for real on one machine over loopback: an `mlflow server` backed by
+PostgreSQL with proxied artifacts, the search's Optuna study in the same PostgreSQL server, the
+driver and its local Ray SIGKILLed mid-search, `--resume` from a second driver process on a fresh
+local Ray, then promotion and `mlflow.pyfunc.load_model("models:/...@champion")` through the
+server. Every trial is recorded once in MLflow and once in Optuna, none left RUNNING.
+
+The commands are the README's ("Use a cluster"); the PostgreSQL server is `tests/postgres.py`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from postgres import free_port
+from test_faults_e2e import (
+    REPO,
+    _evaluated,
+    _first_log,
+    _kill_everything,
+    _resume,
+    _runs,
+    _search_env,
+    _small_space,
+    _wait,
+)
+
+from graphlora.data import load_task
+
+HANDFUL = 8
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres, tmp_path_factory) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a PostgreSQL backend store and artifacts proxied to a
+    folder (an S3 URI in production); its http:// URL."""
+    backend = postgres.create_database("mlflow")
+    artifacts = tmp_path_factory.mktemp("mlartifacts")
+    port = free_port()
+    log = open(artifacts.parent / "mlflow-server.log", "w")  # noqa: SIM115 - the server holds it
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # MLflow's job runner (GenAI jobs, 7 worker processes) is not needed by a search.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if server.poll() is not None:
+            raise AssertionError(Path(log.name).read_text()[-2000:])
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        _wait(healthy, 600, "the MLflow server", poll=0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        server.wait(60)
+        log.close()
+
+
+def test_shared_server_kill_resume_promote_serve(postgres, mlflow_server, graphlora_home, tmp_path):
+    space = _small_space(tmp_path, "shared")
+    study_url = postgres.create_database("optuna")
+    shared = {"MLFLOW_TRACKING_URI": mlflow_server, "GRAPHLORA_OPTUNA_STORAGE": study_url}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
+    env = {**_search_env(graphlora_home, ray_tmp), **shared}
+    client = MlflowClient(mlflow_server)
+
+    # The first driver: killed, with its Ray, once a trial has evaluated.
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - the child holds it
+    search = subprocess.Popen(
+        [sys.executable, "pipelines/search.py", "--space", str(tmp_path / "space.yaml")],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        (parent,) = _wait(lambda: _runs(client, space.experiment), 300, "the search's run")
+        parent_id, name = parent.info.run_id, parent.data.tags["search_name"]
+        _wait(
+            lambda: _evaluated(client, space, parent_id, need_done=False),
+            300,
+            "a trial with one evaluation",
+            poll=0.25,
+        )
+    finally:
+        _kill_everything(search, ray_tmp)
+    folder = graphlora_home / "searches" / name
+    state = json.loads((folder / "search.json").read_text())
+    assert state["optuna_storage"] == study_url.replace(":graphlora-test@", ":***@")
+    assert not (folder / "optuna.db").exists()  # the study is in PostgreSQL, not on this disk
+
+    # The second driver: a new process on a fresh local Ray, the same server and study.
+    env2 = {
+        **_search_env(graphlora_home, Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))),
+        **shared,
+    }
+    _resume(name, env2, tmp_path)  # exits 0, says "resuming"
+
+    runs = _runs(client, space.experiment, parent_id)
+    trial_ids = [r.data.tags["trial_id"] for r in runs]
+    assert len(runs) == 3 == len(set(trial_ids)), [r.info.run_name for r in runs]
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    assert client.get_run(parent_id).data.tags["status"] == "completed"
+    study = optuna.load_study(study_name=name, storage=study_url)
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states, states
+    told = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(told) == len(runs), (states, _first_log(tmp_path)[-2000:])
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    ran = sorted(float(r.data.params["training.learning_rate"]) for r in runs)
+    assert sorted(t.params["learning_rate"] for t in told) == pytest.approx(ran)
+
+    # Promotion through the server, and the registered model served from it.
+    model = f"shared-{tmp_path.name}"
+    env3 = {
+        **_search_env(graphlora_home, Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))),
+        **shared,
+    }
+    promoted = subprocess.run(
+        [sys.executable, "pipelines/train.py", "--from-search", parent_id, "--seeds", "1",
+         "--max-steps", "10", "--max-test-examples", str(HANDFUL), "--model-name", model,
+         "--output-dir", str(tmp_path / "final")],
+        cwd=REPO, env=env3, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert promoted.returncode == 0, promoted.stdout[-3000:] + promoted.stderr[-3000:]
+    assert f"registered: models:/{model}@champion = version 1" in promoted.stdout
+    (version,) = client.search_model_versions(f"name = '{model}'")
+    assert client.get_run(version.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{model}@champion")
+    finally:
+        mlflow.set_tracking_uri(before)
+    handful = load_task("synthetic").test[:HANDFUL]
+    prompts = {"prompt": [e.prompt for e in handful]}
+    answers = served.predict(
+        pd.DataFrame({**prompts, "candidates": [list(e.candidates) for e in handful]})
+    )
+    assert list(answers["prediction"]) == [
+        e.candidates[p] for p, e in zip(answers["prediction_index"], handful, strict=True)
+    ]

@@ -1,0 +1,91 @@
+"""pipelines/storage.py: which database holds a search's Optuna study (flag, environment, space,
+default), refusals in one line, and, on a real PostgreSQL server (`tests/postgres.py`), two
+drivers sharing one study with a heartbeat that fails a dead driver's trials."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipelines import storage
+from pipelines.storage import StorageError
+
+
+def test_flag_then_environment_then_space(monkeypatch):
+    monkeypatch.delenv(storage.ENV, raising=False)
+    assert storage.resolve(None, None) is None
+    assert storage.resolve(None, "postgresql://s@h/db") == "postgresql://s@h/db"
+    monkeypatch.setenv(storage.ENV, "postgresql://e@h/db")
+    assert storage.resolve(None, "postgresql://s@h/db") == "postgresql://e@h/db"
+    assert storage.resolve("postgresql://f@h/db", "postgresql://s@h/db") == "postgresql://f@h/db"
+
+
+def test_passwords_are_masked():
+    assert storage.masked("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert storage.masked("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("nonsense", "is not a database URL"),
+        ("oracle://u@h/db", "'oracle' is not supported"),
+        ("postgresql://u:pw@127.0.0.1:1/db", "is unreachable: connection failed"),
+    ],
+)
+def test_refused_in_one_line(url, expected):
+    with pytest.raises(StorageError) as info:
+        storage.check(url)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+    assert "pw@" not in message
+
+
+def test_a_resume_uses_the_study_it_started_with():
+    storage.for_resume(None, None)
+    storage.for_resume("postgresql://u:***@h/db", "postgresql://u:pw@h/db")
+    with pytest.raises(StorageError, match="optuna.db"):
+        storage.for_resume(None, "postgresql://u@h/db")
+    with pytest.raises(StorageError, match="set GRAPHLORA_OPTUNA_STORAGE"):
+        storage.for_resume("postgresql://u:***@h/db", None)
+
+
+def _searcher(url: str):
+    from pipelines.tuning import optuna_search_class
+
+    return optuna_search_class()(
+        lambda trial: trial.suggest_float("x", 0.0, 1.0) and None,
+        metric="objective",
+        mode="max",
+        storage=storage.open_storage(url),
+        study_name="shared",
+    )
+
+
+def test_two_drivers_share_a_study_and_a_dead_drivers_trial_fails(postgres, monkeypatch):
+    """Driver A asks a trial and dies (its heartbeat stops); driver B, on the same study, gets
+    another trial number, beats for it, and fails A's trial once A's beat is older than the grace
+    period; B's trial ends COMPLETE, nothing is left RUNNING."""
+    import optuna
+
+    monkeypatch.setattr(storage, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(storage, "GRACE_S", 2)
+    url = postgres.create_database("heartbeat")
+    storage.check(url)
+    dead = _searcher(url)
+    dead.suggest("a")
+    dead._heartbeat.stop()  # the driver dies: no more beats
+    live = _searcher(url)
+    live.suggest("b")
+    study = optuna.load_study(study_name="shared", storage=url)
+    deadline = time.monotonic() + 30
+    while study.trials[0].state.name == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    first, second = study.trials
+    assert (first.number, second.number) == (0, 1)
+    assert first.state.name == "FAIL" and second.state.name == "RUNNING"
+    live.on_trial_complete("b", {"objective": 0.5})
+    live._heartbeat.stop()
+    states = [t.state.name for t in optuna.load_study(study_name="shared", storage=url).trials]
+    assert states == ["FAIL", "COMPLETE"]
