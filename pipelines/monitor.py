@@ -31,7 +31,14 @@ from pipelines.records import (
     tidy_metrics,
 )
 from pipelines.space import DEFAULT_BACKEND, SearchSpace
-from pipelines.tracking import COMPLETED, FAILED, INTERRUPTED, STOPPED_EARLY_ASHA, Tracker
+from pipelines.tracking import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    STOPPED_EARLY_ASHA,
+    StoreLost,
+    Tracker,
+)
 
 ASHA_STOP = "asha_stop"  # run tag: ASHA's reason for cutting the trial, set when it decides
 LOAD_MAP = "routing_counts.json"  # a trial run's artifact: layers x experts, training tokens
@@ -228,6 +235,12 @@ class SearchMonitor(tune.Callback):
         return adapter, training
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            self._start(trial)
+        except StoreLost:  # the search is stopping (`Tracker.on_lost`); it starts on resume
+            self._print(f"trial {trial.trial_id} not recorded: {self.tracker.lost}")
+
+    def _start(self, trial: Any) -> None:
         rec = self.records.get(trial.trial_id)
         if rec is not None and rec.get("kept"):
             self._print(f"{rec['name']} had ended ({rec['status']}) before the resume; kept")
@@ -285,8 +298,8 @@ class SearchMonitor(tune.Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        rec = self.records[trial.trial_id]
-        if rec.get("kept"):
+        rec = self.records.get(trial.trial_id)
+        if rec is None or rec.get("kept"):  # None: it started while the store was unreachable
             return
         step = int(result.get("step", 0))
         metrics = tidy_metrics(result)
@@ -338,8 +351,8 @@ class SearchMonitor(tune.Callback):
         )
 
     def _finish(self, trial: Any, status: str, reason: str | None) -> None:
-        rec = self.records[trial.trial_id]
-        if rec.get("kept"):
+        rec = self.records.get(trial.trial_id)
+        if rec is None or rec.get("kept"):
             return
         rec["status"], rec["reason"] = status, reason
         collapsed = self._collapsed(rec)

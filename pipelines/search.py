@@ -44,7 +44,7 @@ import yaml
 
 from pipelines import storage as optuna_db
 from pipelines.host import HostPool, HostsError, hosts_for
-from pipelines.records import collapsed_note, routing_warning
+from pipelines.records import routing_warning
 from pipelines.space import (
     DEFAULT_BACKEND,
     SearchSpace,
@@ -54,9 +54,12 @@ from pipelines.space import (
 )
 from pipelines.stability import choose_best, run_stability_stage
 from pipelines.storage import StorageError
+from pipelines.summary import describe_search, search_cost, search_pictures
 from pipelines.tracking import (
     INTERRUPTED,
+    JOURNAL,
     STOPPED_EARLY_ASHA,
+    StoreLost,
     Tracker,
     TrackingError,
     graphlora_home,
@@ -66,6 +69,7 @@ from pipelines.tuning import (
     SearchInterrupted,
     StopSignals,
     check_ray_address,
+    database_lost,
     fit_experiment,
     init_ray,
     optuna_search_class,
@@ -182,6 +186,7 @@ def run_search(
     # With trial hosts, a cluster with no room for one is refused before anything starts.
     host_count = hosts_for(space) if space.resources.trials_per_host else 0
     tracker = Tracker(space.experiment)
+    tracker.on_lost = database_lost  # a store that stops answering stops the search, resumable
     optuna_storage = optuna_db.resolve(optuna_storage, space.optuna_storage)
     if optuna_storage:
         optuna_db.check(optuna_storage)
@@ -190,6 +195,9 @@ def run_search(
         state = json.loads((output_dir / STATE_FILE).read_text())
         optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
         name, parent = state["name"], state["parent_run_id"]
+        tracker.journal = output_dir / JOURNAL
+        if replayed := tracker.replay():
+            print(f"search {name}: wrote {replayed} records MLflow had missed", file=out)
         tracker.reopen(parent)
         if more_trials:  # extend a finished search (a resumed extension keeps its round)
             state["round"] = state.get("round", 0) + 1
@@ -197,6 +205,7 @@ def run_search(
             state["finished"] = False
             _write_state(output_dir, state)
         state["resumes"] = state.get("resumes", 0) + 1
+        _write_state(output_dir, state)  # counted even if this run is interrupted too
         tracker.set_tags(parent, {"status": "running", "resumes": state["resumes"]})
         earlier = tracker.child_runs(parent)
         print(f"search {name}: resuming ({len(earlier)} runs recorded so far)", file=out)
@@ -204,6 +213,7 @@ def run_search(
         name = f"{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         output_dir = Path(output_dir or graphlora_home() / "searches" / name).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
+        tracker.journal = output_dir / JOURNAL
         storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
         parent = tracker.start_run(
             f"search {name}",
@@ -364,7 +374,9 @@ def run_search(
         best = choose_best(space, trials, stability)
         files = write_results(output_dir, space, trials, stability, best)
         study = optuna.load_study(study_name=name, storage=study_storage)
-        plots, skipped = _pictures(space, monitor, trials, stability, study, output_dir / "plots")
+        plots, skipped = search_pictures(
+            space, monitor, trials, stability, study, output_dir / "plots"
+        )
         for f in files + plots:
             tracker.log_file(parent, f, "plots" if f in plots else None)
         for reason in skipped:
@@ -384,10 +396,10 @@ def run_search(
     except SearchInterrupted as exc:
         # Trial runs were closed by their stage's monitor; what else is open (a stability
         # config's run) and the search's own run say `interrupted` too. search.json stays
-        # unfinished, so `--resume` continues.
-        for run in tracker.child_runs(parent):
-            if run.info.status == "RUNNING":
-                tracker.finish(run.info.run_id, INTERRUPTED, str(exc))
+        # unfinished, so `--resume` continues. With the store lost, what it could not take
+        # waits in the journal (`--resume` writes it first).
+        for run in _open_runs(tracker, parent):
+            tracker.finish(run.info.run_id, INTERRUPTED, str(exc))
         tracker.finish(parent, INTERRUPTED, str(exc))
         print(f"search {name}: {exc}; its state is saved", file=out, flush=True)
         raise
@@ -395,9 +407,8 @@ def run_search(
         # The search itself died (e.g. Ray killed its actors for memory): no run it opened is
         # left `running` in MLflow.
         reason = f"{type(exc).__name__}: {exc}"
-        for run in tracker.child_runs(parent):
-            if run.info.status == "RUNNING":
-                tracker.finish(run.info.run_id, "failed", f"the search failed: {reason}")
+        for run in _open_runs(tracker, parent):
+            tracker.finish(run.info.run_id, "failed", f"the search failed: {reason}")
         tracker.finish(parent, "failed", reason)
         raise
     finally:
@@ -427,6 +438,15 @@ def run_search(
     return SearchResult(output_dir, parent, trials, stability, best, link)
 
 
+def _open_runs(tracker: Tracker, parent: str) -> list[Any]:
+    """The search's child runs still RUNNING; none when the store is lost (the monitor's own
+    closing writes wait in the journal)."""
+    try:
+        return [r for r in tracker.child_runs(parent) if r.info.status == "RUNNING"]
+    except StoreLost:
+        return []
+
+
 def optuna_objectives(space: SearchSpace) -> tuple[list[str], list[str]]:
     """What Optuna optimises: the trial's `objective`, and `objective.secondary` when set (a
     multi-objective study: Optuna searches the Pareto front; ASHA judges the first only)."""
@@ -435,111 +455,6 @@ def optuna_objectives(space: SearchSpace) -> tuple[list[str], list[str]]:
         metrics.append(space.objective.secondary["metric"])
         modes.append(space.objective.secondary["mode"])
     return metrics, modes
-
-
-def _pictures(
-    space: SearchSpace,
-    monitor: Any,
-    trials: list[dict[str, Any]],
-    stability: list[dict[str, Any]],
-    study: Any,
-    out_dir: Path,
-) -> tuple[list[Path], list[str]]:
-    """The search's pictures (`pipelines/pictures.py`) and Optuna's; (files, reasons skipped)."""
-    from pipelines.pictures import best_load_map_trials, save_search_pictures
-    from pipelines.tracking import save_optuna_plots
-
-    obj = space.objective
-    methods = {t["trial_id"]: str(t["params"].get("method", space.method)) for t in trials}
-    chosen = best_load_map_trials(trials, obj.mode, methods)
-    maps = monitor.load_maps([t["trial_id"] for t in chosen])
-    health = monitor.routing_healths([t["trial_id"] for t in chosen])
-    labelled, labelled_health = {}, {}
-    for t in chosen:
-        if t["trial_id"] in maps:
-            value = t.get(obj.metric)
-            score = f"{value:.3f}" if isinstance(value, int | float) else "-"
-            label = f"trial {t['trial']:02d} {methods[t['trial_id']]} ({obj.metric} {score})"
-            labelled[label] = maps[t["trial_id"]]
-            labelled_health[label] = health.get(t["trial_id"], {})
-    ours, skipped = save_search_pictures(
-        out_dir,
-        trials,
-        stability,
-        labelled,
-        metric=obj.metric,
-        mode=obj.mode,
-        health=labelled_health,
-    )
-    theirs, skipped_optuna = save_optuna_plots(study, out_dir)
-    return ours + theirs, skipped + skipped_optuna
-
-
-def search_cost(search: dict[str, float], stability: dict[str, float]) -> dict[str, float]:
-    """The search run's cost metrics: each stage's sums (`trials_<metric>`,
-    `stability_<metric>`) and `total_device_seconds` / `total_wall_time_s` over both."""
-    out = {f"trials_{k}": v for k, v in search.items()}
-    out.update({f"stability_{k}": v for k, v in stability.items()})
-    for key in ("device_seconds", "wall_time_s"):
-        out[f"total_{key}"] = search.get(key, 0.0) + stability.get(key, 0.0)
-    return out
-
-
-def describe_search(
-    space: SearchSpace,
-    name: str,
-    trials: list[dict[str, Any]],
-    best: dict[str, Any] | None,
-    cost: dict[str, float],
-    plots: list[Path],
-) -> str:
-    """The search run's description (Markdown, the run page's Description box)."""
-    by = [t["status"] for t in trials]
-    lines = [
-        f"**{name}**: {len(trials)} trials of {space.model} on {space.dataset} "
-        f"({by.count('completed')} completed, {by.count(STOPPED_EARLY_ASHA)} stopped by ASHA, "
-        f"{by.count('failed')} failed); objective: {space.objective.mode} "
-        f"{space.objective.metric} (last evaluation).",
-        "",
-    ]
-    if best:
-        scores = ", ".join(f"{k} {v:.4g}" for k, v in best["scores"].items())
-        params = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in best["params"].items()
-        )
-        lines += [f"Best: {best['source']}: {params} ({scores}).", ""]
-    if note := collapsed_note(trials):
-        lines += [f"{note[0].upper()}{note[1:]}.", ""]
-    lines += [
-        f"Cost: {cost.get('total_device_seconds', 0):.0f} device-seconds, "
-        f"{cost.get('total_wall_time_s', 0):.0f} s of trial wall time in all.",
-        "",
-    ]
-    if cost.get("hosts"):
-        lines += [
-            f"Trial hosts: {cost['hosts']:.0f} of {space.resources.trials_per_host} slots; the "
-            f"base model was loaded {cost.get('base_loads', 0):.0f} time(s), "
-            f"{cost.get('hosts_lost', 0):.0f} host(s) lost.",
-            "",
-        ]
-    lines += ["Pictures (Artifacts tab, `plots/`):"]
-    notes = {
-        "pareto.png": "validation metric against trainable parameters, Pareto front marked",
-        "load_map.png": "expert load per layer (training tokens) of the best trials, each "
-        "layer's per-batch routing entropy and experts in use beside it (collapsed in red)",
-        "stability.png": "the stability stage: each configuration's seeds, mean and std",
-        "optimization_history.png": "Optuna: objective per trial",
-        "param_importances.png": "Optuna: hyperparameter importances",
-        "parallel_coordinate.png": "Optuna: parallel coordinates",
-    }
-    lines += [f"- `plots/{p.name}`: {notes.get(p.name, '')}" for p in plots]
-    lines += [
-        "",
-        "Every trial run's params are its full configuration: "
-        "`python pipelines/train.py --from-run <trial run id>` trains it again.",
-    ]
-    return "\n".join(lines)
 
 
 def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
@@ -711,10 +626,10 @@ def main(argv: list[str] | None = None) -> int:
             run_search(
                 space, output_dir=args.output_dir, warm_start=warm, optuna_storage=optuna_storage
             )
-    except SearchInterrupted as exc:
-        print(exc.resume_hint(), flush=True)  # the last line a person sees
+    except SearchInterrupted as exc:  # the last line a person sees
+        print(exc.resume_hint(), file=sys.stderr if exc.lost else sys.stdout, flush=True)
         return exc.exit_status
-    except HostsError as exc:
+    except (HostsError, TrackingError, StorageError) as exc:  # a resume's store, at its start
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -100,22 +100,36 @@ def check(
             f"pip install '{_PACKAGES.get(exc.name or '', exc.name)}'"
         ) from None
     except Exception as exc:
-        raise StorageError(f"{what} {shown}: {_first_line(exc)}") from None
+        raise StorageError(f"{what} {shown}: {first_error_line(exc)}") from None
     try:
         with engine.connect():
             pass
     except Exception as exc:
         raise StorageError(
-            f"{what} {shown} is unreachable: {_first_line(exc)}; start the database "
+            f"{what} {shown} is unreachable: {first_error_line(exc)}; start the database "
             f"or fix {setting}"
         ) from None
     finally:
         engine.dispose()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_error_line(exc: BaseException) -> str:
+    """A database error's first line (SQLAlchemy's wrapped driver error, not its SQL)."""
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when `exc` says the study's database did not answer (stopped, restarted, the
+    network gone), not that it refused a statement."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+    lost = (OperationalError, InterfaceError, DisconnectionError, OSError)
+    if isinstance(exc, StorageInternalError):  # Optuna's wrap of a failed commit: its cause
+        cause = exc.__cause__ or exc.__context__
+        return cause is None or isinstance(cause, lost)
+    return isinstance(exc, lost)
 
 
 def open_storage(url: str) -> Any:

@@ -23,11 +23,12 @@ What each run records: `pipelines/records.py`.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ COMPLETED = "completed"
 STOPPED_EARLY_ASHA = "stopped_early_asha"
 FAILED = "failed"
 INTERRUPTED = "interrupted"  # the search was stopped (Ctrl-C, SIGTERM); `--resume` continues it
+JOURNAL = "unrecorded.jsonl"  # in a search's folder: writes the store could not take (`Tracker`)
 
 
 _SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
@@ -59,6 +61,29 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
 
 class TrackingError(RuntimeError):
     """The MLflow store cannot be used; the message is one line saying what to do."""
+
+
+class StoreLost(TrackingError):
+    """The MLflow store stopped answering mid-search (a read or a new run could not wait for it);
+    the `Tracker` has already told its `on_lost` and keeps further writes in its journal."""
+
+
+# MLflow's codes for a store that failed (its retries spent), not for a request it refused.
+_TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+
+
+def store_unreachable(exc: BaseException) -> bool:
+    """True when `exc` means the store (or the database behind a tracking server) did not answer,
+    after MLflow's own HTTP retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, about two minutes by
+    default); False for a request the store refused (a bad value), which is a bug to raise."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in _TRANSIENT_CODES
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    module = type(exc).__module__.split(".")[0]
+    return module in ("requests", "urllib3", "sqlalchemy", "psycopg", "psycopg2")
 
 
 def graphlora_home() -> Path:
@@ -131,7 +156,17 @@ def ui_link(experiment_id: str, uri: str | None = None) -> str:
 
 
 class Tracker:
-    """Thin, thread-safe wrapper over `MlflowClient` for one experiment (no active-run globals)."""
+    """Thin, thread-safe wrapper over `MlflowClient` for one experiment (no active-run globals).
+
+    With a `journal` file set (a search's `unrecorded.jsonl`), a write the store cannot take
+    (`store_unreachable`) is not lost: it and every write after it go to the journal, `on_lost`
+    is told once (the search stops, its state saved), and `replay` writes them when the search
+    resumes. Reads and new runs cannot wait: they raise `StoreLost`.
+    """
+
+    journal: Path | None = None
+    lost: str | None = None  # why the store was given up on, once it was
+    on_lost: Callable[[str], None] | None = None
 
     def __init__(self, experiment: str, uri: str | None = None) -> None:
         """Connect and get or create the experiment.
@@ -183,9 +218,10 @@ class Tracker:
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        run = self._read(self.client.create_run, self.experiment_id, tags=all_tags, run_name=name)
         if params:
-            self.client.log_batch(
+            self._read(
+                self.client.log_batch,
                 run.info.run_id,
                 params=[Param(k, str(v)[:6000]) for k, v in redact(params).items()],
             )
@@ -202,12 +238,10 @@ class Tracker:
             if isinstance(v, int | float) and not isinstance(v, bool)
         ]
         if batch:
-            self.client.log_batch(run_id, metrics=batch)
+            self._write("metrics", run_id, [[m.key, m.value, m.timestamp, m.step] for m in batch])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self._write("tags", run_id, {k: str(v)[:5000] for k, v in tags.items()})
 
     def finish(self, run_id: str, status: str, reason: str | None = None) -> None:
         """Tag a run with `status` (completed / stopped_early_asha / failed / interrupted) and
@@ -218,15 +252,16 @@ class Tracker:
             tags["status_reason"] = reason
         self.set_tags(run_id, tags)
         mlflow_status = {FAILED: "FAILED", INTERRUPTED: "KILLED"}.get(status, "FINISHED")
-        self.client.set_terminated(run_id, mlflow_status)
+        self._write("status", run_id, mlflow_status)
 
     def reopen(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed search or trial); `finish` closes it again."""
-        self.client.update_run(run_id, status="RUNNING")
+        self._write("status", run_id, "RUNNING")
 
     def child_runs(self, parent_run_id: str) -> list[Any]:
         """Every run nested directly under `parent_run_id`, oldest first."""
-        return self.client.search_runs(
+        return self._read(
+            self.client.search_runs,
             [self.experiment_id],
             filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
             order_by=["attributes.start_time ASC"],
@@ -234,10 +269,83 @@ class Tracker:
         )
 
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._write("file", run_id, [str(Path(path).resolve()), artifact_path])
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self._write("text", run_id, [text, artifact_file])
+
+    def _apply(self, op: str, run_id: str, arg: Any) -> None:
+        """One write, as `_write` records it."""
+        from mlflow.entities import Metric, RunTag
+
+        if op == "metrics":
+            self.client.log_batch(run_id, metrics=[Metric(*m) for m in arg])
+        elif op == "tags":
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in arg.items()])
+        elif op == "status":
+            if arg == "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            else:
+                self.client.set_terminated(run_id, arg)
+        elif op == "file":
+            self.client.log_artifact(run_id, arg[0], arg[1])
+        elif op == "text":
+            self.client.log_text(run_id, arg[0], arg[1])
+        else:
+            raise ValueError(f"unknown journal entry {op!r}")
+
+    def _write(self, op: str, run_id: str, arg: Any) -> None:
+        if self.lost is None:
+            try:
+                self._apply(op, run_id, arg)
+                return
+            except Exception as exc:
+                if self.journal is None or not store_unreachable(exc):
+                    raise
+                self._lose(exc)
+        with open(self.journal, "a") as f:  # type: ignore[arg-type] - set whenever lost is
+            f.write(json.dumps([op, run_id, arg]) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _read(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A read (or a new run) now; `StoreLost` when the store is gone."""
+        if self.lost is not None:
+            raise StoreLost(self.lost)
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if self.journal is None or not store_unreachable(exc):
+                raise
+            self._lose(exc)
+            raise StoreLost(self.lost) from exc
+
+    def _lose(self, exc: BaseException) -> None:
+        self.lost = f"the MLflow store {masked(self.uri)} stopped answering: {first_line(exc)}"
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
+
+    def replay(self) -> int:
+        """Write what the journal holds (in order), then remove it; the number of writes.
+
+        Raises:
+            TrackingError: the store refused one; the journal keeps it and what follows.
+        """
+        if self.journal is None or not self.journal.exists():
+            return 0
+        entries = [json.loads(line) for line in self.journal.read_text().splitlines() if line]
+        for done, (op, run_id, arg) in enumerate(entries):
+            try:
+                self._apply(op, run_id, arg)
+            except Exception as exc:
+                rest = "".join(json.dumps(e) + "\n" for e in entries[done:])
+                self.journal.write_text(rest)
+                raise TrackingError(
+                    f"cannot write {len(entries) - done} records kept in {self.journal} while "
+                    f"the MLflow store was unreachable: {first_line(exc)}; retry when it is back"
+                ) from exc
+        self.journal.unlink()
+        return len(entries)
 
     def ui_link(self) -> str:
         return ui_link(self.experiment_id, self.uri)

@@ -89,21 +89,32 @@ def check_ray_address() -> None:
         ) from None
 
 
-class SearchInterrupted(Exception):  # noqa: N818 - a stop a person asked for, not an error
-    """The search was stopped by SIGINT (Ctrl-C) or SIGTERM; its state is saved and
+class SearchInterrupted(Exception):  # noqa: N818 - a stop, not a bug
+    """The search was stopped by SIGINT (Ctrl-C) or SIGTERM, or because its MLflow store or
+    Optuna database stopped answering (`database_lost`); its state is saved and
     `python pipelines/search.py --resume <name>` continues it."""
 
-    def __init__(self, signum: int, name: str = "") -> None:
-        self.signum, self.name = signum, name
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+    def __init__(self, signum: int | None, name: str = "", lost: str | None = None) -> None:
+        self.signum, self.name, self.lost = signum, name, lost
+        super().__init__(lost or f"stopped by {signal.Signals(signum or 0).name}")
 
     @property
     def exit_status(self) -> int:
-        """What a shell reports for a process ended by this signal (130, 143)."""
-        return 128 + self.signum
+        """What a shell reports for a process ended by this signal (130, 143); 75 (EX_TEMPFAIL:
+        try again later) when a database was lost."""
+        return 128 + self.signum if self.signum else LOST_EXIT
 
     def resume_hint(self) -> str:
+        if self.lost:
+            return (
+                f"error: {self.lost}; the running trials were stopped and the search's state "
+                "saved (what MLflow could not take is kept beside it); once the database "
+                f"answers again, continue with: python pipelines/search.py --resume {self.name}"
+            )
         return f"interrupted: continue with: python pipelines/search.py --resume {self.name}"
+
+
+LOST_EXIT = 75  # sysexits.h EX_TEMPFAIL
 
 
 class _StopRequest:
@@ -119,6 +130,7 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.lost: str | None = None
         self.name = ""
         self.in_tune = False
 
@@ -138,23 +150,42 @@ class _StopRequest:
             file=sys.stderr,
             flush=True,
         )
+        self._stop_tune(frame)
+
+    def _stop_tune(self, frame: Any = None) -> None:
         tune_stop = signal.getsignal(signal.SIGUSR1)
         if self.in_tune and callable(tune_stop):
             tune_stop(signal.SIGUSR1, frame)
 
+    def lose(self, reason: str) -> None:
+        """The MLflow store or the Optuna database stopped answering: stop as for Ctrl-C (the
+        state saved, the running trials resumable), then fail with `reason`."""
+        if self.signum is not None or self.lost is not None:
+            return
+        self.lost = reason
+        print(f"\nerror: {reason}: stopping the search after saving its state", file=sys.stderr,
+              flush=True)  # fmt: skip
+        self._stop_tune()
+
     def check(self, monitor: Any = None) -> None:
         """Raise `SearchInterrupted` if a stop was asked for, closing `monitor`'s running
         trials as interrupted first."""
-        if self.signum is None:
+        if self.signum is None and self.lost is None:
             return
         if monitor is not None:
             monitor.close_interrupted(
-                f"the search was stopped by {signal.Signals(self.signum).name}"
+                self.lost or f"the search was stopped by {signal.Signals(self.signum).name}"
             )
-        raise SearchInterrupted(self.signum, self.name)
+        raise SearchInterrupted(self.signum, self.name, self.lost)
 
 
 _STOP = _StopRequest()
+
+
+def database_lost(reason: str) -> None:
+    """Told by the `Tracker` and the Optuna searcher when their database stops answering mid-run
+    (after their own retries): the search stops as for Ctrl-C and exits 75."""
+    _STOP.lose(reason)
 
 
 class StopSignals:
@@ -258,32 +289,112 @@ def fit_experiment(
 
 
 def optuna_search_class() -> type:
+    import logging
     import warnings
 
     from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines.storage import Heartbeat
+    from pipelines.storage import Heartbeat, first_error_line, unreachable
+
+    log = logging.getLogger("pipelines.tuning")
 
     class ResumableOptunaSearch(OptunaSearch):
-        """OptunaSearch whose study may know more than Tune's last snapshot after a resume: a
-        trial Optuna already holds as finished is not told again (Optuna would raise and stop
-        the search). On a shared database it beats a heartbeat for its trials
-        (`pipelines/storage.py`)."""
+        """OptunaSearch that loses nothing to its database.
+
+        - A trial Optuna already holds as finished is not told again (after a resume the study
+          may know more than Tune's last snapshot; Optuna would raise and stop the search).
+        - When the database stops answering, a result it could not take is kept (`_untold`,
+          saved with the searcher in Tune's state) and told on the next call once it answers
+          (a resumed search's first); the search is stopped (`database_lost`), not failed.
+        - On a shared database it beats a heartbeat for its trials (`pipelines/storage.py`).
+        """
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if not self._tell_untold():
+                return
             self._start_heartbeat()
             try:
                 super().on_trial_result(trial_id, result)
             except UpdateFinishedTrialError:
                 pass
+            except Exception as exc:  # an intermediate value: ASHA, not Optuna, prunes
+                if not unreachable(exc):
+                    raise
+                self._lost(exc)
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
+            if trial_id in self._completed_trials:
+                return
+            self._completed_trials.add(trial_id)
+            self.__dict__.setdefault("_untold", {})[trial_id] = (result, error)
+            self._tell_untold()
 
         def suggest(self, trial_id: str) -> dict | None:
+            if not self._tell_untold():
+                return None
             with warnings.catch_warnings():  # "Heartbeat ... used with Study.optimize"
                 warnings.filterwarnings("ignore", "Heartbeat of storage")
-                config = super().suggest(trial_id)
+                try:
+                    config = super().suggest(trial_id)
+                except Exception as exc:
+                    if not unreachable(exc):
+                        raise
+                    self._ot_trials.pop(trial_id, None)
+                    self._lost(exc)
+                    return None
             self._start_heartbeat(trial_id)
             return config
+
+        def restore(self, checkpoint_path: str) -> None:
+            super().restore(checkpoint_path)
+            self._tell_untold()  # a resumed search's database answers (checked at its start)
+
+        def _tell_untold(self) -> bool:
+            """Tell Optuna the finished trials it has not heard of; False while it cannot."""
+            untold = self.__dict__.get("_untold") or {}
+            for trial_id, (result, error) in list(untold.items()):
+                try:
+                    self._tell(trial_id, result, error)
+                except Exception as exc:
+                    if not unreachable(exc):
+                        raise
+                    self._lost(exc)
+                    return False
+                del untold[trial_id]
+            return True
+
+        def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:
+            """`OptunaSearch.on_trial_complete`'s tell, with a database error raised, not
+            logged and dropped."""
+            ot_trial = self._ot_trials[trial_id]
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = [(result or {}).get(m) for m in metrics]
+            state = TrialState.COMPLETE
+            if any(v is None for v in values):
+                values, state = None, TrialState.FAIL if error else TrialState.PRUNED
+            elif not isinstance(self.metric, list):
+                values = values[0]
+            try:
+                self._ot_study.tell(ot_trial, values, state=state)
+            except UpdateFinishedTrialError:
+                pass  # already told (a resumed search's trial, or failed as stale meanwhile)
+            except Exception as exc:
+                if unreachable(exc):
+                    raise
+                log.warning("Optuna refused trial %s's result: %s", trial_id, exc)  # NaN
+
+        def _lost(self, exc: BaseException) -> None:
+            from pipelines.storage import masked
+
+            storage = getattr(self._ot_study, "_storage", None)
+            storage = getattr(storage, "_backend", storage)  # Optuna's cache wraps the RDB one
+            url = masked(storage.url) if hasattr(storage, "url") else "of the study"
+            cause = exc.__cause__ or exc.__context__ or exc  # Optuna's wrap: what it wraps
+            database_lost(f"the Optuna database {url} stopped answering: {first_error_line(cause)}")
 
         def _start_heartbeat(self, new_trial: str | None = None) -> None:
             """On a shared database, beat for the trials held here (a restored searcher's too),
@@ -291,10 +402,14 @@ def optuna_search_class() -> type:
             storage = getattr(self._ot_study, "_storage", None)
             if storage is None or not storage.get_heartbeat_interval():
                 return
-            if getattr(self, "_heartbeat", None) is None:
-                self._heartbeat = Heartbeat(self).start()  # its first beat holds every trial
-            elif new_trial in self._ot_trials:
-                storage.record_heartbeat(self._ot_trials[new_trial]._trial_id)
+            try:
+                if getattr(self, "_heartbeat", None) is None:
+                    self._heartbeat = Heartbeat(self).start()  # its first beat holds every trial
+                elif new_trial in self._ot_trials:
+                    storage.record_heartbeat(self._ot_trials[new_trial]._trial_id)
+            except Exception as exc:  # a missed beat: the thread's next one tries again
+                if not unreachable(exc):
+                    raise
 
         def save(self, checkpoint_path: str) -> None:
             heartbeat = self.__dict__.pop("_heartbeat", None)  # a thread: not saved

@@ -51,11 +51,15 @@ def test_a_resume_uses_the_study_it_started_with():
         storage.for_resume("postgresql://u:***@h/db", None)
 
 
+def _space(trial) -> None:
+    trial.suggest_float("x", 0.0, 1.0)
+
+
 def _searcher(url: str):
     from pipelines.tuning import optuna_search_class
 
     return optuna_search_class()(
-        lambda trial: trial.suggest_float("x", 0.0, 1.0) and None,
+        _space,
         metric="objective",
         mode="max",
         storage=storage.open_storage(url),
@@ -89,3 +93,40 @@ def test_two_drivers_share_a_study_and_a_dead_drivers_trial_fails(postgres, monk
     live._heartbeat.stop()
     states = [t.state.name for t in optuna.load_study(study_name="shared", storage=url).trials]
     assert states == ["FAIL", "COMPLETE"]
+
+
+def test_a_result_the_database_missed_is_told_when_it_answers(postgres, tmp_path):
+    """PostgreSQL stops as a trial ends: the searcher keeps the result (saved with it, as Tune
+    saves it), stops the search in one line without the password, and asks no new trial; the
+    resumed searcher, restored from that save once PostgreSQL is back, tells it: the trial is
+    COMPLETE with its value, nothing RUNNING, nothing told twice."""
+    import optuna
+
+    from pipelines import tuning
+
+    url = postgres.create_database("untold")
+    searcher = _searcher(url)
+    searcher.suggest("a")
+    searcher._heartbeat.stop()
+    postgres.stop()
+    try:
+        searcher.on_trial_complete("a", {"objective": 0.75})
+        assert searcher.suggest("b") is None  # no new trial while it cannot be recorded
+        lost = tuning._STOP.lost
+        searcher.save(str(tmp_path / "searcher.pkl"))
+    finally:
+        tuning._STOP.__init__()
+        postgres.start()
+    assert lost and "Optuna database postgresql://graphlora:***@127.0.0.1" in lost, lost
+    assert "stopped answering: connection failed" in lost, lost
+    assert "graphlora-test" not in lost and "\n" not in lost
+    assert optuna.load_study(study_name="shared", storage=url).trials[0].state.name == "RUNNING"
+    resumed = _searcher(url)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    (trial,) = optuna.load_study(study_name="shared", storage=url).trials
+    assert trial.state.name == "COMPLETE" and trial.value == 0.75
+    resumed.on_trial_complete("a", {"objective": 0.75})  # Tune's own repeat: no second tell
+    resumed.suggest("c")
+    resumed._heartbeat.stop()
+    states = [t.state.name for t in optuna.load_study(study_name="shared", storage=url).trials]
+    assert states == ["COMPLETE", "RUNNING"]

@@ -1,8 +1,10 @@
 """A search as a team runs it, for real on one machine over loopback: an `mlflow server` backed by
 PostgreSQL with proxied artifacts, the search's Optuna study in the same PostgreSQL server, the
 driver and its local Ray SIGKILLed mid-search, `--resume` from a second driver process on a fresh
-local Ray, then promotion and `mlflow.pyfunc.load_model("models:/...@champion")` through the
-server. Every trial is recorded once in MLflow and once in Optuna, none left RUNNING.
+local Ray, PostgreSQL stopped under that one (it exits 75 saying so, its state saved), `--resume`
+again once PostgreSQL is back (nothing lost, nothing twice), then promotion and
+`mlflow.pyfunc.load_model("models:/...@champion")` through the server. Every trial is recorded
+once in MLflow and once in Optuna, none left RUNNING.
 
 The commands are the README's ("Use a cluster"); the PostgreSQL server is `tests/postgres.py`."""
 
@@ -77,6 +79,10 @@ def mlflow_server(postgres, tmp_path_factory) -> Iterator[str]:
         log.close()
 
 
+def _eval_count(client, experiment: str, parent_id: str) -> int:
+    return sum(int(r.data.metrics.get("evals", 0)) for r in _runs(client, experiment, parent_id))
+
+
 def test_shared_server_kill_resume_promote_serve(postgres, mlflow_server, graphlora_home, tmp_path):
     space = _small_space(tmp_path, "shared")
     study_url = postgres.create_database("optuna")
@@ -107,18 +113,57 @@ def test_shared_server_kill_resume_promote_serve(postgres, mlflow_server, graphl
     assert state["optuna_storage"] == study_url.replace(":graphlora-test@", ":***@")
     assert not (folder / "optuna.db").exists()  # the study is in PostgreSQL, not on this disk
 
-    # The second driver: a new process on a fresh local Ray, the same server and study.
+    # The second driver, a new process on a fresh local Ray, the same server and study: it
+    # loses PostgreSQL (behind both the MLflow server and the study) once it has evaluated.
+    # MLflow's HTTP retries are cut to seconds (default: about two minutes of riding it out).
     env2 = {
         **_search_env(graphlora_home, Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))),
         **shared,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     }
-    _resume(name, env2, tmp_path)  # exits 0, says "resuming"
+    evals_before = _eval_count(client, space.experiment, parent_id)
+    second = subprocess.Popen(
+        [sys.executable, "pipelines/search.py", "--resume", name], cwd=REPO, env=env2,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait(
+            lambda: _eval_count(client, space.experiment, parent_id) > evals_before,
+            300,
+            "an evaluation of the resumed search",
+            poll=0.25,
+        )
+        postgres.stop()
+        out, err = second.communicate(timeout=300)
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+        postgres.start()
+    (tmp_path / "second.log").write_text(out + "\n--- stderr ---\n" + err)
+    assert second.returncode == 75, out[-3000:] + err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the ") and "stopped answering" in last, err[-3000:]
+    assert f"--resume {name}" in last and "graphlora-test" not in out + err
+
+    # The third driver, PostgreSQL back: what MLflow missed is written first, then it finishes.
+    env3 = {
+        **_search_env(graphlora_home, Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))),
+        **shared,
+    }
+    resumed = _resume(name, env3, tmp_path)  # exits 0, says "resuming"
+    assert "records MLflow had missed" in resumed, resumed[-3000:]
+    assert not (folder / "unrecorded.jsonl").exists()
 
     runs = _runs(client, space.experiment, parent_id)
     trial_ids = [r.data.tags["trial_id"] for r in runs]
     assert len(runs) == 3 == len(set(trial_ids)), [r.info.run_name for r in runs]
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
     assert client.get_run(parent_id).data.tags["status"] == "completed"
+    assert client.get_run(parent_id).data.tags["resumes"] == "2"
+    for run in runs:  # no evaluation lost to the outage: steps 10, 20, ... without a gap
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "evals")]
+        assert steps == [10 * (i + 1) for i in range(len(steps))], (run.info.run_name, steps)
     study = optuna.load_study(study_name=name, storage=study_url)
     states = [t.state.name for t in study.trials]
     assert "RUNNING" not in states, states
