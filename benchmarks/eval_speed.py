@@ -1,4 +1,4 @@
-"""Evaluation time and memory: today's scorer against the one-pass scorer (issue 15).
+"""Evaluation time and memory: today's scorer against the one-pass scorer.
 
 Today's scorer (``score_examples_reference``) runs every prompt + candidate as its own sequence
 and takes a log-softmax over the vocabulary at every position; the one-pass scorer

@@ -1,11 +1,11 @@
 """Forward+backward time of one MoE-LoRA FFN block for every method, side by side.
 
-Shape (issue 2): hidden 1024, intermediate 2816, 2048 tokens, 8 experts, top-2, rank 8; GraphLoRA
+Shape: hidden 1024, intermediate 2816, 2048 tokens, 8 experts, top-2, rank 8; GraphLoRA
 with the paper's defaults (d_gcn 256, 2 GCN layers, density 0.1). Methods are timed round-robin in
 the same process so machine noise hits them alike; each figure is the median over rounds. The last
-line printed is one JSON object with the per-method seconds and the ratios the issue asks for.
+line printed is one JSON object with the per-method seconds and their ratios.
 
-Packing (issue 12): P GraphLoRA adapters (8 experts, top-2) over one frozen FFN, each with its own
+Packing: P GraphLoRA adapters (8 experts, top-2) over one frozen FFN, each with its own
 ``--tokens`` rows, in one packed forward+backward of the site (``packed_p{P}``: graphlora.packing),
 against the same P blocks run one after the other on the same rows, each with its own frozen FFN
 pass and backward (``separate_p{P}``); ``packed_vs_separate_p{P}`` is their ratio. Both do the same

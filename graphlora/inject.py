@@ -375,7 +375,11 @@ def routing_health(model: nn.Module, reset: bool = True) -> dict[str, float]:
         reset: start a new window afterwards.
     """
     blocks = moe_blocks(model)
-    sums = [b.routing_health if b.num_experts >= 2 else b.routing_health * 0 for b in blocks]
+    # A one-expert layer routes nothing: its slot stays, empty, so layer numbers keep matching.
+    sums = [
+        b.routing_health if b.num_experts >= 2 else torch.zeros_like(b.routing_health)
+        for b in blocks
+    ]
     out = health_summary(sums)
     if reset:
         for block in blocks:
