@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from graphlora.config import MoELoRAConfig
+from graphlora.config import METHOD_PRESETS, MoELoRAConfig
 from graphlora.data import DatasetSplits, Example, load_task
 from graphlora.encoder import attach_head, option_forward, option_loss
 from graphlora.evaluate import EvalResult, head_at, pad_batch
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: $GRAPHLORA_DATA_DIR, else the copy shipped with graphlora "
         "(--dataset hub:<task> loads the Hugging Face Hub version instead)",
     )
-    p.add_argument("--method", help="lora, mixlora, loramoe, mingmoe, mola, graphlora, ...")
+    p.add_argument("--method", help=f"the adapter's preset: {', '.join(sorted(METHOD_PRESETS))}")
     p.add_argument("--seeds", type=int, nargs="+", help="one or more seeds (default 0)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--lr", type=float, dest="learning_rate")
