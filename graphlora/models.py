@@ -194,10 +194,12 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             "eval_at_start": True,
         },
         # The graphlora preset's rank 2 and Normal coefficient 8 were chosen for 7B decoders; on
-        # MiniLM rank 8 gained more and the Normal loss only slowed the task loss
-        # (BENCHMARKS.md); a 64-wide graph router scored as the 256-wide one, at less compute.
+        # MiniLM rank 8 gained more, the published Normal loss only slowed the task loss (0.1
+        # kept for graphlora-paper, the run it was tuned on), and a 64-wide graph router scored
+        # as the 256-wide one. graphlora's batch balance loss needs 1.0 here: at 0.1 a layer
+        # drifted back towards a collapse by step 100 (BENCHMARKS.md, "Routing health").
         adapter_defaults={
-            "graphlora": {"rank": 8, "alpha": 16.0, "normal_coef": 0.1, "gcn_hidden": 64},
+            "graphlora": {"rank": 8, "alpha": 16.0, "normal_coef": 1.0, "gcn_hidden": 64},
             "graphlora-paper": {"rank": 8, "alpha": 16.0, "normal_coef": 0.1, "gcn_hidden": 64},
         },
     ),
