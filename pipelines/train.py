@@ -247,7 +247,7 @@ def plan_promotion(
 
 def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> Any:
     """One Ray Train run of one seed; returns its `Result` (metrics + adapter checkpoint)."""
-    from pipelines.worker import seed_trainer
+    from pipelines.worker import fit_seed, seed_trainer
 
     config = {
         "backend": plan.backend,
@@ -255,7 +255,7 @@ def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> An
         "training": {**plan.training, "seed": seed, "eval_test": True},  # promotion reports test
         "save_adapter": True,
     }
-    return seed_trainer(
+    trainer = seed_trainer(
         config,
         name=f"{run_name}-seed{seed}",
         storage_path=storage,
@@ -263,7 +263,8 @@ def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> An
         cpus_per_worker=plan.cpus_per_worker,
         gpus_per_worker=plan.gpus_per_worker,
         worker_retries=plan.worker_retries,
-    ).fit()
+    )
+    return fit_seed(trainer)
 
 
 def _side_by_side(plan: PromotionPlan, out: Any) -> int:

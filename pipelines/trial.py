@@ -21,7 +21,7 @@ from typing import Any
 from pipelines.host import job_key, run_on_host
 from pipelines.records import seed_stats
 from pipelines.space import SearchSpace
-from pipelines.worker import fast_train_reports, seed_trainer, worker_errors
+from pipelines.worker import fast_train_reports, fit_seed, seed_trainer, worker_errors
 
 RETURN_WAIT_S = 5.0  # longest a trial waits for its runs to return once all sent their last
 OBJECTIVE = "objective"  # the score of a trial's last evaluation, reported to ASHA and Optuna
@@ -166,7 +166,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
             "hub": hub,
             "verdict_wait_s": plan.verdict_wait_s,
         }
-        seed_trainer(
+        trainer = seed_trainer(
             config,
             name=job_key(trial_id, seed),
             storage_path=plan.storage_path,
@@ -175,7 +175,8 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
             gpus_per_worker=res.gpus_per_worker,
             worker_retries=res.worker_retries,
             callbacks=[_make_relay(hub, trial_id, index)],
-        ).fit()
+        )
+        fit_seed(trainer)
 
     state = _DriverState.load(ray.tune.get_checkpoint())
     started, wall_before = time.monotonic(), state.wall_s  # a resumed trial adds to its time

@@ -3,7 +3,8 @@
 `train_fn_per_worker(config)` trains one seed of one trial with the library's `run_training`; its
 `on_eval` callback reports each evaluation (with a resumable checkpoint) to Ray Train and asks the
 trial hub whether ASHA has stopped the trial (`pipelines/asha.py` says why stopping is a flag).
-`seed_trainer` builds the `TorchTrainer` of one seed, for search trials and promotion alike.
+`seed_trainer` builds the `TorchTrainer` of one seed, for search trials and promotion alike, and
+`fit_seed` runs it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pipelines.space import error_line, training_api
 
 VERDICT_WAIT_S = 60.0  # longest a Train run waits for ASHA's verdict on an evaluation
 TRAIN_POLL_S = "0.1"  # Ray Train controller poll interval, unless the environment sets one
+NONFINITE = "nonfinite"  # key of what `train_fn_per_worker` returns when the loss diverged
 
 
 def fast_train_reports() -> None:
@@ -28,8 +30,12 @@ def fast_train_reports() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
+def train_fn_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     """Train one seed of one trial on this worker.
+
+    A run whose loss turns non-finite returns `{"nonfinite": message}` instead of raising: Ray
+    Train restarts a group whose worker raised, and the same data and seed would fail the same
+    way `resources.worker_retries` more times. `fit_seed` raises it in the caller.
 
     After every evaluation the full training state goes to Ray Train as a checkpoint; when a
     worker dies, Ray Train restarts the group (`resources.worker_retries` times) and this function
@@ -49,6 +55,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from ray.train.collective import broadcast_from_rank_zero
 
     from graphlora.checkpoint import read_progress
+    from graphlora.run import NonFiniteLossError
 
     train_cls, adapter_cls, run_training = training_api(config["backend"])
     train_cfg, adapter_cfg = train_cls(**config["training"]), adapter_cls(**config["adapter"])
@@ -87,6 +94,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             final = run_training(
                 train_cfg, adapter_cfg, on_eval=on_eval, checkpoint=True, resume_from=resume_from
             )
+        except NonFiniteLossError as exc:  # every rank sees the same global loss: all return
+            return {NONFINITE: str(exc)}
         finally:
             gpu.stop()
         final.update(gpu.metrics())
@@ -94,6 +103,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if config.get("save_adapter") and rank == 0:
             adapter = ray.train.Checkpoint.from_directory(train_cfg.output_dir)
         ray.train.report({**final, "final": 1}, checkpoint=adapter)
+    return None
 
 
 class GpuUtilisation:
@@ -181,6 +191,18 @@ def seed_trainer(
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
     )
+
+
+def fit_seed(trainer: Any) -> Any:
+    """`trainer.fit()` of a `seed_trainer`; raises the run's `NonFiniteLossError` (which
+    `train_fn_per_worker` returns, so Ray Train does not retry it) as if rank 0 had raised it."""
+    from graphlora.run import NonFiniteLossError
+
+    result = trainer.fit()
+    verdict = result.return_value
+    if isinstance(verdict, dict) and verdict.get(NONFINITE):
+        raise NonFiniteLossError(verdict[NONFINITE])
+    return result
 
 
 def worker_errors(worker_exceptions: dict, label: str = "") -> str:

@@ -1,8 +1,8 @@
 """Faults done for real on a local Ray and a real MLflow store: a search stopped as users stop
 one (Ctrl-C to its terminal, or the machine stopping: SIGKILL to the search and to the local Ray
-it started) and resumed, a Ray Train worker SIGKILLed mid-trial, a NaN loss in one trial. After
-each, the MLflow store holds exactly one run per trial, with the right status, and nothing is
-left running."""
+it started) and resumed, a Ray Train worker SIGKILLed mid-trial, a NaN loss in one trial (ended,
+not retried). After each, the MLflow store holds exactly one run per trial, with the right status,
+and nothing is left running."""
 
 from __future__ import annotations
 
@@ -380,6 +380,47 @@ def test_train_worker_sigkilled_mid_trial_restarts_from_checkpoint(ray_cluster, 
     assert "worker failure 1, Ray Train restarts it" in out.getvalue()
 
 
+def test_a_diverged_run_is_not_retried_as_a_lost_worker(ray_cluster, tmp_path):
+    """A NaN loss is the run's own verdict: one Ray Train attempt, whatever `worker_retries`
+    says (retries are for lost workers; the same data and seed would diverge again), and the
+    caller gets `NonFiniteLossError`. Counted at the Train run's relay, as a trial driver sees
+    it: before, each of the 2 retries sent a worker error and trained again."""
+    import ray
+
+    from graphlora.run import NonFiniteLossError
+    from pipelines.asha import TrialHub
+    from pipelines.trial import _make_relay
+    from pipelines.worker import fit_seed, seed_trainer
+
+    space = make_space(tmp_path, "graphlora", trials=1, experiment="diverged")
+    params = {"learning_rate": 1e-3, "num_experts": 2, "top_k": 1, "rank": 1}
+    adapter, training = space.configs(params, seed=0)
+    training.update(max_steps=6, eval_every=2, inject_nan_at_step=3)
+    hub = TrialHub.remote()
+    config = {"backend": "graphlora", "adapter": adapter, "training": training, "trial_id": "t"}
+    trainer = seed_trainer(
+        config,
+        name="diverged",
+        storage_path=str(tmp_path / "ray_results"),
+        workers=1,
+        cpus_per_worker=1,
+        gpus_per_worker=0,
+        worker_retries=2,
+        callbacks=[_make_relay(hub, "t", 0)],
+    )
+    started = time.monotonic()
+    try:
+        fit_seed(trainer)
+    except NonFiniteLossError as exc:
+        assert "step 3" in str(exc) and "training loss is nan" in str(exc), exc
+    else:
+        raise AssertionError("a run whose loss turned NaN at step 3 returned normally")
+    mail = ray.get(hub.take.remote("t", 0.0))
+    assert [m["step"] for _, m in mail if "step" in m] == [2], mail  # one attempt: one evaluation
+    assert not [m for _, m in mail if "worker_error" in m], mail
+    print(f"diverged run ended in {time.monotonic() - started:.1f} s")
+
+
 def test_nan_loss_fails_its_trial_and_the_search_goes_on(ray_cluster, tmp_path):
     """One trial's loss turns NaN at step 3: it ends failed with the reason; the other runs.
     (Seeded TPE proposes inject_nan_at_step 3, then 1000000, for this space.)"""
@@ -408,4 +449,8 @@ def test_nan_loss_fails_its_trial_and_the_search_goes_on(ray_cluster, tmp_path):
         assert (run.info.status == "FAILED") == failed
         if failed:
             assert "training loss is nan" in run.data.tags["status_reason"]
+            # A diverged loss is the run's verdict, not a lost worker: Ray Train does not retry
+            # it (the same data and seed would diverge again), so no worker error is recorded.
+            assert run.data.tags.get("worker_failures", "0") == "0", run.data.tags
+            assert "NonFiniteLossError" not in run.data.tags.get("recovery_log", ""), run.data.tags
     assert live_placement_groups() == []
