@@ -17,8 +17,9 @@ Each slot keeps what an adapter alone keeps: its own ``RoutingContext`` (its row
 mask), cumulative load, routing counts, auxiliary losses weighted with its own coefficients, and
 a dropout generator of its own (``GeneratorDropout``), so what a slot computes does not depend
 on the other slots. ``Pack.adapter(slot)`` presents a slot as an ordinary adapter model, with the
-names a model carrying only that adapter would have: ``graphlora.inject``'s functions
-(``save_adapter``, ``adapter_state_dict``, ``routing_stats``, ``reset_load_state``...) work on it.
+names a model carrying only that adapter would have: the functions of ``graphlora.inject``
+(``routing_stats``, ``reset_load_state``...) and ``graphlora.adapter_io`` (``save_adapter``,
+``adapter_state_dict``...) work on it.
 """
 
 from __future__ import annotations
@@ -31,26 +32,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphlora.config import MoELoRAConfig
-from graphlora.inject import (
-    ADAPTER_MARKERS,
-    UnsupportedModelError,
-    _activation,
-    _attention_of,
-    _join,
-    _lookup,
-    _replace_module,
+from graphlora.adapter_io import (
     adapter_state_dict,
-    collect_aux_losses,
-    is_adapter_name,
     load_adapter_state_dict,
     load_adapter_weights,
     read_adapter_config,
-    require_ffns,
+    save_adapter,
+)
+from graphlora.config import MoELoRAConfig
+from graphlora.inject import (
+    ADAPTER_MARKERS,
+    collect_aux_losses,
+    is_adapter_name,
     reset_load_state,
     routing_counts,
-    save_adapter,
-    select_target_layers,
 )
 from graphlora.losses import weighted_aux_loss
 from graphlora.moe import (
@@ -60,6 +55,16 @@ from graphlora.moe import (
     MoELoRAMLP,
     PassThrough,
     RoutingContext,
+)
+from graphlora.structure import (
+    UnsupportedModelError,
+    attention_projections,
+    ffn_activation,
+    join_path,
+    lookup,
+    replace_module,
+    require_ffns,
+    select_target_layers,
 )
 
 __all__ = [
@@ -432,8 +437,8 @@ class Pack:
     def adapter(self, slot: str) -> nn.Module:
         """``slot`` as an ordinary adapter model: a module holding the slot's blocks and LoRAs
         under the names a model carrying only that adapter has, and ``graphlora_config``. It
-        shares the pack's modules (not copies); use it with ``graphlora.inject``'s functions, not
-        for a forward pass."""
+        shares the pack's modules (not copies); use it with the functions of ``graphlora.inject``
+        and ``graphlora.adapter_io``, not for a forward pass."""
         return self._views[self._known(slot)]
 
     def parameters(self, slot: str) -> list[nn.Parameter]:
@@ -453,7 +458,7 @@ class Pack:
     def save_adapter(
         self, slot: str, path: str | Path, metadata: dict[str, Any] | None = None
     ) -> Path:
-        """Save ``slot`` as an ordinary adapter folder (``graphlora.inject.save_adapter``), which
+        """Save ``slot`` as an ordinary adapter folder (``adapter_io.save_adapter``), which
         ``load_adapter`` injects into a fresh base model."""
         return save_adapter(self.adapter(slot), path, metadata)
 
@@ -574,27 +579,28 @@ def inject_packed(
     if getattr(model, "graphlora_pack", None) is not None:
         raise ValueError("this model is already packed; add slots with model.graphlora_pack.add")
     sites = require_ffns(model)
-    attention = [_attention_of(model, site) for site in sites]  # before anything is replaced
+    # Found before anything is replaced:
+    attention = [attention_projections(model, site) for site in sites]
     pack = Pack(model)
     for site, projections in zip(sites, attention, strict=True):
         if site.classic is None:
             mlp = model.get_submodule(site.owner)
-            packed = PackedFFN(pack._layout, _activation(mlp, model), mlp=mlp)
+            packed = PackedFFN(pack._layout, ffn_activation(mlp, model), mlp=mlp)
             replaced, training = site.owner, mlp.training
         else:
-            up, act, down = (_join(site.owner, p) for p in site.classic)
+            up, act, down = (join_path(site.owner, p) for p in site.classic)
             up_mod, down_mod = model.get_submodule(up), model.get_submodule(down)
-            packed = PackedFFN(pack._layout, _lookup(model, act), up=up_mod, down=down_mod)
+            packed = PackedFFN(pack._layout, lookup(model, act), up=up_mod, down=down_mod)
             replaced, training = up, up_mod.training
-            _replace_module(model, act, PassThrough(up).train(training))
-            _replace_module(model, down, PassThrough(up).train(training))
-        _replace_module(model, replaced, packed.train(training))
+            replace_module(model, act, PassThrough(up).train(training))
+            replace_module(model, down, PassThrough(up).train(training))
+        replace_module(model, replaced, packed.train(training))
         pack._ffns.append(packed)
         wrapped = []
         for proj in projections:
             base = model.get_submodule(proj)
             wrapped.append(PackedLoRALinear(base, pack._layout).train(base.training))
-            _replace_module(model, proj, wrapped[-1])
+            replace_module(model, proj, wrapped[-1])
         pack._attention.append(wrapped)
     for param in model.parameters():
         param.requires_grad_(False)

@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
+from graphlora.adapter_io import save_adapter
 from graphlora.config import METHOD_PRESETS, MoELoRAConfig
 from graphlora.data import DatasetSplits, Example, load_task
 from graphlora.encoder import attach_head, option_forward, option_loss
 from graphlora.evaluate import EvalResult, head_at, pad_batch
-from graphlora.inject import inject_adapter, reset_load_state, save_adapter
+from graphlora.inject import inject_adapter, reset_load_state
 from graphlora.models import adapter_defaults, load_model_and_tokenizer, training_defaults
 from graphlora.packing import use_generator_dropout
 from graphlora.run import (
