@@ -423,7 +423,9 @@ class Pack:
     def alone(self, slot: str) -> Iterator[Pack]:
         """Within this block every row of any batch is ``slot``'s, whatever the batch size (the
         prompt and candidate passes of an evaluation differ): the model computes what ``slot``'s
-        adapter alone computes, and the other slots compute nothing."""
+        adapter alone computes, and the other slots compute nothing. The output of a training
+        forward carries ``slot``'s ``aux_losses`` and ``aux_loss`` as that adapter's model alone
+        does (``graphlora.inject``), besides ``slot_aux_losses`` and ``slot_aux_loss``."""
         with self.layout({slot: 1}):  # split in proportion, one slot takes every row
             yield self
 
@@ -541,6 +543,10 @@ class Pack:
         if aux:
             output["slot_aux_losses"] = aux
             output["slot_aux_loss"] = {s: self.weighted_aux_loss(s, a) for s, a in aux.items()}
+        rows = self._layout.rows or []
+        if len(rows) == 1 and rows[0][0] in aux:  # one slot's batch: as its adapter alone
+            output["aux_losses"] = aux[rows[0][0]]
+            output["aux_loss"] = output["slot_aux_loss"][rows[0][0]]
         return output
 
 
