@@ -16,12 +16,14 @@ With ``attention_lora`` the layer's attention projections (``ATTENTION_LAYOUTS``
 Two hooks on the model pass the padding mask to the blocks and add the weighted auxiliary losses to
 the output (``output.loss`` = task loss + aux; ``output.task_loss``, ``output.aux_loss`` and
 ``output.aux_losses`` hold the parts). ``model.graphlora_context`` (a ``RoutingContext``) says how
-the Normal loss's load is summed over data-parallel ranks. Saving and loading an adapter:
+the Normal loss's load is summed over data-parallel ranks. ``build_adapter`` builds the modules,
+here and for each slot of a pack (``graphlora.packing``). Saving and loading an adapter:
 ``graphlora.adapter_io``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,22 +32,15 @@ from torch import nn
 from graphlora.config import MoELoRAConfig
 from graphlora.health import health_summary
 from graphlora.losses import weighted_aux_loss
-from graphlora.moe import (
-    LoRALinear,
-    MoELoRABlock,
-    MoELoRAFFN,
-    MoELoRAMLP,
-    PassThrough,
-    RoutingContext,
-)
+from graphlora.moe import LoRALinear, MoELoRABlock, MoELoRAFFN, MoELoRAMLP, RoutingContext
 from graphlora.routers import GraphRouter
 from graphlora.structure import (
     ATTENTION_LAYOUTS,
+    FrozenFFN,
     UnsupportedModelError,
     attention_projections,
-    ffn_activation,
-    join_path,
-    lookup,
+    frozen_ffn,
+    replace_ffn,
     replace_module,
     require_ffns,
     select_target_layers,
@@ -66,11 +61,72 @@ def moe_blocks(model: nn.Module) -> list[MoELoRABlock]:
     return [m for m in model.modules() if isinstance(m, MoELoRABlock)]
 
 
+def build_adapter(
+    config: MoELoRAConfig,
+    ffns: Sequence[FrozenFFN],
+    attention: Sequence[Sequence[nn.Module]],
+    *,
+    where: str,
+) -> tuple[RoutingContext, dict[int, tuple[MoELoRABlock, list[LoRALinear]]]]:
+    """The modules of ``config``'s adapter, around a model's frozen modules, not yet attached:
+    the one place an adapter is built, whether it goes into the model (``inject_adapter``) or
+    into a pack as one slot of several (``graphlora.packing``).
+
+    Layer by layer, the block and then the attention LoRAs (with ``attention_lora``) are built in
+    the order their initial weights are drawn, so the same torch seed gives the same adapter
+    wherever it goes. Each module follows its frozen module's device and mode.
+
+    Args:
+        config: the adapter.
+        ffns: the model's FFN sites, in model order (``frozen_ffn``).
+        attention: per FFN site, its layer's attention projections (may be empty).
+        where: names the model or slot in error messages.
+
+    Returns:
+        The blocks' shared ``RoutingContext``, and per targeted layer its block and LoRAs.
+
+    Raises:
+        ValueError: ``target_layers`` is out of range.
+        UnsupportedModelError: ``attention_lora`` is on and a targeted layer has no attention
+            projections the adapter knows.
+    """
+    targets = select_target_layers(len(ffns), config.target_layers)
+    for layer in targets if config.attention_lora else ():  # refuse before building anything
+        if not attention[layer]:
+            raise UnsupportedModelError(
+                f"{where}: attention_lora is on but FFN layer {layer} has no attention "
+                f"projections the adapter knows ({[list(a) for a in ATTENTION_LAYOUTS]}); set "
+                "attention_lora: false to adapt the FFNs only"
+            )
+    context = RoutingContext()
+    layers = {}
+    for pos, layer in enumerate(targets):
+        ffn = ffns[layer]
+        kwargs = dict(
+            num_experts=config.experts_for(pos, len(targets)),
+            act=ffn.act,
+            context=context,
+            layer_seed=layer,
+        )
+        if ffn.mlp is not None:
+            block: MoELoRABlock = MoELoRAMLP(ffn.mlp, config, **kwargs)
+        else:
+            block = MoELoRAFFN(ffn.up, ffn.down, config, **kwargs)
+        # The new modules follow the model's mode: an eval model stays in eval.
+        block.to(device=ffn.device).train(ffn.module.training)
+        loras = []
+        for base in attention[layer] if config.attention_lora else ():
+            lora = LoRALinear(base, config.rank, config.alpha, config.dropout)
+            loras.append(lora.to(device=base.weight.device).train(base.training))
+        layers[layer] = (block, loras)
+    return context, layers
+
+
 def inject_adapter(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     """Wrap ``model``'s FFNs (and attention projections) with the adapter, in place.
 
-    Gated MLPs get a ``MoELoRAMLP``, classic FFNs a ``MoELoRAFFN`` (see the module docstring).
-    Freezes every non-adapter parameter. Returns the same model.
+    Gated MLPs get a ``MoELoRAMLP``, classic FFNs a ``MoELoRAFFN`` (see the module docstring),
+    built by ``build_adapter``. Freezes every non-adapter parameter. Returns the same model.
 
     Raises:
         UnsupportedModelError: no FFN was found (the message says what was found), or
@@ -83,44 +139,14 @@ def inject_adapter(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     if getattr(model, "graphlora_pack", None) is not None:
         raise ValueError("this model carries packed adapters (inject_packed); load a fresh one")
     sites = require_ffns(model)
-    targets = select_target_layers(len(sites), config.target_layers)
-    attention = {}
-    if config.attention_lora:
-        for layer in targets:  # refuse before changing anything
-            attention[layer] = attention_projections(model, sites[layer])
-            if not attention[layer]:
-                raise UnsupportedModelError(
-                    f"{type(model).__name__}: attention_lora is on but FFN layer {layer} "
-                    f"({sites[layer].owner}) has no attention projections the adapter knows "
-                    f"({[list(a) for a in ATTENTION_LAYOUTS]}); set attention_lora: false to "
-                    "adapt the FFNs only"
-                )
-    context = RoutingContext()
-    for pos, layer in enumerate(targets):
-        site = sites[layer]
-        kwargs = dict(
-            num_experts=config.experts_for(pos, len(targets)), context=context, layer_seed=layer
-        )
-        if site.classic is None:
-            mlp = model.get_submodule(site.owner)
-            block: MoELoRABlock = MoELoRAMLP(mlp, config, act=ffn_activation(mlp, model), **kwargs)
-            device, training, replaced = mlp.gate_proj.weight.device, mlp.training, site.owner
-        else:
-            up, act, down = (join_path(site.owner, p) for p in site.classic)
-            up_mod, down_mod = model.get_submodule(up), model.get_submodule(down)
-            act_fn = lookup(model, act)  # read before it becomes a PassThrough
-            block = MoELoRAFFN(up_mod, down_mod, config, act=act_fn, **kwargs)
-            device, training, replaced = up_mod.weight.device, up_mod.training, up
-            replace_module(model, act, PassThrough(up).train(training))
-            replace_module(model, down, PassThrough(up).train(training))
-        # The new modules follow the model's mode: an eval model stays in eval.
-        block.to(device=device).train(training)
-        replace_module(model, replaced, block)
-        for proj in attention.get(layer, []):
-            base = model.get_submodule(proj)
-            lora = LoRALinear(base, config.rank, config.alpha, config.dropout)
-            lora.to(device=base.weight.device).train(base.training)
-            replace_module(model, proj, lora)
+    names = [attention_projections(model, site) for site in sites]
+    attention = [[model.get_submodule(n) for n in layer] for layer in names]
+    ffns = [frozen_ffn(model, site) for site in sites]
+    context, layers = build_adapter(config, ffns, attention, where=type(model).__name__)
+    for layer, (block, loras) in layers.items():
+        replace_ffn(model, sites[layer], block)
+        for name, lora in zip(names[layer], loras, strict=False):  # none without attention_lora
+            replace_module(model, name, lora)
     model.graphlora_config = config
     model.graphlora_context = context
     mark_only_adapter_trainable(model)

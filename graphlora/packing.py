@@ -2,10 +2,11 @@
 adapters over one base").
 
 ``inject_packed`` puts P adapters, the slots, into one base model. Every FFN site becomes a
-``PackedFFN`` holding one MoE-LoRA block per slot that targets it, built as ``inject_adapter``
-builds it for that slot's config (the same classes of ``graphlora.moe``, around the same frozen
-projections, not copies); every attention projection becomes a ``PackedLoRALinear`` holding one
-``LoRALinear`` per slot with ``attention_lora``. Slots may differ in every adapter field.
+``PackedFFN`` holding, in a ``ModuleDict`` keyed by slot id, the MoE-LoRA block of each slot
+that targets it, and every attention projection a ``PackedLoRALinear`` holding each slot's
+``LoRALinear`` (with ``attention_lora``): the modules ``inject_adapter`` puts in a model for the
+same config, built by the same ``graphlora.inject.build_adapter`` around the same frozen
+projections (not copies). Slots may differ in every adapter field.
 
 A packed batch is the concatenation, along the batch dimension, of each slot's rows; the pack
 says which contiguous rows are whose (``Pack.layout``). An attention projection runs its frozen
@@ -24,7 +25,7 @@ names a model carrying only that adapter would have: the functions of ``graphlor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,29 +43,21 @@ from graphlora.adapter_io import (
 from graphlora.config import MoELoRAConfig
 from graphlora.inject import (
     ADAPTER_MARKERS,
+    build_adapter,
     collect_aux_losses,
     is_adapter_name,
     reset_load_state,
     routing_counts,
 )
 from graphlora.losses import weighted_aux_loss
-from graphlora.moe import (
-    LoRALinear,
-    MoELoRABlock,
-    MoELoRAFFN,
-    MoELoRAMLP,
-    PassThrough,
-    RoutingContext,
-)
+from graphlora.moe import LoRALinear, MoELoRABlock, RoutingContext
 from graphlora.structure import (
-    UnsupportedModelError,
+    FrozenFFN,
     attention_projections,
-    ffn_activation,
-    join_path,
-    lookup,
+    frozen_ffn,
+    replace_ffn,
     replace_module,
     require_ffns,
-    select_target_layers,
 )
 
 __all__ = [
@@ -205,40 +198,20 @@ class PackedFFN(nn.Module):
     """One FFN site shared by the slots: each slot's MoE-LoRA block runs on that slot's rows (a
     slot without a block here gets the frozen FFN), so the frozen work totals one pass.
 
-    Stands where ``inject_adapter`` puts its block: in place of a gated MLP, or of a classic FFN's
-    up projection (whose activation and down projection become ``PassThrough``).
+    Stands where ``inject_adapter`` puts its block (``graphlora.structure.replace_ffn``).
     """
 
-    def __init__(
-        self,
-        layout: PackLayout,
-        act: Callable[[torch.Tensor], torch.Tensor],
-        *,
-        mlp: nn.Module | None = None,
-        up: nn.Module | None = None,
-        down: nn.Module | None = None,
-    ) -> None:
+    def __init__(self, layout: PackLayout, ffn: FrozenFFN) -> None:
         super().__init__()
-        if (mlp is None) == (up is None or down is None):
-            raise ValueError("PackedFFN: give either a gated `mlp` or a classic `up` and `down`")
-        self.base_mlp, self.base_up, self.base_down = mlp, up, down
-        self.act = act
+        self.base_mlp, self.base_up, self.base_down = ffn.mlp, ffn.up, ffn.down
+        self.act = ffn.act
         self.slots = nn.ModuleDict()
         self.layout = layout
 
-    def build_block(
-        self, config: MoELoRAConfig, *, num_experts: int, context: RoutingContext, layer_seed: int
-    ) -> MoELoRABlock:
-        """The block ``inject_adapter`` would build here for ``config``, around these frozen
-        projections, on their device and in this site's mode (not yet attached)."""
-        kwargs = dict(num_experts=num_experts, act=self.act, context=context, layer_seed=layer_seed)
-        if self.base_mlp is not None:
-            block: MoELoRABlock = MoELoRAMLP(self.base_mlp, config, **kwargs)
-        else:
-            block = MoELoRAFFN(self.base_up, self.base_down, config, **kwargs)
-        first = self.base_mlp.gate_proj if self.base_mlp is not None else self.base_up
-        device = first.weight.device
-        return block.to(device=device).train(self.training)
+    @property
+    def frozen(self) -> FrozenFFN:
+        """The frozen modules a slot's block wraps here (``graphlora.inject.build_adapter``)."""
+        return FrozenFFN(self.act, self.base_mlp, self.base_up, self.base_down)
 
     def _frozen_ffn(self, x: torch.Tensor) -> torch.Tensor:
         if self.base_mlp is not None:
@@ -348,33 +321,16 @@ class Pack:
         _check_slot_id(slot)
         if slot in self._configs:
             raise ValueError(f"slot {slot!r}: already in the pack; remove it first or pick an id")
-        targets = select_target_layers(len(self._ffns), config.target_layers)
-        if config.attention_lora:
-            for layer in targets:  # refuse before building anything
-                if not self._attention[layer]:
-                    raise UnsupportedModelError(
-                        f"slot {slot!r}: attention_lora is on but FFN layer {layer} has no "
-                        "attention projections the adapter knows; set attention_lora: false to "
-                        "adapt the FFNs only"
-                    )
-        context = RoutingContext()
-        built: list[tuple[nn.ModuleDict, nn.Module]] = []
-        for pos, layer in enumerate(targets):  # the order inject_adapter draws initial weights in
-            site = self._ffns[layer]
-            block = site.build_block(
-                config,
-                num_experts=config.experts_for(pos, len(targets)),
-                context=context,
-                layer_seed=layer,
-            )
-            built.append((site.slots, block))
-            if config.attention_lora:
-                for proj in self._attention[layer]:
-                    lora = LoRALinear(proj.base_layer, config.rank, config.alpha, config.dropout)
-                    device = proj.base_layer.weight.device
-                    built.append((proj.slots, lora.to(device=device).train(proj.training)))
-        for slots, module in built:
-            slots[slot] = module
+        context, layers = build_adapter(
+            config,
+            [site.frozen for site in self._ffns],
+            [[proj.base_layer for proj in layer] for layer in self._attention],
+            where=f"slot {slot!r}",
+        )
+        for layer, (block, loras) in layers.items():
+            self._ffns[layer].slots[slot] = block
+            for proj, lora in zip(self._attention[layer], loras, strict=False):
+                proj.slots[slot] = lora  # (no LoRAs without attention_lora)
         self._configs[slot] = config
         self._contexts[slot] = context
         self._views[slot] = view = self._build_view(slot)
@@ -589,18 +545,9 @@ def inject_packed(
     attention = [attention_projections(model, site) for site in sites]
     pack = Pack(model)
     for site, projections in zip(sites, attention, strict=True):
-        if site.classic is None:
-            mlp = model.get_submodule(site.owner)
-            packed = PackedFFN(pack._layout, ffn_activation(mlp, model), mlp=mlp)
-            replaced, training = site.owner, mlp.training
-        else:
-            up, act, down = (join_path(site.owner, p) for p in site.classic)
-            up_mod, down_mod = model.get_submodule(up), model.get_submodule(down)
-            packed = PackedFFN(pack._layout, lookup(model, act), up=up_mod, down=down_mod)
-            replaced, training = up, up_mod.training
-            replace_module(model, act, PassThrough(up).train(training))
-            replace_module(model, down, PassThrough(up).train(training))
-        replace_module(model, replaced, packed.train(training))
+        ffn = frozen_ffn(model, site)
+        packed = PackedFFN(pack._layout, ffn).train(ffn.module.training)
+        replace_ffn(model, site, packed)
         pack._ffns.append(packed)
         wrapped = []
         for proj in projections:

@@ -9,11 +9,13 @@ refused with an error that lists what is supported.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from graphlora.moe import MoELoRABlock, is_projection
+from graphlora.moe import MoELoRABlock, PassThrough, is_projection
 
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 CLASSIC_FFNS = (
@@ -167,6 +169,48 @@ def _attention_in(model: nn.Module, layer_name: str) -> list[str]:
             if all(is_projection(lookup(child, p)) for p in layout):
                 return [join_path(layer_name, child_name, p) for p in layout]
     return []
+
+
+@dataclass(frozen=True)
+class FrozenFFN:
+    """The frozen modules of one FFN site, which an MoE-LoRA block wraps: a gated ``mlp``, or a
+    classic FFN's ``up`` and ``down`` projections; ``act`` is the activation between them."""
+
+    act: Callable[[torch.Tensor], torch.Tensor]
+    mlp: nn.Module | None = None
+    up: nn.Module | None = None
+    down: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The module a block takes the place of (``replace_ffn``): the gated MLP, or ``up``."""
+        return self.mlp if self.mlp is not None else self.up
+
+    @property
+    def device(self) -> torch.device:
+        return (self.mlp.gate_proj if self.mlp is not None else self.up).weight.device
+
+
+def frozen_ffn(model: nn.Module, site: FFNSite) -> FrozenFFN:
+    """The frozen modules of ``site`` (read before ``replace_ffn`` changes them)."""
+    if site.classic is None:
+        mlp = model.get_submodule(site.owner)
+        return FrozenFFN(ffn_activation(mlp, model), mlp=mlp)
+    up, act, down = (join_path(site.owner, p) for p in site.classic)
+    return FrozenFFN(lookup(model, act), up=model.get_submodule(up), down=model.get_submodule(down))
+
+
+def replace_ffn(model: nn.Module, site: FFNSite, new: nn.Module) -> None:
+    """Put ``new``, which returns what the FFN at ``site`` returns, in its place: in place of a
+    gated MLP, or of a classic FFN's up projection, whose activation and down projection become
+    ``PassThrough`` (what the model does after them, dropout, residual, LayerNorm, stays)."""
+    if site.classic is None:
+        replace_module(model, site.owner, new)
+        return
+    up, act, down = (join_path(site.owner, p) for p in site.classic)
+    replace_module(model, act, PassThrough(up).train(new.training))
+    replace_module(model, down, PassThrough(up).train(new.training))
+    replace_module(model, up, new)
 
 
 def attention_projections(model: nn.Module, site: FFNSite) -> list[str]:
