@@ -56,16 +56,12 @@ def run_training(
     Args:
         train_cfg: run settings.
         adapter_cfg: the adapter.
-        on_eval: called on every rank after each evaluation with ``(step, metrics)``; returning
-            True stops the run (the decision is all-reduced, so ranks stop together).
-        on_step: called on every rank after each optimizer step with ``(step, adapter)``, the
-            run's adapter (``Pack.adapter``: its modules under the names of the model's).
+        on_eval, on_step, checkpoint, resume_from: as ``PackedTrainer.add``'s:
+            ``on_eval(step, metrics)`` after each evaluation (True stops the run on every rank),
+            ``on_step(step, adapter)`` after each optimizer step, ``checkpoint`` gives
+            ``on_eval`` a temporary checkpoint folder as a third argument (rank 0; None
+            elsewhere), ``resume_from`` continues from one (same adapter and settings).
         data: pre-loaded splits (else loaded from ``train_cfg.dataset``).
-        checkpoint: after each evaluation, rank 0 writes the full training state to a temporary
-            folder (``graphlora.checkpoint``) and passes it to ``on_eval`` as a third argument
-            (other ranks get None); the folder is deleted when ``on_eval`` returns.
-        resume_from: a checkpoint folder to continue from (same adapter and training settings);
-            the run goes on from its step with the same data order and learning rates.
 
     Returns:
         Final flat metrics: ``val_accuracy``, ``val_loss``, ``best_val_accuracy``,
