@@ -5,15 +5,14 @@ A plain PyTorch library: it never imports ray, mlflow or optuna (``pipelines/`` 
 
 from __future__ import annotations
 
+from graphlora.adapter_io import load_adapter, save_adapter
 from graphlora.config import METHOD_PRESETS, MoELoRAConfig
 from graphlora.inject import (
     count_trainable_parameters,
     inject_adapter,
-    load_adapter,
     reset_load_state,
     routing_health,
     routing_stats,
-    save_adapter,
 )
 
 __version__ = "0.1.0"

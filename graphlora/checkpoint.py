@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from graphlora.inject import load_adapter_weights, moe_blocks, read_adapter_config, save_adapter
+from graphlora.adapter_io import load_adapter_weights, read_adapter_config, save_adapter
+from graphlora.inject import moe_blocks
 
 STATE_NAME = "training_state.pt"
 STATE_FORMAT = 1

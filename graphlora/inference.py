@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from graphlora.adapter_io import CONFIG_NAME, load_adapter, read_adapter_config
 from graphlora.data import Example, mc_example
 from graphlora.encoder import is_encoder_model
 from graphlora.evaluate import (
@@ -45,7 +46,6 @@ from graphlora.evaluate import (
     score_examples,
     score_options,
 )
-from graphlora.inject import CONFIG_NAME, load_adapter, read_adapter_config
 from graphlora.models import (
     PACKAGED_MODELS,
     ModelLoadError,

@@ -1,10 +1,10 @@
-"""Several training runs over one frozen base model at once: the packed trainer (docs/method.md,
+"""The training loop: one run, or several runs over one frozen base model at once (docs/method.md,
 "Packing several adapters over one base").
 
-A search trains many configurations over the same base. ``PackedTrainer`` loads the base once and
-trains P runs, the slots, side by side (``graphlora.packing``): each step is one forward and one
-backward of the base over the packed batch, the slots' rows concatenated. Every slot keeps what
-``run_training`` keeps for a run (``graphlora.run.RunState``): its optimizer and learning-rate
+``PackedTrainer`` loads the base once and trains its runs, the slots, side by side
+(``graphlora.packing``): each step is one forward and one backward of the base over the packed
+batch, the slots' rows concatenated. ``run_training`` (``graphlora.train``) is a trainer of one
+slot. Every slot keeps its own ``graphlora.run.RunState``: its optimizer and learning-rate
 schedule, its data order, its dropout generator, its evaluation schedule, its metrics, its
 checkpoints. A slot's loss is its rows' task loss plus its own weighted auxiliary loss; the
 slots' parameters are disjoint and the base is frozen, so the backward of the sum gives each slot
@@ -31,13 +31,16 @@ base's hidden states by float rounding (about 1e-7), enough to flip a near-tie i
 the slots' rows are padded to the widest slot's width in each step, so slots match their runs
 alone to 1e-5 where their batches have the same width (the ``synthetic`` task's do).
 
-Data parallelism packs too: on several ``torch.distributed`` ranks, each rank trains its shard of
-every slot's batch and the slots' gradients are averaged in one all-reduce per step, so a slot
-equals ``run_training`` of its configuration on as many ranks.
+Data parallelism packs too: on several ``torch.distributed`` ranks (initialised by Ray Train,
+torchrun or the caller), each rank trains its shard of every slot's batch and the slots' gradients
+are averaged in one all-reduce per step (the adapters are small, and top-k routing can leave an
+expert unused on one rank, which DDP's bucketed reducer does not allow); evaluation counts are
+summed over the ranks, so every rank reports the same metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -52,12 +55,14 @@ from torch import nn
 
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DatasetSplits, Example, load_task
-from graphlora.evaluate import EvalResult, head_at, pad_batch
+from graphlora.encoder import HEAD_ATTR, attach_head, option_forward, option_loss
+from graphlora.evaluate import EvalResult, pad_batch
 from graphlora.models import load_model_and_tokenizer
 from graphlora.packing import inject_packed
 from graphlora.run import (
     NonFiniteLossError,
     OnEval,
+    OnStep,
     RunState,
     TrainConfig,
     all_reduce_sum,
@@ -65,13 +70,14 @@ from graphlora.run import (
     dropout_generator,
     encode_train,
     evaluate_sharded,
-    labelled_positions,
+    labelled_forward,
     log_rank0,
     micro_batch,
     non_finite_message,
     pick_device,
     rank_and_world,
     run_shape,
+    seed_everything,
 )
 
 __all__ = [
@@ -124,6 +130,7 @@ class _Slot:
     run: RunState
     metadata: dict = field(default_factory=dict)
     on_eval: OnEval | None = None
+    on_step: OnStep | None = None
     checkpoint: bool = False
 
 
@@ -176,23 +183,41 @@ def packing_problem(model: str, *, revision: str | None = None) -> str | None:
     return None
 
 
+def _check_options(dataset: str, data: DatasetSplits) -> None:
+    """An encoder scores option texts: refuse a task whose examples list none (BoolQ)."""
+    for split in ("train", "validation", "test"):
+        for i, ex in enumerate(getattr(data, split)):
+            if not ex.options or ex.question is None:
+                raise ValueError(
+                    f"dataset {dataset!r}: {split} example {i} has no option texts, which an "
+                    "encoder scores; use a task that lists its options (ARC, OBQA, SIQA, PIQA, "
+                    "WinoGrande) or a decoder model"
+                )
+
+
 class PackedTrainer:
-    """Trains several runs (slots) over one frozen base model, one packed forward and backward
-    per step; each slot computes what ``run_training`` computes for its configuration alone.
+    """Trains runs (slots) over one frozen base model, one packed forward and backward per step;
+    each slot computes what ``run_training`` computes for its configuration alone.
 
     Args:
         base: settings of the base model and the data (``SHARED_FIELDS``); every slot's
             ``TrainConfig`` must agree with it there. Its other fields are not used.
         data: pre-loaded splits (else loaded from ``base.dataset``).
         base_dropout_off: run the base model with its own dropout off (in eval mode, while the
-            slots' adapters train). Required for a base that has dropout (GPT-2, OPT, BERT): drawn
-            from torch's global RNG over the packed batch, it would make each slot depend on the
-            others. Each slot then equals its configuration trained alone with the base's dropout
-            off, which ``run_training`` does not do.
+            slots' adapters train). Required for a base that has dropout (GPT-2, OPT, BERT) in a
+            trainer of several slots: drawn from torch's global RNG over the packed batch, it
+            would make each slot depend on the others. Each slot then equals its configuration
+            trained alone with the base's dropout off, which ``run_training`` does not do.
+        single: a trainer of one slot at a time (``run_training``'s). It also trains what
+            cannot be packed: an encoder (MiniLM, BERT), through a scoring head trained and saved
+            with the adapter (``graphlora.encoder``), on tasks that list option texts; and a base
+            with dropout of its own, which draws from torch's global RNG, seeded with the run's
+            seed when the slot is added.
 
     Raises:
-        ValueError: the base is an encoder, has dropout and ``base_dropout_off`` is False, or
-            the data lack a train or validation split.
+        ValueError: the base is an encoder or has dropout (without ``base_dropout_off``) and
+            ``single`` is False, an encoder's task lists no option texts, or the data lack a
+            train or validation split.
 
     Under ``torch.distributed`` (several ranks, as ``run_training`` runs them) every rank holds
     the same slots, added and stopped in the same order, and trains on its shard of each slot's
@@ -215,10 +240,11 @@ class PackedTrainer:
         data: DatasetSplits | None = None,
         *,
         base_dropout_off: bool = False,
+        single: bool = False,
     ) -> None:
         started = time.perf_counter()
         self.rank, self.world = rank_and_world()
-        self.base = base
+        self.base, self.single = base, single
         self.device = pick_device(base.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -231,13 +257,16 @@ class PackedTrainer:
         model, self.tokenizer, self.info = load_model_and_tokenizer(
             base.model, revision=base.model_revision, dtype=base.dtype
         )
-        if self.info.architecture == "encoder":
+        self.encoder = self.info.architecture == "encoder"
+        if self.encoder and not single:
             raise ValueError(
                 f"model {base.model!r}: an encoder trains through a scoring head, which cannot be "
                 "packed; train it with run_training, or pack a decoder (causal LM)"
             )
+        if self.encoder:
+            _check_options(base.dataset, self.data)
         dropout = base_dropout(model)
-        if dropout and not base_dropout_off:
+        if dropout and not base_dropout_off and not single:
             shown = ", ".join(dropout[:3]) + (
                 f" and {len(dropout) - 3} more" if len(dropout) > 3 else ""
             )
@@ -257,7 +286,12 @@ class PackedTrainer:
         self.pack = inject_packed(model)
         self.model = model.to(self.device)
         self._base_eval = base_dropout_off  # the base in eval mode, the slots' adapters training
-        self.encoded = encode_train(self.tokenizer, self.data.train, base)
+        # A decoder trains on tokenized prompt + answer; an encoder on the examples' texts.
+        self.encoded = (
+            list(self.data.train)
+            if self.encoder
+            else encode_train(self.tokenizer, self.data.train, base)
+        )
         self.micro, self.per_step = micro_batch(base, self.world)
         self.use_bf16 = bf16_enabled(base, self.device)
         pad = self.tokenizer.pad_token_id
@@ -281,36 +315,46 @@ class PackedTrainer:
         adapter_cfg: MoELoRAConfig,
         *,
         on_eval: OnEval | None = None,
+        on_step: OnStep | None = None,
         checkpoint: bool = False,
         resume_from: str | Path | None = None,
     ) -> None:
         """Add a run as slot ``slot``; it trains from the next ``step`` on. The other slots are
         untouched, whether they are at their first step or their last.
 
-        The run starts as ``run_training`` starts it: adapter weights drawn after seeding torch
-        with ``train_cfg.seed``, dropout generator and data order seeded with it, the step-0
-        evaluation if ``eval_at_start``.
+        The run starts as ``run_training`` starts it: adapter weights (and an encoder's scoring
+        head) drawn after seeding torch with ``train_cfg.seed``, dropout generator and data order
+        seeded with it, the step-0 evaluation if ``eval_at_start``. Torch's global RNG is left as
+        the caller had it, except in a ``single`` trainer, where the base's own dropout draws
+        from it: there Python's and torch's RNGs stay seeded with the run's seed.
 
         Args:
             slot: the slot's id, unique over the trainer's life (a trial id); see ``Pack.add``.
             train_cfg: the run's settings; ``SHARED_FIELDS`` must equal the trainer's.
             adapter_cfg: the run's adapter.
-            on_eval: as ``run_training``'s: called after each of this slot's evaluations with
+            on_eval: called on every rank after each of this slot's evaluations with
                 ``(step, metrics)`` (with ``checkpoint``: ``(step, metrics, state_dir)``);
-                returning True stops the slot, which then finishes (test split, ``output_dir``)
-                as ``run_training`` does when stopped.
-            checkpoint: after each evaluation write the slot's training state to a temporary
-                folder and pass it to ``on_eval`` (deleted when it returns).
+                returning True stops the slot (the ranks stop together), which then finishes
+                (test split, ``output_dir``) as at its last step.
+            on_step: called after each of this slot's optimizer steps with ``(step, adapter)``:
+                the slot's view (``Pack.adapter``: its modules, under the names of a model
+                carrying it alone).
+            checkpoint: after each evaluation rank 0 writes the slot's training state to a
+                temporary folder and passes it to ``on_eval`` (other ranks get None); the folder
+                is deleted when ``on_eval`` returns.
             resume_from: a checkpoint of the same configuration (``save_checkpoint``, or
                 ``run_training(checkpoint=True)``: the two are interchangeable) to continue from.
 
         Raises:
-            ValueError: the id is in use or was used, or a shared field differs.
+            ValueError: the id is in use or was used, a shared field differs, or a ``single``
+                trainer has a slot already.
             CheckpointError: ``resume_from`` is not a checkpoint of this configuration.
         """
         started = time.perf_counter()
         if slot in self._used:
             raise ValueError(f"slot {slot!r}: id already used in this trainer; pick another")
+        if self.single and self._slots:
+            raise ValueError(f"slot {slot!r}: this trainer trains one slot at a time (single)")
         for name in SHARED_FIELDS:
             mine, theirs = getattr(self.base, name), getattr(train_cfg, name)
             if mine != theirs:
@@ -319,14 +363,17 @@ class PackedTrainer:
                     f"({mine!r}); train it in a trainer of its own or alone (run_training)"
                 )
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # the caller's RNG is left as it was
-            torch.manual_seed(train_cfg.seed)  # the initial weights run_training draws
+        rng = contextlib.nullcontext() if self.single else torch.random.fork_rng(devices=devices)
+        with rng:
+            (seed_everything if self.single else torch.manual_seed)(train_cfg.seed)
             generator = dropout_generator(train_cfg.seed, self.device)
             self.pack.add(slot, adapter_cfg, generator=generator)
             try:
+                if self.encoder:  # scores option texts through a head trained with the adapter
+                    setattr(self.pack.adapter(slot), HEAD_ATTR, attach_head(self.model))
                 run = self._start(slot, train_cfg, generator, resume_from)
             except BaseException:
-                self.pack.remove(slot)
+                self._remove_modules(slot)
                 raise
         self._used.add(slot)
         self._slots[slot] = _Slot(
@@ -338,9 +385,11 @@ class PackedTrainer:
                 "run": run_shape(train_cfg, self.info.to_dict()),
             },
             on_eval=on_eval,
+            on_step=on_step,
             checkpoint=checkpoint,
         )
-        run.setup_time = time.perf_counter() - started
+        # A single trainer's run waited for the base model and the data too.
+        run.setup_time = time.perf_counter() - started + (self.setup_time if self.single else 0)
         log_rank0(
             f"[graphlora] slot {slot}: method {adapter_cfg.method}, {run.n_trainable:,} trainable "
             f"params, step {run.step}/{train_cfg.max_steps}; {len(self._slots)} slot(s) on "
@@ -366,12 +415,12 @@ class PackedTrainer:
         view = self.pack.adapter(slot)
         self._train_modes()
         self.pack.reset_load(slot)
-        run = RunState(
-            cfg, self.data, view, generator, evaluate, self.device, label=f"slot {slot}: "
-        )
+        label = "" if self.single else f"slot {slot}: "
+        run = RunState(cfg, self.data, view, generator, evaluate, self.device, label=label)
         if resume_from is not None:
             shape = run_shape(cfg, self.info.to_dict())
             run.load_checkpoint(resume_from, expect={"run": shape})
+            log_rank0(f"[graphlora] {label}resumed from {resume_from} at step {run.step}")
         if cfg.eval_at_start and run.step == 0:
             run.evaluate_at_start()
             self.pack.reset_load(slot)
@@ -430,19 +479,17 @@ class PackedTrainer:
             live = [s for s in active if s not in failed]
             if not live:
                 break
-            batches = {
-                s: pad_batch(
-                    [
-                        self.encoded[i]
-                        for i in indices[s][a * span : (a + 1) * span][self.rank :: self.world]
-                    ],
-                    self.pad,
-                    self.device,
-                )
-                for s in live
+            chunks = {
+                s: [self.encoded[i] for i in indices[s][a * span : (a + 1) * span]] for s in live
             }
+            chunks = {s: chunk[self.rank :: self.world] for s, chunk in chunks.items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-                outs = self._forward(batches)
+                if self.encoder:
+                    outs = {s: self._encoder_loss(s, chunk) for s, chunk in chunks.items()}
+                else:
+                    outs = self._forward(
+                        {s: pad_batch(c, self.pad, self.device) for s, c in chunks.items()}
+                    )
             for s in live:
                 if runs[s].cfg.inject_nan_at_step == runs[s].step + 1:
                     outs[s]["loss"] = outs[s]["loss"] * float("nan")
@@ -466,7 +513,7 @@ class PackedTrainer:
                 total.backward()  # disjoint parameters: each slot gets its own loss's gradients
         trained = [s for s in active if s not in failed]
         for s in trained:
-            for p in runs[s].params:  # as run_training: a parameter without a gradient steps on 0
+            for p in runs[s].params:  # a parameter without a gradient steps on 0
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         if self.world > 1:
@@ -482,6 +529,8 @@ class PackedTrainer:
                 )
                 ended.append(self._fail(s, error))
             else:
+                if self._slots[s].on_step is not None:
+                    self._slots[s].on_step(runs[s].step + 1, self.pack.adapter(s))
                 runs[s].end_step(step_loss[s].item(), self.per_step, seconds)
         for s in active:
             if s not in self._slots:  # failed above, or removed by an on_eval
@@ -504,7 +553,7 @@ class PackedTrainer:
         self, runs: Mapping[str, RunState], step_loss: dict[str, torch.Tensor]
     ) -> None:
         """Data parallelism: every slot's gradients and step loss averaged over the ranks, in one
-        all-reduce, as ``run_training`` averages a run's (same order, same float ops)."""
+        all-reduce."""
         params = [p for run in runs.values() for p in run.params]
         flat = torch.cat(
             [p.grad.reshape(-1).float() for p in params] + [step_loss[s].reshape(1) for s in runs]
@@ -518,22 +567,21 @@ class PackedTrainer:
             step_loss[s] = flat[offset + i]
 
     def _forward(self, batches: Mapping[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
-        """Each slot's loss on its rows (``_forward_loss``'s: mean cross-entropy of its labelled
-        tokens plus its weighted auxiliary loss) from one forward over the packed batch."""
+        """Each slot's loss on its rows (the mean cross-entropy of its labelled tokens plus its
+        weighted auxiliary loss) from one forward over the packed batch."""
         width = max(b["input_ids"].shape[1] for b in batches.values())
         fill = {"input_ids": self.pad, "attention_mask": 0, "labels": -100}
         packed = {
             key: torch.cat([_widen(b[key], width, value) for b in batches.values()])
             for key, value in fill.items()
         }
-        target, keep, select = labelled_positions(packed["labels"])
         rows = {s: b["input_ids"].shape[0] for s, b in batches.items()}
-        with self.pack.layout(rows), head_at(self.model, select):
-            out = self.model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"])
-        # The head ran on the selected positions in row order: each slot's tokens in one run.
-        counts = torch.stack([k.sum() for k in keep.split(list(rows.values()))]).tolist()
-        logits = out.logits.split(counts)
-        targets = target[keep].split(counts)
+        with self.pack.layout(rows):
+            out, target = labelled_forward(self.model, packed)
+        # The head ran on the labelled positions in row order: each slot's tokens in one run.
+        counts = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches.values()])
+        logits = out.logits.split(counts.tolist())
+        targets = target.split(counts.tolist())
         aux_loss = out.get("slot_aux_loss") or {}
         aux_losses = out.get("slot_aux_losses") or {}
         result = {}
@@ -543,6 +591,17 @@ class PackedTrainer:
             loss = task if aux is None else task + aux.to(task.dtype)
             result[slot] = {"loss": loss, "task_loss": task, "aux_losses": aux_losses.get(slot)}
         return result
+
+    def _encoder_loss(self, slot: str, examples: list[Example]) -> dict:
+        """An encoder's loss on a micro-batch: the cross-entropy of the scoring head's option
+        logits plus the adapter's weighted auxiliary loss (``graphlora.encoder``)."""
+        with self.pack.alone(slot):
+            logits, aux = option_forward(
+                self.model, self.tokenizer, examples, max_length=self.base.max_length
+            )
+        task = option_loss(logits, [ex.label for ex in examples])
+        loss = task if "aux_loss" not in aux else task + aux["aux_loss"].to(task.dtype)
+        return {"loss": loss, "task_loss": task, "aux_losses": aux.get("aux_losses")}
 
     def _evaluate(self, slot: str) -> bool:
         """``slot``'s evaluation after its step, its checkpoint and ``on_eval``; True: stop."""
@@ -585,8 +644,13 @@ class PackedTrainer:
         return self.results[slot]
 
     def _drop(self, slot: str) -> None:
-        self.pack.remove(slot)
+        self._remove_modules(slot)
         del self._slots[slot]
+
+    def _remove_modules(self, slot: str) -> None:
+        self.pack.remove(slot)
+        if self.encoder:  # the slot's scoring head
+            delattr(self.model, HEAD_ATTR)
 
     def _train_modes(self) -> None:
         """Training mode for the slots' adapters; the base too unless its dropout is off."""

@@ -2,10 +2,11 @@
 adapters over one base").
 
 ``inject_packed`` puts P adapters, the slots, into one base model. Every FFN site becomes a
-``PackedFFN`` holding one MoE-LoRA block per slot that targets it, built as ``inject_adapter``
-builds it for that slot's config (the same classes of ``graphlora.moe``, around the same frozen
-projections, not copies); every attention projection becomes a ``PackedLoRALinear`` holding one
-``LoRALinear`` per slot with ``attention_lora``. Slots may differ in every adapter field.
+``PackedFFN`` holding, in a ``ModuleDict`` keyed by slot id, the MoE-LoRA block of each slot
+that targets it, and every attention projection a ``PackedLoRALinear`` holding each slot's
+``LoRALinear`` (with ``attention_lora``): the modules ``inject_adapter`` puts in a model for the
+same config, built by the same ``graphlora.inject.build_adapter`` around the same frozen
+projections (not copies). Slots may differ in every adapter field.
 
 A packed batch is the concatenation, along the batch dimension, of each slot's rows; the pack
 says which contiguous rows are whose (``Pack.layout``). An attention projection runs its frozen
@@ -17,13 +18,14 @@ Each slot keeps what an adapter alone keeps: its own ``RoutingContext`` (its row
 mask), cumulative load, routing counts, auxiliary losses weighted with its own coefficients, and
 a dropout generator of its own (``GeneratorDropout``), so what a slot computes does not depend
 on the other slots. ``Pack.adapter(slot)`` presents a slot as an ordinary adapter model, with the
-names a model carrying only that adapter would have: ``graphlora.inject``'s functions
-(``save_adapter``, ``adapter_state_dict``, ``routing_stats``, ``reset_load_state``...) work on it.
+names a model carrying only that adapter would have: the functions of ``graphlora.inject``
+(``routing_stats``, ``reset_load_state``...) and ``graphlora.adapter_io`` (``save_adapter``,
+``adapter_state_dict``...) work on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,35 +33,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphlora.config import MoELoRAConfig
-from graphlora.inject import (
-    ADAPTER_MARKERS,
-    UnsupportedModelError,
-    _activation,
-    _attention_of,
-    _join,
-    _lookup,
-    _replace_module,
+from graphlora.adapter_io import (
     adapter_state_dict,
-    collect_aux_losses,
-    is_adapter_name,
     load_adapter_state_dict,
     load_adapter_weights,
     read_adapter_config,
-    require_ffns,
+    save_adapter,
+)
+from graphlora.config import MoELoRAConfig
+from graphlora.inject import (
+    ADAPTER_MARKERS,
+    build_adapter,
+    collect_aux_losses,
+    is_adapter_name,
     reset_load_state,
     routing_counts,
-    save_adapter,
-    select_target_layers,
 )
 from graphlora.losses import weighted_aux_loss
-from graphlora.moe import (
-    LoRALinear,
-    MoELoRABlock,
-    MoELoRAFFN,
-    MoELoRAMLP,
-    PassThrough,
-    RoutingContext,
+from graphlora.moe import LoRALinear, MoELoRABlock, RoutingContext
+from graphlora.structure import (
+    FrozenFFN,
+    attention_projections,
+    frozen_ffn,
+    replace_ffn,
+    replace_module,
+    require_ffns,
 )
 
 __all__ = [
@@ -200,40 +198,20 @@ class PackedFFN(nn.Module):
     """One FFN site shared by the slots: each slot's MoE-LoRA block runs on that slot's rows (a
     slot without a block here gets the frozen FFN), so the frozen work totals one pass.
 
-    Stands where ``inject_adapter`` puts its block: in place of a gated MLP, or of a classic FFN's
-    up projection (whose activation and down projection become ``PassThrough``).
+    Stands where ``inject_adapter`` puts its block (``graphlora.structure.replace_ffn``).
     """
 
-    def __init__(
-        self,
-        layout: PackLayout,
-        act: Callable[[torch.Tensor], torch.Tensor],
-        *,
-        mlp: nn.Module | None = None,
-        up: nn.Module | None = None,
-        down: nn.Module | None = None,
-    ) -> None:
+    def __init__(self, layout: PackLayout, ffn: FrozenFFN) -> None:
         super().__init__()
-        if (mlp is None) == (up is None or down is None):
-            raise ValueError("PackedFFN: give either a gated `mlp` or a classic `up` and `down`")
-        self.base_mlp, self.base_up, self.base_down = mlp, up, down
-        self.act = act
+        self.base_mlp, self.base_up, self.base_down = ffn.mlp, ffn.up, ffn.down
+        self.act = ffn.act
         self.slots = nn.ModuleDict()
         self.layout = layout
 
-    def build_block(
-        self, config: MoELoRAConfig, *, num_experts: int, context: RoutingContext, layer_seed: int
-    ) -> MoELoRABlock:
-        """The block ``inject_adapter`` would build here for ``config``, around these frozen
-        projections, on their device and in this site's mode (not yet attached)."""
-        kwargs = dict(num_experts=num_experts, act=self.act, context=context, layer_seed=layer_seed)
-        if self.base_mlp is not None:
-            block: MoELoRABlock = MoELoRAMLP(self.base_mlp, config, **kwargs)
-        else:
-            block = MoELoRAFFN(self.base_up, self.base_down, config, **kwargs)
-        first = self.base_mlp.gate_proj if self.base_mlp is not None else self.base_up
-        device = first.weight.device
-        return block.to(device=device).train(self.training)
+    @property
+    def frozen(self) -> FrozenFFN:
+        """The frozen modules a slot's block wraps here (``graphlora.inject.build_adapter``)."""
+        return FrozenFFN(self.act, self.base_mlp, self.base_up, self.base_down)
 
     def _frozen_ffn(self, x: torch.Tensor) -> torch.Tensor:
         if self.base_mlp is not None:
@@ -343,33 +321,16 @@ class Pack:
         _check_slot_id(slot)
         if slot in self._configs:
             raise ValueError(f"slot {slot!r}: already in the pack; remove it first or pick an id")
-        targets = select_target_layers(len(self._ffns), config.target_layers)
-        if config.attention_lora:
-            for layer in targets:  # refuse before building anything
-                if not self._attention[layer]:
-                    raise UnsupportedModelError(
-                        f"slot {slot!r}: attention_lora is on but FFN layer {layer} has no "
-                        "attention projections the adapter knows; set attention_lora: false to "
-                        "adapt the FFNs only"
-                    )
-        context = RoutingContext()
-        built: list[tuple[nn.ModuleDict, nn.Module]] = []
-        for pos, layer in enumerate(targets):  # the order inject_adapter draws initial weights in
-            site = self._ffns[layer]
-            block = site.build_block(
-                config,
-                num_experts=config.experts_for(pos, len(targets)),
-                context=context,
-                layer_seed=layer,
-            )
-            built.append((site.slots, block))
-            if config.attention_lora:
-                for proj in self._attention[layer]:
-                    lora = LoRALinear(proj.base_layer, config.rank, config.alpha, config.dropout)
-                    device = proj.base_layer.weight.device
-                    built.append((proj.slots, lora.to(device=device).train(proj.training)))
-        for slots, module in built:
-            slots[slot] = module
+        context, layers = build_adapter(
+            config,
+            [site.frozen for site in self._ffns],
+            [[proj.base_layer for proj in layer] for layer in self._attention],
+            where=f"slot {slot!r}",
+        )
+        for layer, (block, loras) in layers.items():
+            self._ffns[layer].slots[slot] = block
+            for proj, lora in zip(self._attention[layer], loras, strict=False):
+                proj.slots[slot] = lora  # (no LoRAs without attention_lora)
         self._configs[slot] = config
         self._contexts[slot] = context
         self._views[slot] = view = self._build_view(slot)
@@ -418,7 +379,9 @@ class Pack:
     def alone(self, slot: str) -> Iterator[Pack]:
         """Within this block every row of any batch is ``slot``'s, whatever the batch size (the
         prompt and candidate passes of an evaluation differ): the model computes what ``slot``'s
-        adapter alone computes, and the other slots compute nothing."""
+        adapter alone computes, and the other slots compute nothing. The output of a training
+        forward carries ``slot``'s ``aux_losses`` and ``aux_loss`` as that adapter's model alone
+        does (``graphlora.inject``), besides ``slot_aux_losses`` and ``slot_aux_loss``."""
         with self.layout({slot: 1}):  # split in proportion, one slot takes every row
             yield self
 
@@ -432,8 +395,8 @@ class Pack:
     def adapter(self, slot: str) -> nn.Module:
         """``slot`` as an ordinary adapter model: a module holding the slot's blocks and LoRAs
         under the names a model carrying only that adapter has, and ``graphlora_config``. It
-        shares the pack's modules (not copies); use it with ``graphlora.inject``'s functions, not
-        for a forward pass."""
+        shares the pack's modules (not copies); use it with the functions of ``graphlora.inject``
+        and ``graphlora.adapter_io``, not for a forward pass."""
         return self._views[self._known(slot)]
 
     def parameters(self, slot: str) -> list[nn.Parameter]:
@@ -453,7 +416,7 @@ class Pack:
     def save_adapter(
         self, slot: str, path: str | Path, metadata: dict[str, Any] | None = None
     ) -> Path:
-        """Save ``slot`` as an ordinary adapter folder (``graphlora.inject.save_adapter``), which
+        """Save ``slot`` as an ordinary adapter folder (``adapter_io.save_adapter``), which
         ``load_adapter`` injects into a fresh base model."""
         return save_adapter(self.adapter(slot), path, metadata)
 
@@ -536,6 +499,10 @@ class Pack:
         if aux:
             output["slot_aux_losses"] = aux
             output["slot_aux_loss"] = {s: self.weighted_aux_loss(s, a) for s, a in aux.items()}
+        rows = self._layout.rows or []
+        if len(rows) == 1 and rows[0][0] in aux:  # one slot's batch: as its adapter alone
+            output["aux_losses"] = aux[rows[0][0]]
+            output["aux_loss"] = output["slot_aux_loss"][rows[0][0]]
         return output
 
 
@@ -574,27 +541,19 @@ def inject_packed(
     if getattr(model, "graphlora_pack", None) is not None:
         raise ValueError("this model is already packed; add slots with model.graphlora_pack.add")
     sites = require_ffns(model)
-    attention = [_attention_of(model, site) for site in sites]  # before anything is replaced
+    # Found before anything is replaced:
+    attention = [attention_projections(model, site) for site in sites]
     pack = Pack(model)
     for site, projections in zip(sites, attention, strict=True):
-        if site.classic is None:
-            mlp = model.get_submodule(site.owner)
-            packed = PackedFFN(pack._layout, _activation(mlp, model), mlp=mlp)
-            replaced, training = site.owner, mlp.training
-        else:
-            up, act, down = (_join(site.owner, p) for p in site.classic)
-            up_mod, down_mod = model.get_submodule(up), model.get_submodule(down)
-            packed = PackedFFN(pack._layout, _lookup(model, act), up=up_mod, down=down_mod)
-            replaced, training = up, up_mod.training
-            _replace_module(model, act, PassThrough(up).train(training))
-            _replace_module(model, down, PassThrough(up).train(training))
-        _replace_module(model, replaced, packed.train(training))
+        ffn = frozen_ffn(model, site)
+        packed = PackedFFN(pack._layout, ffn).train(ffn.module.training)
+        replace_ffn(model, site, packed)
         pack._ffns.append(packed)
         wrapped = []
         for proj in projections:
             base = model.get_submodule(proj)
             wrapped.append(PackedLoRALinear(base, pack._layout).train(base.training))
-            _replace_module(model, proj, wrapped[-1])
+            replace_module(model, proj, wrapped[-1])
         pack._attention.append(wrapped)
     for param in model.parameters():
         param.requires_grad_(False)

@@ -1,9 +1,9 @@
-"""One training run's parts, shared by ``graphlora.train.run_training`` (one run, alone or under
-DDP) and ``graphlora.packed_train.PackedTrainer`` (several runs packed over one frozen base): its
-settings (``TrainConfig``), the state it keeps besides the model (``RunState``: optimizer and
-learning-rate schedule, data order, dropout generator, evaluations, checkpoints), and the small
-steps both loops take the same way (sharded evaluation, micro-batch sizes, the NaN message, what a
-checkpoint must agree on), so a packed slot computes what the same run computes alone.
+"""One training run's parts, for the training loop (``graphlora.packed_train.PackedTrainer``,
+which trains one run for ``graphlora.train.run_training`` and several packed over one frozen base
+for a search): its settings (``TrainConfig``), the state it keeps besides the model
+(``RunState``: optimizer and learning-rate schedule, data order, dropout generator, evaluations,
+checkpoints), and the small steps of a training step (sharded evaluation, micro-batch sizes, the
+labelled-positions forward, the NaN message, what a checkpoint must agree on).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from graphlora.checkpoint import load_training_state, save_training_state
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DatasetSplits, Example
-from graphlora.evaluate import EvalResult, encode_pair, evaluate_examples
+from graphlora.evaluate import EvalResult, encode_pair, evaluate_examples, head_at
 from graphlora.inject import (
     count_trainable_parameters,
     gcn_hidden_used,
@@ -37,9 +37,10 @@ from graphlora.inject import (
     routing_stats,
 )
 
-# on_eval(step, metrics) -> stop?; with run_training(checkpoint=True): on_eval(step, metrics,
-# state_dir), state_dir a temporary checkpoint folder on rank 0 (None on other ranks).
+# on_eval(step, metrics) -> stop?; with checkpoint=True: on_eval(step, metrics, state_dir),
+# state_dir a temporary checkpoint folder on rank 0 (None on other ranks).
 OnEval = Callable[..., "bool | None"]
+# on_step(step, adapter) after each optimizer step; adapter: the run's (PackedTrainer.add).
 OnStep = Callable[[int, torch.nn.Module], None]
 
 
@@ -203,7 +204,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# pieces of a step, shared by both loops
+# pieces of a step
 
 
 def encode_train(tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa: ANN001, ANN202
@@ -217,13 +218,20 @@ def encode_train(tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa:
     return out
 
 
-def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a causal LM's (B, S) ``labels`` (-100: no label): ``(target, keep, select)``, the
-    next-token targets (B, S-1), which of them are labelled, and the (B, S) positions whose
-    output predicts a label (where ``head_at`` runs the output head)."""
-    target = labels[:, 1:]
+def labelled_forward(model, batch: dict[str, torch.Tensor]):  # noqa: ANN001, ANN201
+    """A causal LM's forward over ``batch`` whose output head runs only where a label (not -100)
+    is predicted (``head_at``): no (B, S, vocab) logits tensor.
+
+    Returns:
+        ``(output, target)``: the output, whose ``logits`` are (labelled tokens, vocab) in
+        row-major order, and those tokens' next-token targets (labelled tokens,).
+    """
+    target = batch["labels"][:, 1:]  # (B, S-1)
     keep = target != -100
-    return target, keep, torch.nn.functional.pad(keep, (0, 1), value=False)
+    select = torch.nn.functional.pad(keep, (0, 1), value=False)  # (B, S): predicts a label
+    with head_at(model, select):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out, target[keep]
 
 
 def bf16_enabled(cfg: TrainConfig, device: torch.device) -> bool:
@@ -279,7 +287,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def dropout_generator(seed: int, device: torch.device) -> torch.Generator:
     """The generator a run's LoRA dropout draws from (``use_generator_dropout``), seeded from the
-    run's seed alone: a run draws the same masks alone and as a packed slot
+    run's seed alone: a run draws the same masks alone and packed with others
     (``graphlora.packed_train``), whatever else draws from torch's global RNG."""
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -306,8 +314,8 @@ class DataOrder:
 class RunState:
     """What one training run keeps besides its model: its optimizer and learning-rate schedule,
     data order, dropout generator, counters, evaluations and the metrics they report, and its
-    checkpoints. ``run_training`` keeps one; so does each slot of a packed trainer
-    (``graphlora.packed_train``), so a slot reports what the same run alone reports.
+    checkpoints. Each slot of the trainer (``graphlora.packed_train``) keeps one, so a slot
+    reports what the same run alone reports.
 
     Args:
         cfg: the run's settings.

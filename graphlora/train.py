@@ -1,10 +1,10 @@
 """One fine-tuning run: dataset + base model + adapter -> accuracy (works alone and under DDP).
 
-``run_training`` is what every Ray Train worker of a search calls. Under ``torch.distributed``
+``run_training`` is what every Ray Train worker of a search calls: a run is the one slot of a
+``graphlora.packed_train.PackedTrainer``, the training loop. Under ``torch.distributed``
 (initialised by Ray Train, torchrun or the caller) each rank trains on its shard of every batch,
-adapter gradients are averaged with one all-reduce per step (the adapter is small, and top-k
-routing can leave an expert unused on one rank, which DDP's bucketed reducer does not allow), and
-evaluation counts are all-reduced so every rank reports the same metrics.
+adapter gradients are averaged with one all-reduce per step, and evaluation counts are summed
+so every rank reports the same metrics.
 
 Command line (no Ray)::
 
@@ -16,43 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from graphlora.config import METHOD_PRESETS, MoELoRAConfig
-from graphlora.data import DatasetSplits, Example, load_task
-from graphlora.encoder import attach_head, option_forward, option_loss
-from graphlora.evaluate import EvalResult, head_at, pad_batch
-from graphlora.inject import inject_adapter, reset_load_state, save_adapter
-from graphlora.models import adapter_defaults, load_model_and_tokenizer, training_defaults
-from graphlora.packing import use_generator_dropout
-from graphlora.run import (
-    NonFiniteLossError,
-    OnEval,
-    OnStep,
-    RunState,
-    TrainConfig,
-    all_reduce_sum,
-    bf16_enabled,
-    dropout_generator,
-    encode_train,
-    evaluate_sharded,
-    labelled_positions,
-    log_rank0,
-    micro_batch,
-    non_finite_message,
-    pick_device,
-    rank_and_world,
-    run_shape,
-    seed_everything,
-)
+from graphlora.data import DatasetSplits, load_task
+from graphlora.models import adapter_defaults, training_defaults
+from graphlora.packed_train import PackedTrainer
+from graphlora.run import NonFiniteLossError, OnEval, OnStep, TrainConfig, log_rank0
 
 __all__ = [
     "NonFiniteLossError",
@@ -63,43 +36,6 @@ __all__ = [
     "run_training",
     "summarize_seeds",
 ]
-
-
-def _forward_loss(model, batch: dict[str, torch.Tensor]):  # noqa: ANN001, ANN202
-    """``model(**batch)`` with the same ``loss`` (mean cross-entropy of the labelled tokens, plus
-    the adapter's auxiliary loss), but the output head runs only where a label is predicted: no
-    (batch, length, vocab) logits tensor. ``logits`` come out as (labelled tokens, vocab)."""
-    if model.get_output_embeddings() is None:
-        return model(**batch)
-    target, keep, select = labelled_positions(batch["labels"])
-    with head_at(model, select):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    task = torch.nn.functional.cross_entropy(out.logits.float(), target[keep])
-    aux = out.get("aux_loss")
-    out["task_loss"] = task
-    out["loss"] = task if aux is None else task + aux.to(task.dtype)
-    return out
-
-
-def _encoder_loss(model, tokenizer, examples: list[Example], cfg: TrainConfig):  # noqa: ANN001, ANN202
-    """An encoder's loss on a micro-batch: the cross-entropy of the scoring head's option logits
-    plus the adapter's auxiliary loss (``graphlora.encoder``); a dict like a model output."""
-    logits, aux = option_forward(model, tokenizer, examples, max_length=cfg.max_length)
-    task = option_loss(logits, [ex.label for ex in examples])
-    loss = task if "aux_loss" not in aux else task + aux["aux_loss"].to(task.dtype)
-    return {"loss": loss, "task_loss": task, "aux_losses": aux.get("aux_losses") or {}}
-
-
-def _check_options(dataset: str, data: DatasetSplits) -> None:
-    """An encoder scores option texts: refuse a task whose examples list none (BoolQ)."""
-    for split in ("train", "validation", "test"):
-        for i, ex in enumerate(getattr(data, split)):
-            if not ex.options or ex.question is None:
-                raise ValueError(
-                    f"dataset {dataset!r}: {split} example {i} has no option texts, which an "
-                    "encoder scores; use a task that lists its options (ARC, OBQA, SIQA, PIQA, "
-                    "WinoGrande) or a decoder model"
-                )
 
 
 def run_training(
@@ -114,18 +50,18 @@ def run_training(
 ) -> dict[str, float]:
     """Fine-tune ``train_cfg.model`` with the adapter on ``train_cfg.dataset``; return metrics.
 
+    The run is the one slot of a ``single`` ``PackedTrainer`` (``graphlora.packed_train``): the
+    training loop that also packs several runs, so a run computes alone what it computes packed.
+
     Args:
         train_cfg: run settings.
         adapter_cfg: the adapter.
-        on_eval: called on every rank after each evaluation with ``(step, metrics)``; returning
-            True stops the run (the decision is all-reduced, so ranks stop together).
-        on_step: called on every rank after each optimizer step with ``(step, model)``.
+        on_eval, on_step, checkpoint, resume_from: as ``PackedTrainer.add``'s:
+            ``on_eval(step, metrics)`` after each evaluation (True stops the run on every rank),
+            ``on_step(step, adapter)`` after each optimizer step, ``checkpoint`` gives
+            ``on_eval`` a temporary checkpoint folder as a third argument (rank 0; None
+            elsewhere), ``resume_from`` continues from one (same adapter and settings).
         data: pre-loaded splits (else loaded from ``train_cfg.dataset``).
-        checkpoint: after each evaluation, rank 0 writes the full training state to a temporary
-            folder (``graphlora.checkpoint``) and passes it to ``on_eval`` as a third argument
-            (other ranks get None); the folder is deleted when ``on_eval`` returns.
-        resume_from: a checkpoint folder to continue from (same adapter and training settings);
-            the run goes on from its step with the same data order and learning rates.
 
     Returns:
         Final flat metrics: ``val_accuracy``, ``val_loss``, ``best_val_accuracy``,
@@ -142,10 +78,9 @@ def run_training(
         and ``step0_eval_time_s`` (before the first step).
 
     LoRA dropout draws from a generator of the run's own, seeded from ``train_cfg.seed``
-    (``dropout_generator``) and kept in checkpoints, not from torch's global RNG: a run computes
-    what the same configuration computes as a slot of a packed trainer
-    (``graphlora.packed_train``). The base model's own dropout (GPT-2's, BERT's) still draws from
-    the global RNG.
+    (``dropout_generator``) and kept in checkpoints, not from torch's global RNG. The base
+    model's own dropout (GPT-2's, BERT's) still draws from the global RNG, seeded with the run's
+    seed before the adapter is drawn.
 
     An encoder (``info.architecture == "encoder"``: MiniLM, BERT) gets a scoring head after the
     adapter is injected (``graphlora.encoder.attach_head``), trained and saved with the adapter:
@@ -157,110 +92,26 @@ def run_training(
         NonFiniteLossError: the loss became NaN or infinite (on every rank at once).
         CheckpointError: ``resume_from`` is not a checkpoint of this configuration.
     """
-    cfg = train_cfg
-    started = time.perf_counter()
-    rank, world = rank_and_world()
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    data = data if data is not None else load_task(cfg.dataset, data_dir=cfg.data_dir)
-    if not data.train or not data.validation:
-        raise ValueError(f"dataset {cfg.dataset!r}: needs non-empty train and validation splits")
-    model, tokenizer, info = load_model_and_tokenizer(
-        cfg.model, revision=cfg.model_revision, dtype=cfg.dtype
-    )
-    encoder = info.architecture == "encoder"
-    if encoder:
-        _check_options(cfg.dataset, data)
-    seed_everything(cfg.seed)  # same adapter init on every rank
-    inject_adapter(model, adapter_cfg)
-    if encoder:  # scores option texts through a head trained and saved with the adapter
-        attach_head(model)
-    model.to(device)
-    reset_load_state(model)
-    generator = dropout_generator(cfg.seed, device)
-    use_generator_dropout(model, generator)
-
-    def evaluate(examples: list[Example]) -> EvalResult:
-        res = evaluate_sharded(model, tokenizer, examples, cfg, device)
-        model.train()
-        return res
-
-    run = RunState(cfg, data, model, generator, evaluate, device)
-    params = run.params
-    use_bf16 = bf16_enabled(cfg, device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # A decoder trains on tokenized prompt + answer; an encoder on the examples' texts.
-    encoded = list(data.train) if encoder else encode_train(tokenizer, data.train, cfg)
-    micro, per_step = micro_batch(cfg, world)
+    trainer = PackedTrainer(train_cfg, data, single=True)
     log_rank0(
-        f"[graphlora] {info.name} ({info.kind}) on {data.source}: {len(data.train)} train / "
-        f"{len(data.validation)} val / {len(data.test)} test; method {adapter_cfg.method}; "
-        f"{run.n_trainable:,} trainable params; {world} rank(s) x {micro} x {cfg.grad_accum} "
-        f"accum on {device}"
+        f"[graphlora] {trainer.info.name} ({trainer.info.kind}) on {trainer.data.source}: "
+        f"{len(trainer.data.train)} train / {len(trainer.data.validation)} val / "
+        f"{len(trainer.data.test)} test; {trainer.world} rank(s) x {trainer.micro} x "
+        f"{train_cfg.grad_accum} accum on {trainer.device}"
     )
-    metadata = {"base_model": info.to_dict(), "run": run_shape(cfg, info.to_dict())}
-    if resume_from is not None:
-        run.load_checkpoint(resume_from, expect={"run": metadata["run"]})
-        log_rank0(f"[graphlora] resumed from {resume_from} at step {run.step}/{cfg.max_steps}")
-    if cfg.eval_at_start and run.step == 0:
-        run.evaluate_at_start()
-        reset_load_state(model)
-        model.train()
-    run.setup_time = time.perf_counter() - started  # data, model, adapter, encoding (and resume)
-    stopped_early = False
-    model.train()
-    for step in range(run.step, cfg.max_steps):
-        t0 = time.perf_counter()
-        run.begin_step()
-        global_idx = run.order.take(per_step)
-        step_loss = 0.0
-        for a in range(cfg.grad_accum):
-            chunk = global_idx[a * micro * world : (a + 1) * micro * world][rank::world]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                if encoder:
-                    out = _encoder_loss(model, tokenizer, [encoded[i] for i in chunk], cfg)
-                else:
-                    out = _forward_loss(model, pad_batch([encoded[i] for i in chunk], pad, device))
-            if cfg.inject_nan_at_step == step + 1:
-                out["loss"] = out["loss"] * float("nan")
-            (out["loss"] / cfg.grad_accum).backward()
-            step_loss += out["loss"].detach().float() / cfg.grad_accum
-            run.add_aux(out.get("aux_losses") or {})
-        # One all-reduce: averaged adapter gradients plus the loss (so every rank sees NaNs).
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [step_loss.reshape(1)])
-        flat = all_reduce_sum(flat) / world
-        global_loss = flat[-1].item()
-        if not math.isfinite(global_loss):
-            raise NonFiniteLossError(non_finite_message(step, global_loss, cfg, adapter_cfg))
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
-            offset += g.numel()
-        run.optimizer_step()
-        seconds = time.perf_counter() - t0
-        if on_step is not None:
-            on_step(step + 1, model)
-        run.end_step(global_loss, per_step, seconds)
-        if run.eval_due:
-            metrics = run.evaluate()
-            if checkpoint:
-                with tempfile.TemporaryDirectory(prefix="graphlora-ckpt-") as tmp:
-                    state_dir = run.save_checkpoint(tmp, metadata) if rank == 0 else None
-                    stop = bool(on_eval(run.step, dict(metrics), state_dir)) if on_eval else False
-            else:
-                stop = bool(on_eval(run.step, dict(metrics))) if on_eval is not None else False
-            flag = all_reduce_sum(torch.tensor([float(stop)], device=device))
-            if flag.item() > 0 and run.step < cfg.max_steps:
-                stopped_early = True
-                log_rank0(f"[graphlora] stopped early at step {run.step} (asked by the caller)")
-                break
-    metrics = run.finish(stopped_early)
-    if cfg.output_dir and rank == 0:
-        save_adapter(model, cfg.output_dir, metadata={"base_model": info.to_dict()})
-    return metrics
+    trainer.add(
+        "run",
+        train_cfg,
+        adapter_cfg,
+        on_eval=on_eval,
+        on_step=on_step,
+        checkpoint=checkpoint,
+        resume_from=resume_from,
+    )
+    result = trainer.run()["run"]
+    if result.error is not None:
+        raise result.error
+    return result.metrics
 
 
 def run_seeds(

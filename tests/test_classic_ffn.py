@@ -9,19 +9,17 @@ import torch.nn.functional as F
 from tiny_models import ALL_METHODS, CLASSIC, model_output, tiny_base
 from torch import nn
 
+from graphlora.adapter_io import load_adapter, save_adapter
 from graphlora.config import MoELoRAConfig
 from graphlora.inject import (
-    UnsupportedModelError,
     count_trainable_parameters,
-    find_ffns,
     inject_adapter,
     is_adapter_name,
-    load_adapter,
     moe_blocks,
     reset_load_state,
-    save_adapter,
 )
 from graphlora.moe import LoRALinear, MoELoRAFFN, PassThrough, projection_weight
+from graphlora.structure import UnsupportedModelError, find_ffns
 
 SMALL = {"gcn_hidden": 16}
 

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import ALL_METHODS, VOCAB
 from torch import nn
 
@@ -20,7 +21,7 @@ from graphlora.evaluate import (
 )
 from graphlora.inject import inject_adapter, moe_blocks, reset_load_state
 from graphlora.models import build_byte_tokenizer
-from graphlora.train import _forward_loss
+from graphlora.run import labelled_forward
 
 
 class TransitionLM(nn.Module):
@@ -219,6 +220,15 @@ def test_head_at_gives_the_full_logits_at_the_selected_positions(batch):
         part = model(**batch).logits
     assert part.shape == (int(select.sum()), VOCAB)
     torch.testing.assert_close(part, full[select])
+
+
+def _forward_loss(model, batch):  # noqa: ANN001, ANN202
+    """The trainer's loss from its labelled-positions forward, on a model carrying an adapter."""
+    out, target = labelled_forward(model, batch)
+    out["task_loss"] = F.cross_entropy(out.logits.float(), target)
+    aux = out.get("aux_loss")
+    out["loss"] = out["task_loss"] if aux is None else out["task_loss"] + aux
+    return out
 
 
 @pytest.mark.parametrize("method", ["graphlora", "lora"])

@@ -8,21 +8,19 @@ import torch
 import torch.nn.functional as F
 from tiny_models import ALL_METHODS, tiny_base
 
+from graphlora.adapter_io import load_adapter, read_adapter_config, save_adapter
 from graphlora.config import MoELoRAConfig
 from graphlora.inject import (
-    UnsupportedModelError,
     count_trainable_parameters,
     gcn_hidden_used,
     inject_adapter,
     is_adapter_name,
-    load_adapter,
     moe_blocks,
-    read_adapter_config,
     reset_load_state,
     routing_stats,
-    save_adapter,
 )
 from graphlora.moe import MoELoRAMLP
+from graphlora.structure import UnsupportedModelError
 
 SMALL = {"gcn_hidden": 16}  # keep the graph router tiny in unit tests
 

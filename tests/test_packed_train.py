@@ -22,9 +22,9 @@ import torch
 from gloo_ranks import run_on_ranks
 from safetensors.torch import load_file
 
+from graphlora.adapter_io import WEIGHTS_NAME
 from graphlora.config import MoELoRAConfig
 from graphlora.data import make_synthetic_task
-from graphlora.inject import WEIGHTS_NAME
 from graphlora.models import load_model_and_tokenizer
 from graphlora.packed_train import PackedTrainer, run_packed
 from graphlora.run import encode_train

@@ -15,17 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphlora.adapter_io import load_adapter, load_adapter_state_dict
 from graphlora.config import MoELoRAConfig
-from graphlora.inject import (
-    UnsupportedModelError,
-    count_trainable_parameters,
-    inject_adapter,
-    load_adapter,
-    load_adapter_state_dict,
-    moe_blocks,
-)
+from graphlora.inject import count_trainable_parameters, inject_adapter, moe_blocks
 from graphlora.models import build_preset_model
 from graphlora.packing import GeneratorDropout, inject_packed, use_generator_dropout
+from graphlora.structure import UnsupportedModelError
 
 CONFIGS = {  # experts, top-k, rank, losses, dropout, attention and layers all differ
     "graph": MoELoRAConfig(

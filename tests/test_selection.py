@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from graphlora.adapter_io import load_adapter
 from graphlora.config import MoELoRAConfig
 from graphlora.data import make_synthetic_task
 from graphlora.evaluate import evaluate_examples
-from graphlora.inject import load_adapter
 from graphlora.models import load_model_and_tokenizer
 from graphlora.train import TrainConfig, run_training
 

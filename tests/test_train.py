@@ -109,7 +109,7 @@ import hashlib
 from gloo_ranks import join, result
 from graphlora.config import MoELoRAConfig
 from graphlora.data import make_synthetic_task
-from graphlora.inject import adapter_state_dict
+from graphlora.adapter_io import adapter_state_dict
 from graphlora.train import TrainConfig, run_training
 join()
 hashes, evals = [], []
