@@ -21,9 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":  # `python pipelines/evaluate.py`: make `pipelines` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipelines.space import first_line
 from pipelines.tracking import Tracker, TrackingError, check_store, tracking_uri
 

@@ -17,7 +17,7 @@ The layers, one file each, imports flowing one way (space <- worker <- trial <- 
 
 CLI (validation happens before Ray starts; `ray.init` only here)::
 
-    python pipelines/search.py [--space search_spaces/quickstart.yaml]
+    graphlora-search [--space quickstart]      # or: python pipelines/search.py [--space ...]
 
 Connects to `RAY_ADDRESS` when set, else starts a local Ray. Outputs go to
 `$GRAPHLORA_HOME/searches/<name>/` (default `~/.graphlora`) and to MLflow (`pipelines/tracking.py`).
@@ -37,9 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":  # `python pipelines/search.py`: make `pipelines` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import yaml
 
 from pipelines import storage as optuna_db
@@ -47,10 +44,12 @@ from pipelines.host import HostPool, HostsError, hosts_for
 from pipelines.records import routing_warning
 from pipelines.space import (
     DEFAULT_BACKEND,
+    DEFAULT_SPACE,
     SearchSpace,
     SpaceError,
     first_line,
     load_search_space,
+    shipped_spaces,
 )
 from pipelines.stability import choose_best, run_stability_stage
 from pipelines.storage import StorageError
@@ -524,8 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--space",
-        default="search_spaces/quickstart.yaml",
-        help="search space YAML (default: %(default)s)",
+        default=DEFAULT_SPACE,
+        help="a search space YAML, or the name of a shipped space ("
+        + ", ".join(shipped_spaces())
+        + "); default: %(default)s",
     )
     parser.add_argument(
         "--resume",

@@ -40,9 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":  # `python pipelines/train.py`: make `pipelines` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipelines.best_config import (
     BEST_CONFIG,
     BestConfig,
