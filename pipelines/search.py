@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from pipelines import storage as optuna_db
+from pipelines.console import library_output_to_log, log_to
 from pipelines.host import HostPool, HostsError, hosts_for
 from pipelines.records import routing_warning
 from pipelines.space import (
@@ -194,6 +195,7 @@ def run_search(
         state = json.loads((output_dir / STATE_FILE).read_text())
         optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
         name, parent = state["name"], state["parent_run_id"]
+        log_to(output_dir)
         tracker.journal = output_dir / JOURNAL
         if replayed := tracker.replay():
             print(f"search {name}: wrote {replayed} records MLflow had missed", file=out)
@@ -212,6 +214,7 @@ def run_search(
         name = f"{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         output_dir = Path(output_dir or graphlora_home() / "searches" / name).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
+        log_to(output_dir)
         tracker.journal = output_dir / JOURNAL
         storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
         parent = tracker.start_run(
@@ -566,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             help=f"override the space's {section}.{field} (e.g. a quick smoke test of a space)",
         )
     args = parser.parse_args(argv)
+    library_output_to_log()  # the console is the search's own; the libraries' lines: driver.log
     overrides: dict[str, dict[str, int]] = {}
     for key, (section, field) in flags.items():
         if getattr(args, key) is not None:
@@ -614,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RuntimeError) as exc:
         print(f"error: cannot connect to Ray: {first_line(exc)}", file=sys.stderr)
         return 2
+    library_output_to_log()  # again: ray.init may have configured Ray's loggers anew
     try:
         if args.resume:
             run_search(
