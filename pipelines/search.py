@@ -521,8 +521,9 @@ def preflight(space: SearchSpace) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:
+    """CLI entry point; returns the exit status. `own_console`: the libraries' log lines go to
+    the search's driver.log (`pipelines/console.py`), as the installed command does."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--space",
@@ -555,6 +556,18 @@ def main(argv: list[str] | None = None) -> int:
         "(password in PGPASSWORD or ~/.pgpass); default: $GRAPHLORA_OPTUNA_STORAGE, else the "
         "space's optuna_storage, else optuna.db in the results folder",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="validate the space and print what it would run (trials, searched parameters, ASHA "
+        "rungs, resources, trial hosts), then exit; starts no Ray and records nothing",
+    )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="list the searches in the MLflow store ($MLFLOW_TRACKING_URI, default "
+        "$GRAPHLORA_HOME/mlflow.db): status, trials, best objective; starts no Ray",
+    )
     flags = {  # flag -> the space entry it overrides
         "trials": ("budget", "trials"),
         "max_steps": ("budget", "max_steps"),
@@ -569,7 +582,17 @@ def main(argv: list[str] | None = None) -> int:
             help=f"override the space's {section}.{field} (e.g. a quick smoke test of a space)",
         )
     args = parser.parse_args(argv)
-    library_output_to_log()  # the console is the search's own; the libraries' lines: driver.log
+    if own_console:
+        library_output_to_log()
+    if args.list:
+        from pipelines.overview import print_searches, searches
+
+        try:
+            print_searches(*searches(), out=sys.stdout)
+        except TrackingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     overrides: dict[str, dict[str, int]] = {}
     for key, (section, field) in flags.items():
         if getattr(args, key) is not None:
@@ -599,6 +622,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             space = load_search_space(args.space, overrides=overrides)
         optuna_storage = optuna_db.resolve(args.optuna_storage, space.optuna_storage)
+        if args.plan:
+            from pipelines.overview import print_plan
+
+            preflight(space)
+            print_plan(space, sys.stdout)
+            return 0
         if args.resume:
             optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
         if optuna_storage:
@@ -618,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RuntimeError) as exc:
         print(f"error: cannot connect to Ray: {first_line(exc)}", file=sys.stderr)
         return 2
-    library_output_to_log()  # again: ray.init may have configured Ray's loggers anew
+    if own_console:
+        library_output_to_log()  # again: ray.init may have configured Ray's loggers anew
     try:
         if args.resume:
             run_search(
@@ -641,7 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from pipelines.search import main as _main  # run from the module, so Ray pickles by reference
+def cli() -> int:
+    """`graphlora-search`: `main` with the console the search's own."""
+    return main(own_console=True)
 
-    raise SystemExit(_main())
+
+if __name__ == "__main__":
+    from pipelines.search import cli as _cli  # run from the module, so Ray pickles by reference
+
+    raise SystemExit(_cli())
