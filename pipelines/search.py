@@ -256,7 +256,7 @@ def run_search(
         print(
             f"search {name}: {space.budget.trials} trials of {space.model} on {space.dataset}; "
             f"MLflow: {tracker.ui_link()}\n"
-            f"  interrupted? continue with: python pipelines/search.py --resume {name}",
+            f"  interrupted? continue with: graphlora-search --resume {name}",
             file=out,
             flush=True,
         )

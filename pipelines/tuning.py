@@ -92,7 +92,7 @@ def check_ray_address() -> None:
 class SearchInterrupted(Exception):  # noqa: N818 - a stop, not a bug
     """The search was stopped by SIGINT (Ctrl-C) or SIGTERM, or because its MLflow store or
     Optuna database stopped answering (`database_lost`); its state is saved and
-    `python pipelines/search.py --resume <name>` continues it."""
+    `graphlora-search --resume <name>` continues it."""
 
     def __init__(self, signum: int | None, name: str = "", lost: str | None = None) -> None:
         self.signum, self.name, self.lost = signum, name, lost
@@ -109,9 +109,9 @@ class SearchInterrupted(Exception):  # noqa: N818 - a stop, not a bug
             return (
                 f"error: {self.lost}; the running trials were stopped and the search's state "
                 "saved (what MLflow could not take is kept beside it); once the database "
-                f"answers again, continue with: python pipelines/search.py --resume {self.name}"
+                f"answers again, continue with: graphlora-search --resume {self.name}"
             )
-        return f"interrupted: continue with: python pipelines/search.py --resume {self.name}"
+        return f"interrupted: continue with: graphlora-search --resume {self.name}"
 
 
 LOST_EXIT = 75  # sysexits.h EX_TEMPFAIL
@@ -137,8 +137,7 @@ class _StopRequest:
     def handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             print(
-                f"\nstopped at once; continue with: python pipelines/search.py --resume "
-                f"{self.name}",
+                f"\nstopped at once; continue with: graphlora-search --resume {self.name}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -78,6 +78,11 @@ def _run(argv: list[str], home: Path) -> subprocess.CompletedProcess:
 COMMANDS = _commands()
 
 
+def test_the_readme_shows_the_installed_commands() -> None:
+    for name in SCRIPTS:
+        assert name in COMMANDS, f"no shell block of the docs shows `{name}`"
+
+
 @pytest.mark.slow
 def test_every_documented_command_knows_its_flags(tmp_path: Path) -> None:
     names = sorted(COMMANDS)
