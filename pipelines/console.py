@@ -85,8 +85,9 @@ def library_output_to_log() -> None:
     configure Ray's loggers anew."""
     global _HANDLER
     # Tune's default ("new") reporter prints its experiment box and TensorBoard hint with
-    # print(), whatever RunConfig(verbose=0) says; the classic reporter at verbose 0 prints nothing.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # print(), whatever RunConfig(verbose=0) says; the classic reporter at verbose 0 prints nothing
+    # (RAY_AIR_NEW_OUTPUT=1 in the environment brings the box back).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import mlflow  # noqa: F401 - configures its loggers on import; replaced below
     import optuna
 

@@ -27,8 +27,9 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # Workers import `pipelines` from the project root, whatever the working directory; a job
-    # submitted with `ray job submit --working-dir .` already ships the project to every node.
+    # Workers import `pipelines` from where the driver did (a checkout, or site-packages once
+    # installed), whatever their working directory; a job submitted with `ray job submit
+    # --working-dir .` already has the project first on every node's PYTHONPATH.
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = {"env_vars": {"PYTHONPATH": path}}
