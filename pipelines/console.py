@@ -42,7 +42,6 @@ class _DriverLog(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.setFormatter(logging.Formatter(_FORMAT))
         self.held: list[logging.LogRecord] = []
         self.file: logging.FileHandler | None = None
 
@@ -58,7 +57,8 @@ class _DriverLog(logging.Handler):
         if self.file is not None:
             self.file.close()
         self.file = logging.FileHandler(path, encoding="utf-8")
-        self.file.setFormatter(self.formatter)
+        # Its own formatter: ray.init re-formats the handlers of the "ray" logger (this one).
+        self.file.setFormatter(logging.Formatter(_FORMAT))
         for record in self.held:
             self.file.emit(record)
         self.held.clear()
