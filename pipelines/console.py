@@ -1,13 +1,15 @@
 """The search's console is its own: what Ray, Ray Tune, MLflow, Optuna and Alembic say while a
 search runs goes to `driver.log` in the search's folder, not between its progress lines.
 
-What moves there: Ray Tune's "Configuration for experiment" box and TensorBoard hint, its note
-that the define-by-run space took a while, its "Stop signal received" / "Resume experiment with:
-Tuner.restore(...)" lines on an interrupt (the search prints its own resume line), MLflow's
-"Creating initial MLflow database tables", Optuna's "A new study created", Ray's start-up lines,
-and Python warnings. The search's progress lines, tables, `error:` lines and resume hint stay on
-the console. Ray workers' own output is not forwarded to the driver at all (`log_to_driver=False`
-in `pipelines/tuning.py`): it stays in the Ray session's log folder.
+What moves there: Ray Tune's note that the define-by-run space took a while, its "Stop signal
+received" / "Resume experiment with: Tuner.restore(...)" lines on an interrupt (the search prints
+its own resume line), MLflow's "Creating initial MLflow database tables", Optuna's "A new study
+created", Ray's start-up lines, and Python warnings. Not printed at all: Tune's "Configuration
+for experiment" box and TensorBoard hint (its classic reporter, silent at verbose 0, replaces the
+new one) and MLflow's "Downloading artifacts" progress bars. The search's progress lines,
+tables, `error:` lines and resume hint stay on the console. Ray workers' own output is not
+forwarded to the driver at all (`log_to_driver=False` in `pipelines/tuning.py`): it stays in
+the Ray session's log folder.
 
 `library_output_to_log()` is for CLIs only; a search run from Python (tests, notebooks) keeps
 the libraries' console output as they configure it.
@@ -88,6 +90,9 @@ def library_output_to_log() -> None:
     # print(), whatever RunConfig(verbose=0) says; the classic reporter at verbose 0 prints nothing
     # (RAY_AIR_NEW_OUTPUT=1 in the environment brings the box back).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # MLflow draws a "Downloading artifacts" bar on stderr for every artifact the search reads
+    # back at its end (the load maps), read at each download.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow  # noqa: F401 - configures its loggers on import; replaced below
     import optuna
 
