@@ -1,8 +1,8 @@
 """Accuracy of a trained adapter or a registered model on any supported dataset.
 
-    python pipelines/evaluate.py --model models:/graphlora-synthetic@champion
-    python pipelines/evaluate.py --adapter ~/.graphlora/final/<name>/seed0 --dataset synthetic
-    python pipelines/evaluate.py --model runs:/<run id>/model --dataset boolq \\
+    graphlora-evaluate --model models:/graphlora-synthetic@champion
+    graphlora-evaluate --adapter ~/.graphlora/final/<name>/seed0 --dataset synthetic
+    graphlora-evaluate --model runs:/<run id>/model --dataset boolq \\
         --split validation --log-to-mlflow
 
 `--model` takes any MLflow model URI of a promoted model (`models:/<name>@<alias>`,
@@ -20,9 +20,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-
-if __name__ == "__main__":  # `python pipelines/evaluate.py`: make `pipelines` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.space import first_line
 from pipelines.tracking import Tracker, TrackingError, check_store, tracking_uri

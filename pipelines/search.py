@@ -17,7 +17,7 @@ The layers, one file each, imports flowing one way (space <- worker <- trial <- 
 
 CLI (validation happens before Ray starts; `ray.init` only here)::
 
-    python pipelines/search.py [--space search_spaces/quickstart.yaml]
+    graphlora-search [--space quickstart]      # or: python pipelines/search.py [--space ...]
 
 Connects to `RAY_ADDRESS` when set, else starts a local Ray. Outputs go to
 `$GRAPHLORA_HOME/searches/<name>/` (default `~/.graphlora`) and to MLflow (`pipelines/tracking.py`).
@@ -37,20 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":  # `python pipelines/search.py`: make `pipelines` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import yaml
 
 from pipelines import storage as optuna_db
+from pipelines.console import library_output_to_log, log_to
 from pipelines.host import HostPool, HostsError, hosts_for
 from pipelines.records import routing_warning
 from pipelines.space import (
     DEFAULT_BACKEND,
+    DEFAULT_SPACE,
     SearchSpace,
     SpaceError,
     first_line,
     load_search_space,
+    shipped_spaces,
 )
 from pipelines.stability import choose_best, run_stability_stage
 from pipelines.storage import StorageError
@@ -195,6 +195,7 @@ def run_search(
         state = json.loads((output_dir / STATE_FILE).read_text())
         optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
         name, parent = state["name"], state["parent_run_id"]
+        log_to(output_dir)
         tracker.journal = output_dir / JOURNAL
         if replayed := tracker.replay():
             print(f"search {name}: wrote {replayed} records MLflow had missed", file=out)
@@ -213,6 +214,7 @@ def run_search(
         name = f"{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         output_dir = Path(output_dir or graphlora_home() / "searches" / name).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
+        log_to(output_dir)
         tracker.journal = output_dir / JOURNAL
         storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
         parent = tracker.start_run(
@@ -254,7 +256,7 @@ def run_search(
         print(
             f"search {name}: {space.budget.trials} trials of {space.model} on {space.dataset}; "
             f"MLflow: {tracker.ui_link()}\n"
-            f"  interrupted? continue with: python pipelines/search.py --resume {name}",
+            f"  interrupted? continue with: graphlora-search --resume {name}",
             file=out,
             flush=True,
         )
@@ -519,13 +521,16 @@ def preflight(space: SearchSpace) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:
+    """CLI entry point; returns the exit status. `own_console`: the libraries' log lines go to
+    the search's driver.log (`pipelines/console.py`), as the installed command does."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--space",
-        default="search_spaces/quickstart.yaml",
-        help="search space YAML (default: %(default)s)",
+        default=DEFAULT_SPACE,
+        help="a search space YAML, or the name of a shipped space ("
+        + ", ".join(shipped_spaces())
+        + "); default: %(default)s",
     )
     parser.add_argument(
         "--resume",
@@ -551,6 +556,18 @@ def main(argv: list[str] | None = None) -> int:
         "(password in PGPASSWORD or ~/.pgpass); default: $GRAPHLORA_OPTUNA_STORAGE, else the "
         "space's optuna_storage, else optuna.db in the results folder",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="validate the space and print what it would run (trials, searched parameters, ASHA "
+        "rungs, resources, trial hosts), then exit; starts no Ray and records nothing",
+    )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="list the searches in the MLflow store ($MLFLOW_TRACKING_URI, default "
+        "$GRAPHLORA_HOME/mlflow.db): status, trials, best objective; starts no Ray",
+    )
     flags = {  # flag -> the space entry it overrides
         "trials": ("budget", "trials"),
         "max_steps": ("budget", "max_steps"),
@@ -565,6 +582,17 @@ def main(argv: list[str] | None = None) -> int:
             help=f"override the space's {section}.{field} (e.g. a quick smoke test of a space)",
         )
     args = parser.parse_args(argv)
+    if own_console:
+        library_output_to_log()
+    if args.list:
+        from pipelines.overview import print_searches, searches
+
+        try:
+            print_searches(*searches(), out=sys.stdout)
+        except TrackingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     overrides: dict[str, dict[str, int]] = {}
     for key, (section, field) in flags.items():
         if getattr(args, key) is not None:
@@ -594,6 +622,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             space = load_search_space(args.space, overrides=overrides)
         optuna_storage = optuna_db.resolve(args.optuna_storage, space.optuna_storage)
+        if args.plan:
+            from pipelines.overview import print_plan
+
+            preflight(space)
+            print_plan(space, sys.stdout)
+            return 0
         if args.resume:
             optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
         if optuna_storage:
@@ -613,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, RuntimeError) as exc:
         print(f"error: cannot connect to Ray: {first_line(exc)}", file=sys.stderr)
         return 2
+    if own_console:
+        library_output_to_log()  # again: ray.init may have configured Ray's loggers anew
     try:
         if args.resume:
             run_search(
@@ -635,7 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from pipelines.search import main as _main  # run from the module, so Ray pickles by reference
+def cli() -> int:
+    """`graphlora-search`: `main` with the console the search's own."""
+    return main(own_console=True)
 
-    raise SystemExit(_main())
+
+if __name__ == "__main__":
+    from pipelines.search import cli as _cli  # run from the module, so Ray pickles by reference
+
+    raise SystemExit(_cli())

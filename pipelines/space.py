@@ -756,6 +756,43 @@ def training_api(backend: str = DEFAULT_BACKEND) -> tuple[type, type, Any]:
     return train_mod.TrainConfig, config_mod.MoELoRAConfig, train_mod.run_training
 
 
+# The shipped spaces: `search_spaces/` beside `pipelines/` in a checkout (and an editable
+# install); `pipelines/search_spaces/` once installed from a wheel (pyproject.toml maps it there).
+SHIPPED_SPACES = (
+    Path(__file__).resolve().parent / "search_spaces",
+    Path(__file__).resolve().parents[1] / "search_spaces",
+)
+DEFAULT_SPACE = "quickstart"
+
+
+def shipped_spaces() -> dict[str, Path]:
+    """The spaces that come with graphlora, by name (`quickstart` -> its YAML file)."""
+    for folder in SHIPPED_SPACES:
+        if folder.is_dir():
+            return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    return {}
+
+
+def resolve_space(space: str | Path) -> Path:
+    """A space file: `space` itself when it is a file, else the shipped space it names (a bare
+    name such as `quickstart` or `quickstart.yaml`), whatever the working directory.
+
+    Raises:
+        SpaceError: neither exists; the message lists the shipped names.
+    """
+    path = Path(space).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_spaces()
+    if path.parent == Path(".") and path.name.removesuffix(".yaml") in shipped:
+        return shipped[path.name.removesuffix(".yaml")]
+    names = ", ".join(shipped) or "none found"
+    raise SpaceError(
+        f"{space}: no such file, nor a shipped space of that name (shipped: {names}); give a "
+        "path to a space YAML or one of those names"
+    )
+
+
 def load_search_space(
     path: str | Path,
     backend: str = DEFAULT_BACKEND,
@@ -763,6 +800,7 @@ def load_search_space(
 ) -> SearchSpace:
     """Load and validate a space file against the backend's config dataclasses (`overrides`:
     section -> key -> value, replacing the file's entries before validation)."""
+    path = resolve_space(path)
     train_cls, adapter_cls, _ = training_api(backend)
     methods = getattr(importlib.import_module(BACKENDS[backend][1]), "METHOD_PRESETS", None)
     space = load_space(
@@ -778,9 +816,23 @@ def load_search_space(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python pipelines/space.py FILE...`: validate space files against the training API."""
-    paths = (argv if argv is not None else sys.argv[1:]) or ["search_spaces/quickstart.yaml"]
-    for p in paths:
+    """`graphlora-space [SPACE...]`: validate space files against the training API."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="graphlora-space",
+        description="Validate search spaces without starting anything; one error line and exit "
+        "status 2 on the first bad one.",
+    )
+    parser.add_argument(
+        "spaces",
+        nargs="*",
+        metavar="SPACE",
+        default=[DEFAULT_SPACE],
+        help="a space YAML, or the name of a shipped space "
+        f"({', '.join(shipped_spaces())}); default: %(default)s",
+    )
+    for p in parser.parse_args(argv).spaces:
         try:
             space = load_search_space(p)
         except SpaceError as exc:
@@ -791,7 +843,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pipelines.space import main as _main  # one SpaceError class, not a __main__ copy
 
     raise SystemExit(_main())

@@ -111,6 +111,6 @@ def describe_search(
     lines += [
         "",
         "Every trial run's params are its full configuration: "
-        "`python pipelines/train.py --from-run <trial run id>` trains it again.",
+        "`graphlora-promote --from-run <trial run id>` trains it again.",
     ]
     return "\n".join(lines)

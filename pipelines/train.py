@@ -1,10 +1,10 @@
 """Promote the winner of a search: train it for real on Ray Train with several seeds, keep every
 seed's adapter, record it all in MLflow, and register a model that answers questions.
 
-    python pipelines/train.py --from-search graphlora-quickstart   # that experiment's latest search
-    python pipelines/train.py --from-search <search run id> --seeds 5
-    python pipelines/train.py --config ~/.graphlora/searches/<name>/best_config.yaml --seeds 0,1,2
-    python pipelines/train.py --from-run <trial run id>   # any trial's configuration, from MLflow
+    graphlora-promote --from-search graphlora-quickstart   # that experiment's latest search
+    graphlora-promote --from-search <search run id> --seeds 5
+    graphlora-promote --config ~/.graphlora/searches/<name>/best_config.yaml --seeds 0,1,2
+    graphlora-promote --from-run <trial run id>   # any trial's configuration, from MLflow
 
 Steps:
 
@@ -39,9 +39,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-if __name__ == "__main__":  # `python pipelines/train.py`: make `pipelines` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.best_config import (
     BEST_CONFIG,
@@ -528,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         promote(plan)
     except KeyboardInterrupt as exc:
         args = sys.argv[1:] if argv is None else argv
-        again = shlex.join(["python", "pipelines/train.py", *args])
+        again = shlex.join(["graphlora-promote", *args])
         print(f"interrupted: nothing was registered; run it again with: {again}", flush=True)
         return 143 if exc.args == ("SIGTERM",) else 130
     except Exception as exc:

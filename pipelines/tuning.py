@@ -27,8 +27,9 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # Workers import `pipelines` from the project root, whatever the working directory; a job
-    # submitted with `ray job submit --working-dir .` already ships the project to every node.
+    # Workers import `pipelines` from where the driver did (a checkout, or site-packages once
+    # installed), whatever their working directory; a job submitted with `ray job submit
+    # --working-dir .` already has the project first on every node's PYTHONPATH.
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = {"env_vars": {"PYTHONPATH": path}}
@@ -92,7 +93,7 @@ def check_ray_address() -> None:
 class SearchInterrupted(Exception):  # noqa: N818 - a stop, not a bug
     """The search was stopped by SIGINT (Ctrl-C) or SIGTERM, or because its MLflow store or
     Optuna database stopped answering (`database_lost`); its state is saved and
-    `python pipelines/search.py --resume <name>` continues it."""
+    `graphlora-search --resume <name>` continues it."""
 
     def __init__(self, signum: int | None, name: str = "", lost: str | None = None) -> None:
         self.signum, self.name, self.lost = signum, name, lost
@@ -109,9 +110,9 @@ class SearchInterrupted(Exception):  # noqa: N818 - a stop, not a bug
             return (
                 f"error: {self.lost}; the running trials were stopped and the search's state "
                 "saved (what MLflow could not take is kept beside it); once the database "
-                f"answers again, continue with: python pipelines/search.py --resume {self.name}"
+                f"answers again, continue with: graphlora-search --resume {self.name}"
             )
-        return f"interrupted: continue with: python pipelines/search.py --resume {self.name}"
+        return f"interrupted: continue with: graphlora-search --resume {self.name}"
 
 
 LOST_EXIT = 75  # sysexits.h EX_TEMPFAIL
@@ -137,8 +138,7 @@ class _StopRequest:
     def handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             print(
-                f"\nstopped at once; continue with: python pipelines/search.py --resume "
-                f"{self.name}",
+                f"\nstopped at once; continue with: graphlora-search --resume {self.name}",
                 file=sys.stderr,
                 flush=True,
             )

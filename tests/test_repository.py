@@ -74,9 +74,17 @@ def test_a_built_wheel_ships_the_benchmark_files(tmp_path: Path) -> None:
     for task in ("ARC-Challenge", "boolq", "piqa", "winogrande"):
         assert f"graphlora/task_data/commonsense/{task}/test.json" in names
     assert "graphlora/task_data/README.md" in names
+    # The shipped spaces and the commands come with it, so `graphlora-search` runs anywhere.
+    for space in ("quickstart", "paper", "compare", "real_cpu"):
+        assert f"pipelines/search_spaces/{space}.yaml" in names
+    (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    scripts = (tmp_path / "site" / entry_points).read_text()
+    for command in ("graphlora-search", "graphlora-promote", "graphlora-train"):
+        assert f"{command} = " in scripts
     # Load from the unpacked wheel, away from the checkout and with no data dir set.
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import graphlora.data as d; "
+        "from pipelines.space import resolve_space; print(resolve_space('quickstart')); "
         "s = d.load_task('piqa'); print(d.__file__); print(s.source, len(s.test))"
     )
     env = {k: v for k, v in os.environ.items() if k != "GRAPHLORA_DATA_DIR"}
@@ -90,7 +98,8 @@ def test_a_built_wheel_ships_the_benchmark_files(tmp_path: Path) -> None:
         check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    where, loaded = run.stdout.strip().splitlines()[-2:]
+    space, where, loaded = run.stdout.strip().splitlines()[-3:]
+    assert space == str(tmp_path / "site" / "pipelines" / "search_spaces" / "quickstart.yaml")
     site = tmp_path / "site" / "graphlora"
     assert where == str(site / "data.py")
     assert loaded == f"local:{site / 'task_data' / 'commonsense' / 'piqa'} 551"

@@ -222,3 +222,67 @@ def test_warm_start_from_an_unknown_search_is_refused(home, capsys) -> None:
     space = str(REPO / "search_spaces" / "quickstart.yaml")
     _refused(capsys, ["--space", space, "--warm-start", "nothing-like-it"], "--warm-start nothing")
     _no_runs()
+
+
+def test_plan_prints_what_the_space_runs_and_starts_nothing(home, capsys) -> None:
+    assert main(["--plan", "--trials", "3"]) == 0  # the default space: the shipped quickstart
+    out = capsys.readouterr().out
+    assert "search_spaces/quickstart.yaml" in out
+    assert "trials: 3 (Optuna TPE, seed 0), each up to 160 steps" in out
+    assert "rungs at evaluation 1, 2, 4" in out
+    assert "learning_rate: loguniform" in out and "trial hosts:" in out
+    assert "(not started)" in out
+    assert not (home / "mlflow.db").exists()  # nothing recorded, not even an empty store
+
+
+def test_plan_of_a_bad_space_is_the_same_one_line_error(home, tmp_path, capsys) -> None:
+    bad = _space(tmp_path, "rank: {type: categorical", "rank: {type: categorial")
+    _refused(capsys, ["--plan", "--space", bad], "search.rank.type")
+    _refused(capsys, ["--plan", "--space", "no-such-space"], "no-such-space", "quickstart")
+
+
+def test_a_shipped_space_by_name_from_any_folder(home, tmp_path) -> None:
+    env = {**os.environ, "GRAPHLORA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.search", "--plan", "--space", "real_cpu.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"space: {REPO / 'search_spaces' / 'real_cpu.yaml'}" in proc.stdout
+
+
+def test_list_shows_the_searches_in_the_store(home, capsys) -> None:
+    from pipelines.tracking import Tracker
+
+    assert main(["--list"]) == 0
+    assert "no searches recorded there yet" in capsys.readouterr().out
+    tracker = Tracker("graphlora-test")
+    done = tracker.start_run(
+        "search done-1",
+        params={"trials": 3},
+        tags={"kind": "search", "status": "running", "search_name": "done-1"},
+    )
+    for i in range(3):
+        tracker.start_run(f"trial {i}", parent_run_id=done, tags={"kind": "search"})
+    tracker.start_run("stability", parent_run_id=done, tags={"kind": "stability"})
+    tracker.log_metrics(done, {"best_objective": 0.875})
+    tracker.finish(done, "completed")
+    cut = tracker.start_run(
+        "search cut-2",
+        params={"trials": 6},
+        tags={"kind": "search", "status": "running", "search_name": "cut-2"},
+    )
+    tracker.start_run("trial 0", parent_run_id=cut, tags={"kind": "search"})
+    tracker.finish(cut, "interrupted", "SIGINT")
+    assert main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"MLflow store: {tracking_uri()}"
+    assert lines[1].split()[:5] == ["search", "experiment", "status", "trials", "best"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["done-1"][1:5] == ["graphlora-test", "completed", "3/3", "0.8750"]
+    assert rows["cut-2"][1:5] == ["graphlora-test", "interrupted", "1/6", "-"]
+    assert list(rows) == ["cut-2", "done-1"]  # newest first

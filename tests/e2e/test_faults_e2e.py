@@ -242,7 +242,7 @@ def test_ctrl_c_stops_the_search_resumably(graphlora_home, tmp_path):
         if search.poll() is None:
             _kill_everything(search, ray_tmp)
     log = _first_log(tmp_path).rstrip().splitlines()
-    assert log[-1] == f"interrupted: continue with: python pipelines/search.py --resume {name}"
+    assert log[-1] == f"interrupted: continue with: graphlora-search --resume {name}"
     # The local Ray went with the search.
     _wait(lambda: not _ray_pids(ray_tmp), 60, "the search's local Ray to stop")
 
