@@ -150,7 +150,7 @@ def ui_link(experiment_id: str, uri: str | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         return uri.rstrip("/") + page
     return (
-        f"mlflow ui --backend-store-uri {masked(uri)} --port 5000  "
+        f"mlflow ui --backend-store-uri {masked(uri)} --host 127.0.0.1 --port 5000  "
         f"then open http://127.0.0.1:5000{page}"
     )
 
