@@ -516,14 +516,16 @@ class HostsError(ValueError):
     """The cluster cannot hold one trial host (raised before anything is started)."""
 
 
-def hosts_for(space: SearchSpace) -> int:
-    """How many trial hosts `space` gets on the connected Ray cluster (`Resources.host_count`).
+def hosts_for(space: SearchSpace, nodes: list[dict[str, float]] | None = None) -> int:
+    """How many trial hosts `space` gets on `nodes` (their resources; default: the connected
+    Ray cluster's live nodes), by `Resources.host_count`.
 
     Raises:
-        HostsError: no node of the cluster holds one host (one line: what a host needs).
+        HostsError: no node holds one host (one line: what a host needs).
     """
     res = space.resources
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     runs = max(
         space.budget.trials * space.seeds_per_trial,
         space.stability.top_k_configs * space.stability.seeds,

@@ -68,20 +68,16 @@ def print_plan(space: SearchSpace, out: IO[str]) -> None:
     ]
     explicit = "max_concurrent_trials" in (space.raw.get("resources") or {})
     if res.trials_per_host:
-        runs = max(
-            b.trials * space.seeds_per_trial,
-            space.stability.top_k_configs * space.stability.seeds,
-        )
         if res.hosts or not os.environ.get("RAY_ADDRESS"):
+            from pipelines.host import HostsError, hosts_for
+
             node = _local_node()
-            hosts = res.host_count([node], runs)
             where = "as set" if res.hosts else f"on this machine ({node['CPU']:g} CPU, "
             where += "" if res.hosts else f"{node['GPU']:g} GPU)"
-            if hosts < 1:
-                lines.append(
-                    f"  trial hosts: none fits {where}: a host of {res.trials_per_host} slots "
-                    f"needs {res.host_cpus():g} CPU per worker; the search would refuse to start"
-                )
+            try:
+                hosts = hosts_for(space, [node])
+            except HostsError as exc:
+                lines.append(f"  trial hosts: none fits {where}; the search would refuse: {exc}")
             else:
                 at_once = res.concurrent_trials(hosts, space.seeds_per_trial, explicit)
                 lines.append(
