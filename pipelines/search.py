@@ -582,10 +582,11 @@ def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:
             help=f"override the space's {section}.{field} (e.g. a quick smoke test of a space)",
         )
     args = parser.parse_args(argv)
-    if own_console:
-        library_output_to_log()
     if args.list:
         from pipelines.overview import print_searches, searches
+
+        if own_console:
+            library_output_to_log()
 
         try:
             print_searches(*searches(), out=sys.stdout)
@@ -628,6 +629,8 @@ def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:
             preflight(space)
             print_plan(space, sys.stdout)
             return 0
+        if own_console:  # from here MLflow and Optuna speak (tables, studies); not before:
+            library_output_to_log()  # a bad space or --plan does not pay for importing them
         if args.resume:
             optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
         if optuna_storage:
