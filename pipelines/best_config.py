@@ -15,15 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.space import (
-    DEFAULT_BACKEND,
-    Checker,
-    SpaceError,
-    field_names,
-    first_line,
-    parse_yaml,
-    training_api,
-)
+from pipelines.space import Checker, SpaceError, field_names, first_line, parse_yaml
 from pipelines.tracking import check_store, tracking_uri
 
 BEST_CONFIG = "best_config.yaml"
@@ -65,7 +57,7 @@ class BestConfig:
     routing: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
+def parse_best_config(text: str, name: str) -> BestConfig:
     """Validate a best-config document (keys, then the config dataclasses' own checks).
 
     Raises:
@@ -78,11 +70,13 @@ def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> B
     for key in raw:
         if key not in _TOP_LEVEL:
             raise c.unknown(str(key), str(key), _TOP_LEVEL)
-    train_cls, adapter_cls, _ = training_api(backend)
+    from graphlora.config import MoELoRAConfig
+    from graphlora.run import TrainConfig
+
     sections = {}
     for section, allowed in (
-        ("adapter", field_names(adapter_cls)),
-        ("training", field_names(train_cls)),
+        ("adapter", field_names(MoELoRAConfig)),
+        ("training", field_names(TrainConfig)),
     ):
         if section not in raw:
             raise SpaceError(f"{name}: {section}: missing required key")
@@ -121,7 +115,7 @@ def parse_best_config(text: str, name: str, backend: str = DEFAULT_BACKEND) -> B
         routing=dict(routing),
         text=text,
     )
-    build_configs(best, best.training, c=c, backend=backend)
+    build_configs(best, best.training, c=c)
     return best
 
 
@@ -131,14 +125,15 @@ def build_configs(
     *,
     c: Checker | None = None,
     overridden: set[str] = frozenset(),
-    backend: str = DEFAULT_BACKEND,
 ) -> tuple[Any, Any]:
     """(TrainConfig, MoELoRAConfig) of a run, or a SpaceError blaming the file key or the flag."""
-    train_cls, adapter_cls, _ = training_api(backend)
+    from graphlora.config import MoELoRAConfig
+    from graphlora.run import TrainConfig
+
     c = c or Checker(best.origin, None)
     for section, cls, values in (
-        ("adapter", adapter_cls, best.adapter),
-        ("training", train_cls, {**training, "seed": 0}),
+        ("adapter", MoELoRAConfig, best.adapter),
+        ("training", TrainConfig, {**training, "seed": 0}),
     ):
         try:
             cls(**values)
@@ -152,7 +147,7 @@ def build_configs(
             raise SpaceError(
                 f"{best.origin}: {section}: rejected by {cls.__name__}: {message}"
             ) from exc
-    return train_cls(**{**training, "seed": 0}), adapter_cls(**best.adapter)
+    return TrainConfig(**{**training, "seed": 0}), MoELoRAConfig(**best.adapter)
 
 
 def read_best_config_file(path: str | Path) -> BestConfig:
@@ -228,7 +223,7 @@ def _search_state(run: Any) -> str:
     return f"did not finish ({status.lower()}{': ' + reason if reason else ''}); run a new search"
 
 
-def best_config_from_search(ref: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
+def best_config_from_search(ref: str) -> BestConfig:
     """Download and validate the `best_config.yaml` of the search run `ref` names.
 
     Raises:
@@ -256,7 +251,7 @@ def best_config_from_search(ref: str, backend: str = DEFAULT_BACKEND) -> BestCon
             space = yaml.safe_load(
                 Path(client.download_artifacts(run_id, "space.yaml", tmp)).read_text()
             )
-    best = parse_best_config(text, f"search run {run_id}: {BEST_CONFIG}", backend)
+    best = parse_best_config(text, f"search run {run_id}: {BEST_CONFIG}")
     best.origin = f"search run {run_id}"
     best.search_run_id = run_id
     best.experiment = client.get_experiment(run.info.experiment_id).name
@@ -264,7 +259,7 @@ def best_config_from_search(ref: str, backend: str = DEFAULT_BACKEND) -> BestCon
     return best
 
 
-def best_config_from_run(run_id: str, backend: str = DEFAULT_BACKEND) -> BestConfig:
+def best_config_from_run(run_id: str) -> BestConfig:
     """The configuration one run trained (a search trial, a stability run or config, a
     promotion), rebuilt from its `adapter.*` / `training.*` params (`pipelines/records.py`);
     objective and resources come from its search's `space.yaml` when it has one.
@@ -291,7 +286,7 @@ def best_config_from_run(run_id: str, backend: str = DEFAULT_BACKEND) -> BestCon
             "run's id is on its run page)"
         ) from None
     try:
-        adapter, training = config_from_params(run.data.params, backend)
+        adapter, training = config_from_params(run.data.params)
     except ValueError as exc:
         raise PromotionError(
             f"--from-run {run_id}: {run.info.run_name} holds {exc}; pass a trial, stability or "
@@ -322,7 +317,7 @@ def best_config_from_run(run_id: str, backend: str = DEFAULT_BACKEND) -> BestCon
         }
     doc.update({"adapter": adapter, "training": training})
     text = yaml.safe_dump(doc, sort_keys=False)
-    best = parse_best_config(text, f"run {run_id}: params", backend)
+    best = parse_best_config(text, f"run {run_id}: params")
     best.origin = f"run {run_id}"
     best.search_run_id = run_id
     best.experiment = client.get_experiment(run.info.experiment_id).name

@@ -39,7 +39,7 @@ from typing import Any
 import ray
 
 from pipelines.asha import HubRef
-from pipelines.space import SearchSpace, error_line, training_api
+from pipelines.space import SearchSpace, error_line
 from pipelines.worker import eval_index, fast_train_reports, seed_trainer, worker_errors
 
 MANIFEST = "host.json"  # in a host checkpoint: the jobs of the slots it holds
@@ -247,7 +247,7 @@ def host_fn_per_worker(config: dict[str, Any]) -> None:
     board closes (`_Host`).
 
     Args:
-        config: `host` (its name), `backend`, `base` (a `TrainConfig` dict: the model and data
+        config: `host` (its name), `base` (a `TrainConfig` dict: the model and data
             every slot shares), `capacity` (slots), `board` (`BoardRef`), `hub` (`HubRef`).
     """
     _Host(config).serve()
@@ -268,9 +268,11 @@ class _Host:
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
+        from graphlora.config import MoELoRAConfig
         from graphlora.packed_train import PackedTrainer
+        from graphlora.run import TrainConfig
 
-        self.train_cls, self.adapter_cls, _ = training_api(config["backend"])
+        self.train_cls, self.adapter_cls = TrainConfig, MoELoRAConfig
         self.name, self.capacity = config["host"], config["capacity"]
         self.board, self.hub = config["board"], config["hub"]
         started = time.perf_counter()
@@ -553,7 +555,6 @@ class HostPool:
     Args:
         space: the search's space (`resources`: hosts, slots, CPUs and GPUs; the base model and
             data its runs share).
-        backend: training backend.
         name: the search's name.
         storage_path: where Ray Train keeps the hosts' checkpoints.
         hub: the search's trial hub.
@@ -563,7 +564,6 @@ class HostPool:
     def __init__(
         self,
         space: SearchSpace,
-        backend: str,
         name: str,
         storage_path: str,
         hub: HubRef,
@@ -573,7 +573,7 @@ class HostPool:
         self.capacity = space.resources.trials_per_host
         self.workers = space.resources.workers_per_trial  # data-parallel ranks per host
         self.board = BoardRef.start(f"host-board:{name}", hub, self.count)
-        self._space, self._backend, self._name = space, backend, name
+        self._space, self._name = space, name
         self._storage, self._hub = storage_path, hub
         self._threads: list[threading.Thread] = []
 
@@ -588,7 +588,6 @@ class HostPool:
             trainer = seed_trainer(
                 {
                     "host": host,
-                    "backend": self._backend,
                     "base": base,
                     "capacity": self.capacity,
                     "board": self.board,

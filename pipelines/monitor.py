@@ -30,7 +30,7 @@ from pipelines.records import (
     routing_summary,
     tidy_metrics,
 )
-from pipelines.space import DEFAULT_BACKEND, SearchSpace
+from pipelines.space import SearchSpace
 from pipelines.tracking import (
     COMPLETED,
     FAILED,
@@ -96,7 +96,6 @@ class SearchMonitor(tune.Callback):
         out: Any = None,
         total: int = 0,
         stage: str = "search",
-        backend: str = DEFAULT_BACKEND,
     ) -> None:
         self.tracker, self.parent, self.space = tracker, parent_run_id, space
         self.scheduler, self.out, self.total, self.stage = (
@@ -105,7 +104,6 @@ class SearchMonitor(tune.Callback):
             total,
             stage,
         )
-        self.backend = backend
         self.records: dict[str, dict[str, Any]] = {}
         self.best: tuple[float, int] | None = None
         self.better = max if space.objective.mode == "max" else min
@@ -275,7 +273,7 @@ class SearchMonitor(tune.Callback):
         run_id = self.tracker.start_run(
             name,
             parent_run_id=parent,
-            params={**config_params(adapter, training, self.backend), **extra},
+            params={**config_params(adapter, training), **extra},
             tags=tags,
         )
         contexts = ("train", "validation") + (("test",) if training["eval_test"] else ())

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.space import DEFAULT_BACKEND, first_line, training_api
+from pipelines.space import first_line
 
 # Quality metrics: what `<metric>_std` is reported for when a trial has several seeds.
 QUALITY = frozenset(
@@ -259,14 +259,14 @@ def _param_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def config_params(
-    adapter: Mapping[str, Any], training: Mapping[str, Any], backend: str = DEFAULT_BACKEND
-) -> dict[str, str]:
+def config_params(adapter: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, str]:
     """`adapter.<field>` and `training.<field>` for every field of the built config dataclasses
     (defaults and method presets resolved); strings as they are, other values as JSON."""
-    train_cls, adapter_cls, _ = training_api(backend)
-    built_adapter = dataclasses.asdict(adapter_cls(**adapter))
-    built_training = dataclasses.asdict(train_cls(**{"seed": 0, **training}))
+    from graphlora.config import MoELoRAConfig
+    from graphlora.run import TrainConfig
+
+    built_adapter = dataclasses.asdict(MoELoRAConfig(**adapter))
+    built_training = dataclasses.asdict(TrainConfig(**{"seed": 0, **training}))
     out = {f"adapter.{k}": _param_value(v) for k, v in built_adapter.items()}
     out.update(
         {
@@ -283,17 +283,17 @@ def _field_is_str(cls: type, name: str) -> bool:
     return hints.get(name) is str
 
 
-def config_from_params(
-    params: Mapping[str, str], backend: str = DEFAULT_BACKEND
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def config_from_params(params: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(adapter, training) dicts back from `config_params` (other params are ignored).
 
     Raises:
         ValueError: No `adapter.` params (a run that is not a trained configuration).
     """
-    train_cls, adapter_cls, _ = training_api(backend)
+    from graphlora.config import MoELoRAConfig
+    from graphlora.run import TrainConfig
+
     sections: dict[str, dict[str, Any]] = {"adapter": {}, "training": {}}
-    classes = {"adapter": adapter_cls, "training": train_cls}
+    classes = {"adapter": MoELoRAConfig, "training": TrainConfig}
     for key, text in params.items():
         section, _, name = key.partition(".")
         if section not in sections or not name:

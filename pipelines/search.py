@@ -44,7 +44,6 @@ from pipelines.console import library_output_to_log, log_to
 from pipelines.host import HostPool, HostsError, hosts_for
 from pipelines.records import routing_warning
 from pipelines.space import (
-    DEFAULT_BACKEND,
     DEFAULT_SPACE,
     SearchSpace,
     SpaceError,
@@ -127,7 +126,6 @@ def find_search(ref: str | Path) -> Path:
 def run_search(
     space: SearchSpace,
     *,
-    backend: str = DEFAULT_BACKEND,
     output_dir: str | Path | None = None,
     out: Any = None,
     resume: bool = False,
@@ -143,7 +141,6 @@ def run_search(
 
     Args:
         space: A validated space (`load_search_space`).
-        backend: Training backend (`BACKENDS`).
         output_dir: Where results go; default `$GRAPHLORA_HOME/searches/<name>`.
         out: Stream for progress lines (default stdout).
         resume: Continue the search whose `search.json` is in `output_dir` (same MLflow parent
@@ -224,7 +221,6 @@ def run_search(
                 "model": space.model,
                 "dataset": space.dataset,
                 "method": space.method or "searched",
-                "backend": backend,
                 "trials": space.budget.trials,
                 "max_steps": space.budget.max_steps,
                 "eval_every": space.budget.eval_every,
@@ -244,7 +240,6 @@ def run_search(
         state = {
             "name": name,
             "space_file": space.path,
-            "backend": backend,
             "experiment": space.experiment,
             "parent_run_id": parent,
             "storage_path": storage,
@@ -274,7 +269,7 @@ def run_search(
     stop_signals.install()
     try:
         if space.resources.trials_per_host:
-            hosts = HostPool(space, backend, name, storage, hub, host_count)
+            hosts = HostPool(space, name, storage, hub, host_count)
             hosts.start()
         concurrent = space.resources.concurrent_trials(
             hosts.count if hosts else 0,
@@ -330,7 +325,6 @@ def run_search(
         )
         plan = TrialPlan(
             space,
-            backend,
             tuple(space.seed + i for i in range(space.seeds_per_trial)),
             storage,
             hub,
@@ -345,7 +339,6 @@ def run_search(
             scheduler=scheduler,
             out=out,
             total=new_trials + sum(1 for r in earlier if r.data.tags.get("kind") == "search"),
-            backend=backend,
         )
         monitor.adopt_runs(earlier)
         plan = dataclasses.replace(plan, ended=monitor.ended())
@@ -371,7 +364,7 @@ def run_search(
         monitor.print_table(trials, "search")
 
         stability, stability_cost = run_stability_stage(
-            space, backend, plan, name, trials, tracker, parent, out, earlier, round_=round_
+            space, plan, name, trials, tracker, parent, out, earlier, round_=round_
         )
         best = choose_best(space, trials, stability)
         files = write_results(output_dir, space, trials, stability, best)

@@ -37,15 +37,14 @@ Schema (every key; `?` marks optional ones, with their default)::
                                     # (default: optuna.db in the results folder; see storage.py)
 
 Allowed `adapter:`/`training:`/`search:` names come from the training library's dataclasses
-(`field_names(SomeDataclass)`). `load_search_space` validates against the library a search runs
-(`BACKENDS`, imported by name when called); `load_space` takes the names from the caller.
+(`field_names(SomeDataclass)`). `load_search_space` validates against the graphlora library's
+(imported when called); `load_space` takes the names from the caller.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import math
 import sys
 from collections.abc import Collection, Iterable, Mapping
@@ -744,18 +743,6 @@ class DefineByRun:
                 experts = value
 
 
-DEFAULT_BACKEND = "graphlora"
-# backend -> (module with TrainConfig and run_training, module with MoELoRAConfig)
-BACKENDS = {"graphlora": ("graphlora.train", "graphlora.config")}
-PACKING = {"graphlora": "graphlora.packed_train"}  # backend -> module with SHARED_FIELDS
-
-
-def training_api(backend: str = DEFAULT_BACKEND) -> tuple[type, type, Any]:
-    """(TrainConfig, MoELoRAConfig, run_training) of a backend."""
-    train_mod, config_mod = (importlib.import_module(m) for m in BACKENDS[backend])
-    return train_mod.TrainConfig, config_mod.MoELoRAConfig, train_mod.run_training
-
-
 # The shipped spaces: `search_spaces/` beside `pipelines/` in a checkout (and an editable
 # install); `pipelines/search_spaces/` once installed from a wheel (pyproject.toml maps it there).
 SHIPPED_SPACES = (
@@ -795,23 +782,24 @@ def resolve_space(space: str | Path) -> Path:
 
 def load_search_space(
     path: str | Path,
-    backend: str = DEFAULT_BACKEND,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> SearchSpace:
-    """Load and validate a space file against the backend's config dataclasses (`overrides`:
+    """Load and validate a space file against graphlora's config dataclasses (`overrides`:
     section -> key -> value, replacing the file's entries before validation)."""
+    from graphlora.config import METHOD_PRESETS, MoELoRAConfig
+    from graphlora.packed_train import SHARED_FIELDS
+    from graphlora.run import TrainConfig
+
     path = resolve_space(path)
-    train_cls, adapter_cls, _ = training_api(backend)
-    methods = getattr(importlib.import_module(BACKENDS[backend][1]), "METHOD_PRESETS", None)
     space = load_space(
         path,
-        adapter_fields=field_names(adapter_cls),
-        training_fields=field_names(train_cls),
-        methods=methods,
+        adapter_fields=field_names(MoELoRAConfig),
+        training_fields=field_names(TrainConfig),
+        methods=METHOD_PRESETS,
         overrides=overrides,
-        packed_shared=importlib.import_module(PACKING[backend]).SHARED_FIELDS,
+        packed_shared=SHARED_FIELDS,
     )
-    check_constructible(space, train_cls, adapter_cls)
+    check_constructible(space, TrainConfig, MoELoRAConfig)
     return space
 
 

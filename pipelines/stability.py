@@ -16,7 +16,6 @@ from pipelines.tuning import fit_experiment
 
 def run_stability_stage(
     space: SearchSpace,
-    backend: str,
     search_plan: TrialPlan,
     name: str,
     trials: list[dict[str, Any]],
@@ -67,7 +66,7 @@ def run_stability_stage(
                 f"stability {group}" + (f" (extension {round_})" if round_ else ""),
                 parent_run_id=parent,
                 params={
-                    **config_params(adapter, training, backend),
+                    **config_params(adapter, training),
                     "seeds": ",".join(map(str, seeds)),
                     "from_trial": t["trial"],
                 },
@@ -86,9 +85,7 @@ def run_stability_stage(
         ]
     # No ASHA here; these runs report the test split (of the weights they end with).
     plan = dataclasses.replace(search_plan, verdict_wait_s=0.0, eval_test=True)
-    monitor = SearchMonitor(
-        tracker, parent, space, out=out, total=len(runs), stage="stability", backend=backend
-    )
+    monitor = SearchMonitor(tracker, parent, space, out=out, total=len(runs), stage="stability")
     monitor.adopt_runs(seed_runs)
     plan = dataclasses.replace(plan, ended=monitor.ended())
     fit_experiment(

@@ -51,7 +51,7 @@ from pipelines.best_config import (
 )
 from pipelines.evaluate import quiet_progress_bars
 from pipelines.records import config_params, log_lineage, routing_warning
-from pipelines.space import DEFAULT_BACKEND, SpaceError, error_line, first_line
+from pipelines.space import SpaceError, error_line, first_line
 from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
 from pipelines.tuning import init_ray
 from pipelines.worker import fast_train_reports
@@ -79,7 +79,6 @@ class PromotionPlan:
     alias: str
     experiment: str
     output_dir: Path
-    backend: str = DEFAULT_BACKEND
 
     @property
     def source_ref(self) -> str:
@@ -247,7 +246,6 @@ def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> An
     from pipelines.worker import fit_seed, seed_trainer
 
     config = {
-        "backend": plan.backend,
         "adapter": plan.adapter,
         "training": {**plan.training, "seed": seed, "eval_test": True},  # promotion reports test
         "save_adapter": True,
@@ -407,7 +405,7 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
             "seeds": seeds,
             "workers": plan.workers,
             "gpus_per_worker": plan.gpus_per_worker,
-            **config_params(plan.adapter, t, plan.backend),  # as trial and stability runs
+            **config_params(plan.adapter, t),  # as trial and stability runs
         },
         tags={"kind": KIND, SOURCE_TAG: plan.source_ref, "graphlora.source": plan.best.source},
     )

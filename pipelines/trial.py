@@ -32,7 +32,6 @@ class TrialPlan:
     """What every trial of one stage shares (passed with `tune.with_parameters`)."""
 
     space: SearchSpace
-    backend: str
     seeds: tuple[int, ...]
     storage_path: str
     hub: Any = None  # asha.HubRef (a name, never a live handle); None: the trial makes its own
@@ -159,7 +158,6 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
             run_on_host(plan.board, job)
             return
         config = {
-            "backend": plan.backend,
             "adapter": adapter,
             "training": training,
             "trial_id": trial_id,

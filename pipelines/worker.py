@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pipelines.space import error_line, training_api
+from pipelines.space import error_line
 
 VERDICT_WAIT_S = 60.0  # longest a Train run waits for ASHA's verdict on an evaluation
 TRAIN_POLL_S = "0.1"  # Ray Train controller poll interval, unless the environment sets one
@@ -44,7 +44,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     name and storage path, and Ray Train hands it the same checkpoint.
 
     Args:
-        config: `backend`, `adapter` and `training` dicts (the dataclasses are built here, at the
+        config: `adapter` and `training` dicts (the dataclasses are built here, at the
             library's edge); optionally `save_adapter` (rank 0 attaches the trained adapter
             folder to the final report as a checkpoint), `hub` (a `pipelines.asha.HubRef`: the
             search's trial hub, by name), `trial_id` and `verdict_wait_s`: after its k-th
@@ -55,10 +55,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     from ray.train.collective import broadcast_from_rank_zero
 
     from graphlora.checkpoint import read_progress
-    from graphlora.run import NonFiniteLossError
+    from graphlora.config import MoELoRAConfig
+    from graphlora.run import NonFiniteLossError, TrainConfig
+    from graphlora.train import run_training
 
-    train_cls, adapter_cls, run_training = training_api(config["backend"])
-    train_cfg, adapter_cfg = train_cls(**config["training"]), adapter_cls(**config["adapter"])
+    train_cfg = TrainConfig(**config["training"])
+    adapter_cfg = MoELoRAConfig(**config["adapter"])
     hub, wait_s = config.get("hub"), config.get("verdict_wait_s", 0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -303,8 +303,9 @@ def test_promotion_from_a_trial_run_gets_the_trials_configuration(store, tmp_pat
     """A trial run's params (as the search's monitor writes them) rebuild its configuration."""
     from types import SimpleNamespace
 
+    from graphlora.config import MoELoRAConfig
+    from graphlora.run import TrainConfig
     from pipelines.monitor import SearchMonitor
-    from pipelines.space import training_api
 
     space = load_search_space(QUICKSTART)
     tracker = Tracker("from-run")
@@ -333,9 +334,8 @@ def test_promotion_from_a_trial_run_gets_the_trials_configuration(store, tmp_pat
 
     plan = train.plan_promotion(from_run=run_id, output_dir=tmp_path / "out", seeds="1")
     adapter, training = space.configs(params, space.seed)
-    train_cls, adapter_cls, _ = training_api()
-    assert adapter_cls(**plan.adapter) == adapter_cls(**adapter)
-    assert train_cls(**plan.training, seed=0) == train_cls(
+    assert MoELoRAConfig(**plan.adapter) == MoELoRAConfig(**adapter)
+    assert TrainConfig(**plan.training, seed=0) == TrainConfig(
         **{**training, "seed": 0, "eval_test": True}
     )
     assert plan.experiment == "from-run"

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from graphlora.config import MoELoRAConfig
+from graphlora.run import TrainConfig
 from pipelines.pictures import health_labels, pareto_front, save_search_pictures
 from pipelines.records import (
     BOOKKEEPING,
@@ -29,7 +31,6 @@ from pipelines.records import (
     tidy_metrics,
 )
 from pipelines.search import load_search_space
-from pipelines.space import training_api
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -87,16 +88,15 @@ def test_load_map_from_flat_counts():
 @pytest.mark.parametrize("space_file", ["quickstart.yaml", "compare.yaml"])
 def test_params_are_the_full_configuration_and_rebuild_it(space_file):
     space = load_search_space(SPACES / space_file)
-    train_cls, adapter_cls, _ = training_api()
     params = {n: p.values[-1] if p.values else p.low for n, p in space.search.items()}
     adapter, training = space.configs(params, 7)
     logged = config_params(adapter, training)
-    assert {f"adapter.{f.name}" for f in dataclasses.fields(adapter_cls)} <= set(logged)
+    assert {f"adapter.{f.name}" for f in dataclasses.fields(MoELoRAConfig)} <= set(logged)
     assert logged["training.seed"] == "7" and logged["training.model"] == space.model
     assert all(isinstance(v, str) for v in logged.values())
     back_adapter, back_training = config_from_params({**logged, "seeds": "7,8"})
-    assert adapter_cls(**back_adapter) == adapter_cls(**adapter)
-    assert train_cls(**back_training) == train_cls(**training)
+    assert MoELoRAConfig(**back_adapter) == MoELoRAConfig(**adapter)
+    assert TrainConfig(**back_training) == TrainConfig(**training)
 
 
 def test_a_local_dataset_is_recorded_with_its_file_source_and_no_warning(recwarn):

@@ -10,12 +10,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture
-def backend() -> str:
-    """The training backend the e2e searches run (the library's `run_training`)."""
-    return "graphlora"
-
-
 @pytest.fixture(scope="session")
 def graphlora_home(tmp_path_factory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("graphlora-home")
@@ -56,9 +50,9 @@ def asha_search(ray_cluster, tmp_path_factory) -> tuple:
     from pipelines.search import run_search
 
     tmp = tmp_path_factory.mktemp("asha")
-    space = make_space(tmp, "graphlora", trials=5, experiment="asha")
+    space = make_space(tmp, trials=5, experiment="asha")
     out = io.StringIO()
-    result = run_search(space, backend="graphlora", output_dir=tmp / "out", out=out)
+    result = run_search(space, output_dir=tmp / "out", out=out)
     return space, result, out.getvalue()
 
 

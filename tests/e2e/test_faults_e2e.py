@@ -145,7 +145,7 @@ def _small_space(tmp_path: Path, experiment: str, hosts: bool = False):
     """3 trials of 40 steps (4 evaluations), 2 at a time on the search's own 2-CPU Ray: 30 steps
     between a trial's first evaluation and its end, so a fault sent on seeing that evaluation
     lands while the trial runs. `hosts`: on one trial host of 2 slots, as the quickstart."""
-    make_space(tmp_path, "graphlora", trials=3, experiment=experiment)
+    make_space(tmp_path, trials=3, experiment=experiment)
     path = tmp_path / "space.yaml"
     if hosts:
         path.write_text(path.read_text().replace("max_concurrent_trials: 2", "trials_per_host: 2"))
@@ -345,7 +345,7 @@ def search_in_thread(space, tmp_path: Path) -> tuple[threading.Thread, dict, io.
 
 
 def test_train_worker_sigkilled_mid_trial_restarts_from_checkpoint(ray_cluster, tmp_path):
-    make_space(tmp_path, "graphlora", trials=1, concurrent=1, experiment="worker")
+    make_space(tmp_path, trials=1, concurrent=1, experiment="worker")
     path = tmp_path / "space.yaml"  # 70 steps after the first evaluation: the kill lands mid-way
     path.write_text(path.read_text().replace("max_steps: 40", "max_steps: 80"))
     space = load_search_space(path)
@@ -392,12 +392,12 @@ def test_a_diverged_run_is_not_retried_as_a_lost_worker(ray_cluster, tmp_path):
     from pipelines.trial import _make_relay
     from pipelines.worker import fit_seed, seed_trainer
 
-    space = make_space(tmp_path, "graphlora", trials=1, experiment="diverged")
+    space = make_space(tmp_path, trials=1, experiment="diverged")
     params = {"learning_rate": 1e-3, "num_experts": 2, "top_k": 1, "rank": 1}
     adapter, training = space.configs(params, seed=0)
     training.update(max_steps=6, eval_every=2, inject_nan_at_step=3)
     hub = TrialHub.remote()
-    config = {"backend": "graphlora", "adapter": adapter, "training": training, "trial_id": "t"}
+    config = {"adapter": adapter, "training": training, "trial_id": "t"}
     trainer = seed_trainer(
         config,
         name="diverged",
@@ -425,7 +425,7 @@ def test_nan_loss_fails_its_trial_and_the_search_goes_on(ray_cluster, tmp_path):
     """One trial's loss turns NaN at step 3: it ends failed with the reason; the other runs.
     (Seeded TPE proposes inject_nan_at_step 3, then 1000000, for this space.)"""
     path = tmp_path / "space.yaml"
-    space = make_space(tmp_path, "graphlora", trials=2, experiment="nan")
+    space = make_space(tmp_path, trials=2, experiment="nan")
     text = path.read_text().replace(
         "  learning_rate: {type: loguniform, low: 1.0e-5, high: 1.0e-1}\n",
         "  inject_nan_at_step: {type: categorical, values: [3, 1000000]}\n",

@@ -47,7 +47,7 @@ def _uncut(text: str) -> str:
 
 def _packed_space(tmp_path, experiment: str, trials: int, *, nan: bool = False, uncut=False):
     """`make_space`'s space on one host of 2 slots (its 2 CPUs: the whole local Ray)."""
-    make_space(tmp_path, "graphlora", trials=trials, experiment=experiment)
+    make_space(tmp_path, trials=trials, experiment=experiment)
     path = tmp_path / "space.yaml"
     text = path.read_text().replace("max_concurrent_trials: 2", "trials_per_host: 2")
     if uncut:
@@ -187,7 +187,7 @@ def test_a_data_parallel_host_that_loses_a_worker_trains_as_two_ranks_do(ray_clu
     Train restarts the whole host, every rank resumes both slots from the host's checkpoint, and
     the trial that ran to the end reports, at every evaluation, what `run_training` on 2 gloo
     ranks computes without any interruption."""
-    make_space(tmp_path, "graphlora", trials=2, workers=2, experiment="ddphost")
+    make_space(tmp_path, trials=2, workers=2, experiment="ddphost")
     path = tmp_path / "space.yaml"
     path.write_text(
         _uncut(path.read_text()).replace(

@@ -71,14 +71,14 @@ def test_search_promote_register_and_serve(asha_search, graphlora_home, tmp_path
     assert contexts == {"train", "validation", "test"}
 
     # --from-run: any trial run's params give back that trial's configuration.
-    from pipelines.space import training_api
+    from graphlora.config import MoELoRAConfig
+    from graphlora.run import TrainConfig
 
-    train_cls, adapter_cls, _ = training_api()
     for t in search.trials:
         plan = train.plan_promotion(from_run=t["run_id"], output_dir=tmp_path / "again")
         adapter, training = space.configs(t["params"], space.seed)
-        assert adapter_cls(**plan.adapter) == adapter_cls(**adapter)
-        assert train_cls(**plan.training, seed=space.seed) == train_cls(
+        assert MoELoRAConfig(**plan.adapter) == MoELoRAConfig(**adapter)
+        assert TrainConfig(**plan.training, seed=space.seed) == TrainConfig(
             **{**training, "eval_test": True}
         )
         assert plan.best.resources == space.raw["resources"]

@@ -15,10 +15,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from graphlora.config import MoELoRAConfig
 from graphlora.health import collapsed_layers
+from graphlora.run import TrainConfig
 from pipelines.records import COLLAPSED_TAG, collapsed_text, config_from_params, is_quality
 from pipelines.search import run_search
-from pipelines.space import load_search_space, training_api
+from pipelines.space import load_search_space
 from pipelines.tracking import tracking_uri
 
 SPACE = """\
@@ -44,7 +46,6 @@ mlflow: {{experiment: {experiment}}}
 
 def make_space(
     tmp_path: Path,
-    backend: str,
     *,
     dataset: str = "synthetic",
     trials: int = 6,
@@ -63,10 +64,10 @@ def make_space(
             concurrent=concurrent,
             seeds=seeds,
             top=top,
-            experiment=f"{experiment}-{backend}-{tmp_path.name}",
+            experiment=f"{experiment}-{tmp_path.name}",
         )
     )
-    return load_search_space(path, backend)
+    return load_search_space(path)
 
 
 def live_placement_groups() -> list[dict]:
@@ -105,7 +106,6 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
     assert exp.artifact_location.startswith("file://")  # the fixed absolute location
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["status"] == "completed"
-    train_cls, adapter_cls, _ = training_api("graphlora")
     children = child_runs(client, exp.experiment_id, result.parent_run_id)
     trials = [r for r in children if r.data.tags.get("kind") == "search"]
     assert len(trials) == 5 == len(children)
@@ -136,8 +136,8 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
         # The params are the trial's full configuration, and rebuild it.
         adapter, training = space.configs(t["params"], space.seed)
         back_adapter, back_training = config_from_params(run.data.params)
-        assert adapter_cls(**back_adapter) == adapter_cls(**adapter)
-        assert train_cls(**back_training) == train_cls(**{**training, "eval_test": False})
+        assert MoELoRAConfig(**back_adapter) == MoELoRAConfig(**adapter)
+        assert TrainConfig(**back_training) == TrainConfig(**{**training, "eval_test": False})
         # Lineage: the data it saw, by context, and the base model.
         contexts = {
             i.dataset.name: {t.value for t in i.tags if t.key == "mlflow.data.context"}
@@ -170,26 +170,25 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
 
     # The best config YAML loads straight into the library's dataclasses.
     best = yaml.safe_load((result.output_dir / "best_config.yaml").read_text())
-    adapter_cls(**best["adapter"])
-    train_cls(**best["training"], seed=0)
+    MoELoRAConfig(**best["adapter"])
+    TrainConfig(**best["training"], seed=0)
     assert best["adapter"]["top_k"] <= best["adapter"]["num_experts"]
 
 
 @pytest.mark.parametrize(("seeds", "workers"), [(2, 1), (1, 2)], ids=["2seeds", "2workers"])
-def test_multi_seed_and_multi_worker_trials(ray_cluster, backend, tmp_path, seeds, workers):
+def test_multi_seed_and_multi_worker_trials(ray_cluster, tmp_path, seeds, workers):
     """2 seeds side by side in one trial, then the stability stage (1 config x 2 fresh seeds,
     one trial each, side by side); or one trial of 2 DDP workers."""
     stability = seeds > 1
     space = make_space(
         tmp_path,
-        backend,
         trials=1,
         concurrent=2 if stability else 1,
         seeds=seeds,
         workers=workers,
         top=1 if stability else 0,
     )
-    result = run_search(space, backend=backend, output_dir=tmp_path / "out", out=io.StringIO())
+    result = run_search(space, output_dir=tmp_path / "out", out=io.StringIO())
     assert {t["status"] for t in result.trials} <= {"completed", "stopped_early_asha"}
     assert live_placement_groups() == []
     client = MlflowClient(tracking_uri())

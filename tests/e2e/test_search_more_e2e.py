@@ -28,7 +28,7 @@ def test_warm_start_hands_the_earlier_trials_to_optuna(asha_search, tmp_path):
     space, result, _ = asha_search
     client = MlflowClient(tracking_uri())
     name = client.get_run(result.parent_run_id).data.tags["search_name"]
-    new = make_space(tmp_path, "graphlora", trials=1, experiment="warm")
+    new = make_space(tmp_path, trials=1, experiment="warm")
     warm = load_warm_start(new, name, client)
     statuses = {t["trial_id"]: t["status"] for t in result.trials}
     assert len(warm.trials) == len(result.trials) == 5
@@ -36,9 +36,7 @@ def test_warm_start_hands_the_earlier_trials_to_optuna(asha_search, tmp_path):
     assert states == sorted("COMPLETE" if s == "completed" else "PRUNED" for s in statuses.values())
 
     out = io.StringIO()
-    second = run_search(
-        new, backend="graphlora", output_dir=tmp_path / "out", out=out, warm_start=warm
-    )
+    second = run_search(new, output_dir=tmp_path / "out", out=out, warm_start=warm)
     assert f"warm start: 5 trials of search {name}" in out.getvalue()
     study = study_of(second.output_dir)
     assert len(study.trials) == 6  # five known, one trained
@@ -66,7 +64,6 @@ def test_resume_with_more_trials_extends_a_finished_search(asha_search):
     out = io.StringIO()
     more = run_search(
         space,
-        backend="graphlora",
         output_dir=result.output_dir,
         out=out,
         resume=True,
@@ -90,7 +87,7 @@ def test_multi_objective_search_keeps_asha_on_the_first(ray_cluster, tmp_path):
     best config is still chosen on the first, and every picture draws."""
     from pipelines.space import load_search_space
 
-    make_space(tmp_path, "graphlora", trials=2, experiment="pareto")
+    make_space(tmp_path, trials=2, experiment="pareto")
     path = tmp_path / "space.yaml"
     path.write_text(
         path.read_text()
@@ -99,7 +96,7 @@ def test_multi_objective_search_keeps_asha_on_the_first(ray_cluster, tmp_path):
     )
     space = load_search_space(path)
     out = io.StringIO()
-    result = run_search(space, backend="graphlora", output_dir=tmp_path / "out", out=out)
+    result = run_search(space, output_dir=tmp_path / "out", out=out)
     study = study_of(result.output_dir)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]
