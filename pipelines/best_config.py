@@ -1,9 +1,9 @@
 """Where a promotion starts: a `best_config.yaml` a search wrote, or the one a finished MLflow
 search run holds, validated in full before anything starts.
 
-Errors are one line naming the file (or run), the key and its line, in the style of
-`pipelines/space.py` (whose checker this reuses); a search run that is missing, still running,
-failed or without a best configuration is a `PromotionError` saying which and what to do.
+Errors are one line naming the file (or run), the key and its line, as a space file's are
+(`pipelines/errors.py`, whose checker this reuses); a search run that is missing, still
+running, failed or without a best configuration is a `PromotionError` saying which and what to do.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from pipelines.space import Checker, SpaceError, field_names, first_line, parse_yaml
+from pipelines.errors import Checker, SpaceError, first_line, parse_yaml
+from pipelines.schema import field_names
 from pipelines.tracking import check_store, tracking_uri
 
 BEST_CONFIG = "best_config.yaml"

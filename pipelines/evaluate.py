@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.space import first_line
+from pipelines.errors import first_line
 from pipelines.tracking import Tracker, TrackingError, check_store, tracking_uri
 
 SPLITS = ("test", "validation", "train")

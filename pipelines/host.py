@@ -39,7 +39,8 @@ from typing import Any
 import ray
 
 from pipelines.asha import HubRef
-from pipelines.space import SearchSpace, error_line
+from pipelines.errors import error_line
+from pipelines.schema import SearchSpace
 from pipelines.worker import eval_index, fast_train_reports, seed_trainer, worker_errors
 
 MANIFEST = "host.json"  # in a host checkpoint: the jobs of the slots it holds

@@ -30,7 +30,7 @@ from pipelines.records import (
     routing_summary,
     tidy_metrics,
 )
-from pipelines.space import SearchSpace
+from pipelines.schema import SearchSpace
 from pipelines.tracking import (
     COMPLETED,
     FAILED,

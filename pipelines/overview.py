@@ -9,7 +9,7 @@ import os
 import time
 from typing import IO, Any
 
-from pipelines.space import SearchSpace
+from pipelines.schema import SearchSpace
 from pipelines.tracking import MLFLOW_PARENT_RUN_ID, check_store, tracking_uri
 
 

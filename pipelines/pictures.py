@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import first_line
 from pipelines.records import health_rows
-from pipelines.space import first_line
 
 PARETO, LOAD_MAP, STABILITY = "pareto.png", "load_map.png", "stability.png"
 

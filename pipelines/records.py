@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.space import first_line
+from pipelines.errors import first_line
 
 # Quality metrics: what `<metric>_std` is reported for when a trial has several seeds.
 QUALITY = frozenset(

@@ -41,16 +41,10 @@ import yaml
 
 from pipelines import storage as optuna_db
 from pipelines.console import library_output_to_log, log_to
+from pipelines.errors import SpaceError, first_line
 from pipelines.host import HostPool, HostsError, hosts_for
 from pipelines.records import routing_warning
-from pipelines.space import (
-    DEFAULT_SPACE,
-    SearchSpace,
-    SpaceError,
-    first_line,
-    load_search_space,
-    shipped_spaces,
-)
+from pipelines.schema import SearchSpace
 from pipelines.stability import choose_best, run_stability_stage
 from pipelines.storage import StorageError
 from pipelines.summary import describe_search, search_cost, search_pictures
@@ -73,6 +67,7 @@ from pipelines.tuning import (
     init_ray,
     optuna_search_class,
 )
+from pipelines.validate import DEFAULT_SPACE, load_search_space, shipped_spaces
 from pipelines.worker import VERDICT_WAIT_S
 
 __all__ = [
@@ -173,7 +168,7 @@ def run_search(
 
     from pipelines.asha import FlagASHAScheduler, HubRef
     from pipelines.monitor import SearchMonitor, format_params, write_results
-    from pipelines.space import DefineByRun
+    from pipelines.tuning import DefineByRun
 
     _OptunaSearch = optuna_search_class()  # noqa: N806 - a class
     out = out or sys.stdout

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from pipelines.records import config_params, log_lineage, routing_summary
-from pipelines.space import SearchSpace
+from pipelines.schema import SearchSpace
 from pipelines.tracking import Tracker
 from pipelines.trial import OBJECTIVE, TrialPlan, train_driver_fn
 from pipelines.tuning import fit_experiment

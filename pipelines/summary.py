@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.records import collapsed_note
-from pipelines.space import SearchSpace
+from pipelines.schema import SearchSpace
 from pipelines.tracking import STOPPED_EARLY_ASHA
 
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.space import first_line
+from pipelines.errors import first_line
 from pipelines.storage import StorageError, masked
 from pipelines.storage import check as check_database
 

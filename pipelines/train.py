@@ -49,9 +49,9 @@ from pipelines.best_config import (
     build_configs,
     read_best_config_file,
 )
+from pipelines.errors import SpaceError, error_line, first_line
 from pipelines.evaluate import quiet_progress_bars
 from pipelines.records import config_params, log_lineage, routing_warning
-from pipelines.space import SpaceError, error_line, first_line
 from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
 from pipelines.tuning import init_ray
 from pipelines.worker import fast_train_reports

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipelines.host import job_key, run_on_host
 from pipelines.records import seed_stats
-from pipelines.space import SearchSpace
+from pipelines.schema import SearchSpace
 from pipelines.worker import fast_train_reports, fit_seed, seed_trainer, worker_errors
 
 RETURN_WAIT_S = 5.0  # longest a trial waits for its runs to return once all sent their last

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pipelines.schema import SearchSpace
     from pipelines.trial import TrialPlan
 
 
@@ -420,3 +421,33 @@ def optuna_search_class() -> type:
                     self._heartbeat = heartbeat
 
     return ResumableOptunaSearch
+
+
+class DefineByRun:
+    """Optuna define-by-run space for `OptunaSearch`: suggests values, computes nothing.
+
+    num_experts is suggested first so top_k's upper bound can follow it
+    (top_k in [low, min(high, num_experts)]). Picklable, so Tune can checkpoint the searcher.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        order = sorted(space.search, key=lambda n: (n != "num_experts", n == "top_k"))
+        self.params = [space.search[n] for n in order]
+        self.fixed_experts = space.adapter.get("num_experts")
+
+    def __call__(self, trial: Any) -> None:
+        experts = self.fixed_experts
+        for p in self.params:
+            if p.type == "categorical":
+                value = trial.suggest_categorical(p.name, list(p.values))
+            elif p.type == "int":
+                high = p.high
+                if p.name == "top_k" and isinstance(experts, int):
+                    high = min(high, experts)
+                value = trial.suggest_int(p.name, p.low, high, step=p.step or 1)
+            else:
+                value = trial.suggest_float(
+                    p.name, p.low, p.high, step=p.step, log=p.type == "loguniform"
+                )
+            if p.name == "num_experts":
+                experts = value

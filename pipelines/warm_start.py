@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
-from pipelines.space import DefineByRun, Objective, SearchSpace, SpaceError
+from pipelines.errors import SpaceError
+from pipelines.schema import Objective, SearchSpace
 from pipelines.tracking import COMPLETED, MLFLOW_PARENT_RUN_ID, STOPPED_EARLY_ASHA
+from pipelines.tuning import DefineByRun
 
 
 @dataclass

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pipelines.space import error_line
+from pipelines.errors import error_line
 
 VERDICT_WAIT_S = 60.0  # longest a Train run waits for ASHA's verdict on an evaluation
 TRAIN_POLL_S = "0.1"  # Ray Train controller poll interval, unless the environment sets one

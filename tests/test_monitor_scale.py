@@ -20,8 +20,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from pipelines.monitor import SearchMonitor
-from pipelines.space import load_search_space
 from pipelines.tracking import Tracker
+from pipelines.validate import load_search_space
 
 SPACE = """\
 model: tiny-qwen2

@@ -84,7 +84,7 @@ def test_a_built_wheel_ships_the_benchmark_files(tmp_path: Path) -> None:
     # Load from the unpacked wheel, away from the checkout and with no data dir set.
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import graphlora.data as d; "
-        "from pipelines.space import resolve_space; print(resolve_space('quickstart')); "
+        "from pipelines.validate import resolve_space; print(resolve_space('quickstart')); "
         "s = d.load_task('piqa'); print(d.__file__); print(s.source, len(s.test))"
     )
     env = {k: v for k, v in os.environ.items() if k != "GRAPHLORA_DATA_DIR"}

@@ -12,14 +12,11 @@ import optuna
 import pytest
 import yaml
 
+from pipelines.errors import SpaceError
+from pipelines.schema import field_names
 from pipelines.search import load_search_space
-from pipelines.space import (
-    DefineByRun,
-    SpaceError,
-    check_constructible,
-    field_names,
-    load_space,
-)
+from pipelines.tuning import DefineByRun
+from pipelines.validate import check_constructible, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))

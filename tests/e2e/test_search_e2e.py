@@ -20,8 +20,8 @@ from graphlora.health import collapsed_layers
 from graphlora.run import TrainConfig
 from pipelines.records import COLLAPSED_TAG, collapsed_text, config_from_params, is_quality
 from pipelines.search import run_search
-from pipelines.space import load_search_space
 from pipelines.tracking import tracking_uri
+from pipelines.validate import load_search_space
 
 SPACE = """\
 model: tiny-qwen2

@@ -13,8 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_search_e2e import child_runs, make_space
 
+from pipelines.errors import SpaceError
 from pipelines.search import run_search
-from pipelines.space import SpaceError
 from pipelines.tracking import tracking_uri
 from pipelines.warm_start import load_warm_start
 
@@ -85,7 +85,7 @@ def test_resume_with_more_trials_extends_a_finished_search(asha_search):
 def test_multi_objective_search_keeps_asha_on_the_first(ray_cluster, tmp_path):
     """`objective.secondary: {metric: trainable_params, mode: min}`: Optuna is told both, the
     best config is still chosen on the first, and every picture draws."""
-    from pipelines.space import load_search_space
+    from pipelines.validate import load_search_space
 
     make_space(tmp_path, trials=2, experiment="pareto")
     path = tmp_path / "space.yaml"
