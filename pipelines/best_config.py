@@ -1,5 +1,6 @@
-"""Where a promotion starts: a `best_config.yaml` a search wrote, or the one a finished MLflow
-search run holds, validated in full before anything starts.
+"""`best_config.yaml`, written and read here: the search writes it at its end
+(`write_best_config`); a promotion starts from it, or from the one a finished MLflow search run
+holds, validated in full before anything starts.
 
 Errors are one line naming the file (or run), the key and its line, as a space file's are
 (`pipelines/errors.py`, whose checker this reuses); a search run that is missing, still
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from pipelines.errors import Checker, SpaceError, first_line, parse_yaml
-from pipelines.schema import field_names
+from pipelines.schema import SearchSpace, field_names
 from pipelines.tracking import check_store, tracking_uri
 
 BEST_CONFIG = "best_config.yaml"
@@ -34,6 +35,47 @@ _FLAGS = {
     "data_dir": "--data-dir",
     "max_test_examples": "--max-test-examples",
 }
+
+
+def write_best_config(output_dir: Path, space: SearchSpace, best: dict[str, Any]) -> Path:
+    """Write a search's `best_config.yaml` into `output_dir` and return its path.
+
+    Args:
+        output_dir: the search's results folder.
+        space: the search's space (fixed fields, objective, seed).
+        best: the chosen configuration (`pipelines.stability.choose_best`): `params` (the
+            sampled values), `source` (e.g. "stability config-1 (trial 3)"), `scores` and
+            optionally `routing` (`pipelines.records.routing_summary`).
+    """
+    from graphlora.health import COLLAPSE_ENTROPY
+
+    adapter, training = space.configs(best["params"], space.seed)
+    training.pop("seed")  # the promotion's own (--seeds)
+    doc = {
+        "source": f"{Path(space.path).name}: {best['source']}",
+        "objective": {
+            "metric": space.objective.metric,
+            "mode": space.objective.mode,
+            "std_penalty": space.objective.std_penalty,
+        },
+        "scores": {k: float(v) for k, v in best["scores"].items()},
+        **({"routing": best["routing"]} if best.get("routing") else {}),
+        "adapter": adapter,
+        "training": training,
+    }
+    comment = (
+        "# Best configuration found. Load with MoELoRAConfig(**adapter) and\n"
+        "# TrainConfig(**training, seed=...).\n"
+    )
+    if "routing" in doc:
+        comment += (
+            "# routing: the router at the last evaluation: min_batch_entropy, the lowest "
+            "per-batch\n# routing entropy of any layer (0-1); collapsed_layers, the layers below "
+            f"{COLLAPSE_ENTROPY:g}.\n"
+        )
+    path = output_dir / BEST_CONFIG
+    path.write_text(comment + yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 class PromotionError(ValueError):

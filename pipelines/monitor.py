@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ray import tune
 
+from pipelines.best_config import write_best_config
 from pipelines.records import (
     COLLAPSED_TAG,
     collapsed_from_text,
@@ -24,7 +24,6 @@ from pipelines.records import (
     config_params,
     load_map,
     log_lineage,
-    routing_comment,
     routing_health,
     routing_row,
     routing_summary,
@@ -584,25 +583,5 @@ def write_results(
                     ]
                 )
     if best:
-        adapter, training = space.configs(best["params"], space.seed)
-        training.pop("seed")
-        doc = {
-            "source": f"{Path(space.path).name}: {best['source']}",
-            "objective": {
-                "metric": space.objective.metric,
-                "mode": space.objective.mode,
-                "std_penalty": space.objective.std_penalty,
-            },
-            "scores": {k: float(v) for k, v in best["scores"].items()},
-            **({"routing": best["routing"]} if best.get("routing") else {}),
-            "adapter": adapter,
-            "training": training,
-        }
-        files.append(output_dir / "best_config.yaml")
-        files[-1].write_text(
-            "# Best configuration found. Load with MoELoRAConfig(**adapter) and\n"
-            "# TrainConfig(**training, seed=...).\n"
-            + (routing_comment() if "routing" in doc else "")
-            + yaml.safe_dump(doc, sort_keys=False)
-        )
+        files.append(write_best_config(output_dir, space, best))
     return files

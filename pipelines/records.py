@@ -204,17 +204,6 @@ def routing_summary(runs: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def routing_comment() -> str:
-    """best_config.yaml's comment on its `routing:` record (`routing_summary`)."""
-    from graphlora.health import COLLAPSE_ENTROPY
-
-    return (
-        "# routing: the router at the last evaluation: min_batch_entropy, the lowest per-batch\n"
-        "# routing entropy of any layer (0-1); collapsed_layers, the layers below "
-        f"{COLLAPSE_ENTROPY:g}.\n"
-    )
-
-
 def routing_warning(routing: Mapping[str, Any]) -> str | None:
     """The line said of a best configuration whose router collapsed in the search (its
     `routing:` record); None when none of its layers did."""

@@ -8,7 +8,7 @@ seed's adapter, record it all in MLflow, and register a model that answers quest
 
 Steps:
 
-1. Read the best configuration: a `best_config.yaml` (as `pipelines/monitor.py` writes it), or
+1. Read the best configuration: a `best_config.yaml` (as `pipelines/best_config.py` writes it), or
    the `best_config.yaml` artifact of a finished MLflow search run (the search picked it by its
    objective), or the params of any run that trained a configuration (`--from-run`: a trial's
    params are its full resolved configuration). Apply the command-line overrides and validate
