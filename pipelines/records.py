@@ -3,7 +3,7 @@
 - Params: the full resolved configuration, every adapter and training field after the config
   dataclasses filled in their defaults and method presets, named `adapter.<field>` and
   `training.<field>` (`config_params`); `config_from_params` reads them back, so any run can be
-  trained again from MLflow alone (`pipelines/train.py --from-run`).
+  trained again from MLflow alone (`pipelines/promote.py --from-run`).
 - Metrics: what the run measured (quality per evaluation, cost, routing), none of Ray Tune's
   bookkeeping (`tidy_metrics`); `<metric>_std` only for quality metrics over several seeds, with
   the sample standard deviation (`seed_stats`), as in `graphlora.train.summarize_seeds`.

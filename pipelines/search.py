@@ -421,7 +421,7 @@ def run_search(
             print(
                 "test: not evaluated (search trials are chosen on validation only); the "
                 "stability stage (stability.top_k_configs > 0) or promotion "
-                "(pipelines/train.py) reports the test split",
+                "(graphlora-promote) reports the test split",
                 file=out,
             )
     print(f"results: {output_dir}\nMLflow runs: {link}", file=out, flush=True)

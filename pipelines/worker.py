@@ -172,7 +172,7 @@ def seed_trainer(
     """The `TorchTrainer` of one seed: `train_fn_per_worker(config)` (or `train_fn`) on
     `workers` workers, restarted from its last checkpoint up to `worker_retries` times, keeping
     only the latest checkpoint (a resumable state, or the final adapter). Search trials, trial
-    hosts (`pipelines/host.py`) and the promotion pipeline (`pipelines/train.py`) build their
+    hosts (`pipelines/host.py`) and the promotion pipeline (`pipelines/promote.py`) build their
     Train runs here. `worker_env`: environment variables for the workers' processes."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -19,7 +19,7 @@ from graphlora.data import load_task
 from graphlora.evaluate import evaluate_examples, score_examples
 from graphlora.inference import package_model
 from pipelines import evaluate as evaluate_cli
-from pipelines import train
+from pipelines import promote
 from pipelines.monitor import write_results
 from pipelines.search import load_search_space
 from pipelines.serving import log_and_register
@@ -61,25 +61,25 @@ def no_ray(monkeypatch) -> None:  # noqa: ANN001
     def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("Ray must not start when the promotion is refused")
 
-    monkeypatch.setattr(train, "init_ray", fail)
+    monkeypatch.setattr(promote, "init_ray", fail)
 
 
 def run_main(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:  # noqa: ANN001
     no_ray(monkeypatch)
-    code = train.main(argv)
+    code = promote.main(argv)
     err = capsys.readouterr().err.strip()
     return code, err
 
 
 def test_plan_from_a_search_best_config(best_file, store):
-    plan = train.plan_promotion(config=best_file, seeds="2", epochs=0.5, max_test_examples=16)
+    plan = promote.plan_promotion(config=best_file, seeds="2", epochs=0.5, max_test_examples=16)
     assert plan.seeds == [0, 1]
     assert plan.adapter["num_experts"] == 4 and plan.adapter["method"] == "graphlora"
     # synthetic: 2000 train examples, quickstart batch_size 8 -> 125 steps per half epoch
     assert plan.training["max_steps"] == 125
     assert plan.training["eval_test"] is True and "seed" not in plan.training
     assert plan.model_name == "graphlora-synthetic" and plan.alias == "champion"
-    assert plan.experiment == train.DEFAULT_EXPERIMENT
+    assert plan.experiment == promote.DEFAULT_EXPERIMENT
     assert plan.best.objective == {"metric": "val_accuracy", "mode": "max", "std_penalty": 0.0}
     assert (plan.workers, plan.cpus_per_worker, plan.gpus_per_worker) == (1, 1, 0)
 
@@ -89,13 +89,13 @@ def test_plan_from_a_search_best_config(best_file, store):
     [("3", [0, 1, 2]), ("0,2,5", [0, 2, 5]), ("7,", [7])],
 )
 def test_parse_seeds(text, expected):
-    assert train.parse_seeds(text) == expected
+    assert promote.parse_seeds(text) == expected
 
 
 @pytest.mark.parametrize("text", ["0", "a", "1,1", "-1,"])
 def test_parse_seeds_rejects(text):
-    with pytest.raises(train.PromotionError, match="--seeds"):
-        train.parse_seeds(text)
+    with pytest.raises(promote.PromotionError, match="--seeds"):
+        promote.parse_seeds(text)
 
 
 @pytest.mark.parametrize(
@@ -275,9 +275,9 @@ def test_ctrl_c_during_registration_leaves_no_model_version(
     """Ctrl-C after MLflow created the model version but before its tags and alias: the version
     is deleted again and the run says `interrupted` (MLflow KILLED), not failed. (The seeds'
     training is stood in for: this is about the registration, on a real MLflow store.)"""
-    plan = train.plan_promotion(config=best_file, seeds="2", output_dir=str(tmp_path / "out"))
+    plan = promote.plan_promotion(config=best_file, seeds="2", output_dir=str(tmp_path / "out"))
     per_seed = [{"seed": s, "test_accuracy": 0.5 + s / 10, "val_accuracy": 0.5} for s in (0, 1)]
-    monkeypatch.setattr(train, "_train_seeds", lambda *args: per_seed)
+    monkeypatch.setattr(promote, "_train_seeds", lambda *args: per_seed)
     client = MlflowClient(tracking_uri())
 
     def register_then_ctrl_c(plan, run_id, chosen, summary):  # noqa: ANN001, ANN202
@@ -286,9 +286,9 @@ def test_ctrl_c_during_registration_leaves_no_model_version(
         assert client.search_model_versions(f"name='{plan.model_name}'")  # half registered
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_register", register_then_ctrl_c)
+    monkeypatch.setattr(promote, "_register", register_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        train.promote(plan, out=io.StringIO())
+        promote.promote(plan, out=io.StringIO())
     assert client.search_model_versions(f"name='{plan.model_name}'") == []
     (run,) = client.search_runs(
         [client.get_experiment_by_name(plan.experiment).experiment_id],
@@ -332,7 +332,7 @@ def test_promotion_from_a_trial_run_gets_the_trials_configuration(store, tmp_pat
     ]
     assert run.data.tags["graphlora.base_model"] == space.model
 
-    plan = train.plan_promotion(from_run=run_id, output_dir=tmp_path / "out", seeds="1")
+    plan = promote.plan_promotion(from_run=run_id, output_dir=tmp_path / "out", seeds="1")
     adapter, training = space.configs(params, space.seed)
     assert MoELoRAConfig(**plan.adapter) == MoELoRAConfig(**adapter)
     assert TrainConfig(**plan.training, seed=0) == TrainConfig(
@@ -353,17 +353,17 @@ def test_a_collapsed_router_reaches_the_promotion(tmp_path, store, monkeypatch):
     routing = {"min_batch_entropy": 0.25, "collapsed_layers": [0, 1]}
     best = {"source": "trial 3", "params": params, "scores": {"objective": 0.75}}
     write_results(tmp_path, space, [], [], {**best, "routing": routing})
-    plan = train.plan_promotion(config=tmp_path / "best_config.yaml", seeds="1")
+    plan = promote.plan_promotion(config=tmp_path / "best_config.yaml", seeds="1")
     assert plan.best.routing == routing
     assert "routing collapsed in the search in layers 0,1" in routing_warning(plan.best.routing)
 
     def stop(*args):  # noqa: ANN002, ANN202 (the training is not what this is about)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_train_seeds", stop)
+    monkeypatch.setattr(promote, "_train_seeds", stop)
     out = io.StringIO()
     with pytest.raises(KeyboardInterrupt):
-        train.promote(plan, out=out)
+        promote.promote(plan, out=out)
     assert routing_warning(routing) in out.getvalue().splitlines()
 
     tracker = Tracker("from-run-routing")
@@ -372,7 +372,7 @@ def test_a_collapsed_router_reaches_the_promotion(tmp_path, store, monkeypatch):
         "trial 01 x", params=config_params(adapter, training), tags={COLLAPSED_TAG: "1"}
     )
     tracker.log_metrics(run_id, {"routing/min_batch_entropy": 0.4})
-    plan = train.plan_promotion(from_run=run_id, output_dir=tmp_path / "out", seeds="1")
+    plan = promote.plan_promotion(from_run=run_id, output_dir=tmp_path / "out", seeds="1")
     assert plan.best.routing == {"min_batch_entropy": 0.4, "collapsed_layers": [1]}
 
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from test_inference import one_torch_thread  # noqa: F401 (autouse: one thread, as Ray workers)
 
 from graphlora.data import load_task
-from pipelines import train
+from pipelines import promote
 from pipelines.tracking import tracking_uri
 
 HANDFUL = 16  # held-out test examples the promotion reports on and the served model answers
@@ -23,7 +23,7 @@ def test_search_promote_register_and_serve(asha_search, graphlora_home, tmp_path
     experiment, name = space.experiment, f"graphlora-e2e-{tmp_path.name}"
     assert search.best is not None
 
-    code = train.main(
+    code = promote.main(
         [
             "--from-search",
             experiment,  # the experiment's latest finished search
@@ -49,7 +49,7 @@ def test_search_promote_register_and_serve(asha_search, graphlora_home, tmp_path
     exp = client.get_experiment_by_name(experiment)
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'final'")
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
-    assert run.data.tags[train.SOURCE_TAG] == search.parent_run_id
+    assert run.data.tags[promote.SOURCE_TAG] == search.parent_run_id
     history = client.get_metric_history(run.info.run_id, "test_accuracy")
     assert sorted(m.step for m in history) == [0, 1]
     assert "test_accuracy_mean" in run.data.metrics and "test_accuracy_std" in run.data.metrics
@@ -75,7 +75,7 @@ def test_search_promote_register_and_serve(asha_search, graphlora_home, tmp_path
     from graphlora.run import TrainConfig
 
     for t in search.trials:
-        plan = train.plan_promotion(from_run=t["run_id"], output_dir=tmp_path / "again")
+        plan = promote.plan_promotion(from_run=t["run_id"], output_dir=tmp_path / "again")
         adapter, training = space.configs(t["params"], space.seed)
         assert MoELoRAConfig(**plan.adapter) == MoELoRAConfig(**adapter)
         assert TrainConfig(**plan.training, seed=space.seed) == TrainConfig(

@@ -180,7 +180,7 @@ def test_shared_server_kill_resume_promote_serve(postgres, mlflow_server, graphl
         **shared,
     }
     promoted = subprocess.run(
-        [sys.executable, "pipelines/train.py", "--from-search", parent_id, "--seeds", "1",
+        [sys.executable, "pipelines/promote.py", "--from-search", parent_id, "--seeds", "1",
          "--max-steps", "10", "--max-test-examples", str(HANDFUL), "--model-name", model,
          "--output-dir", str(tmp_path / "final")],
         cwd=REPO, env=env3, capture_output=True, text=True, timeout=600,

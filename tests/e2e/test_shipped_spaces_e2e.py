@@ -22,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from graphlora.models import PACKAGED_MODELS, PRESETS
-from pipelines import train
+from pipelines import promote
 from pipelines.search import main
 from pipelines.tracking import tracking_uri
 
@@ -100,7 +100,7 @@ def _promote_and_serve(experiment: str, tmp_path: Path, capsys) -> None:  # noqa
     """Promote a search's best configuration (1 seed, a few steps) and ask the registered model
     a question with its options, as a user would."""
     model_name = f"shipped-real-cpu-{tmp_path.name}"
-    code = train.main(
+    code = promote.main(
         [
             "--from-search",
             experiment,

@@ -539,6 +539,6 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 if __name__ == "__main__":
-    from pipelines.train import main as _main  # run from the module, so Ray pickles by reference
+    from pipelines.promote import main as _main  # run from the module, so Ray pickles by reference
 
     raise SystemExit(_main())
