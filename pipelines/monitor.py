@@ -30,6 +30,7 @@ from pipelines.records import (
     tidy_metrics,
 )
 from pipelines.schema import SearchSpace
+from pipelines.stages import SEARCH, STAGES
 from pipelines.tracking import (
     COMPLETED,
     FAILED,
@@ -224,13 +225,6 @@ class SearchMonitor(tune.Callback):
             )
         return MoELoRAConfig(**adapter).gcn_hidden_for(self._hidden_size)
 
-    def run_config(self, params: dict[str, Any], seed: int) -> tuple[dict, dict]:
-        """(adapter, training) of one run of this stage, as the trial trains it (search trials
-        never evaluate test; stability runs do)."""
-        adapter, training = self.space.configs(params, seed)
-        training["eval_test"] = self.stage == "stability"
-        return adapter, training
-
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         try:
             self._start(trial)
@@ -257,15 +251,12 @@ class SearchMonitor(tune.Callback):
         else:
             params, parent, seed = dict(trial.config), self.parent, self.space.seed
             name = f"trial {number:02d} {trial.trial_id}"
-            extra = {
-                "seeds": ",".join(
-                    str(self.space.seed + i) for i in range(self.space.seeds_per_trial)
-                )
-            }
+            seeds = SEARCH.seeds(self.space.seed, self.space.seeds_per_trial)
+            extra = {"seeds": ",".join(map(str, seeds))}
         used = self._gcn_hidden_used(params)
         if used is not None:  # the graph router's width as built (capped at the model's width)
             extra["gcn_hidden_used"] = used
-        adapter, training = self.run_config(params, seed)
+        adapter, training = STAGES[self.stage].configs(self.space, params, seed)
         tags = {"kind": self.stage, "trial_id": trial.trial_id, "trial_params": json.dumps(params)}
         if run:
             tags["stability_run"] = json.dumps(run)
@@ -275,8 +266,7 @@ class SearchMonitor(tune.Callback):
             params={**config_params(adapter, training), **extra},
             tags=tags,
         )
-        contexts = ("train", "validation") + (("test",) if training["eval_test"] else ())
-        log_lineage(self.tracker, run_id, training, contexts)
+        log_lineage(self.tracker, run_id, training, STAGES[self.stage].splits)
         self.records[trial.trial_id] = {
             "trial": number,
             "trial_id": trial.trial_id,

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipelines.errors import first_line
 from pipelines.records import health_rows
+from pipelines.stages import rank_trials
 
 PARETO, LOAD_MAP, STABILITY = "pareto.png", "load_map.png", "stability.png"
 
@@ -236,8 +237,7 @@ def plot_stability(groups: list[dict[str, Any]], metric: str, path: Path) -> Pat
 def best_load_map_trials(rows: list[dict[str, Any]], mode: str, methods: dict[str, str]) -> list:
     """Trial rows whose load maps to draw: the best of each method when several methods ran
     (`methods`: trial id -> method), else the best two; best by `objective`."""
-    done = [r for r in rows if r["status"] != "failed" and r.get("objective") is not None]
-    done.sort(key=lambda r: r["objective"], reverse=mode == "max")
+    done = rank_trials(rows, mode)
     seen: dict[str, dict] = {}
     for r in done:
         seen.setdefault(methods.get(r["trial_id"], ""), r)

@@ -52,12 +52,13 @@ from pipelines.best_config import (
 from pipelines.errors import SpaceError, error_line, first_line
 from pipelines.evaluate import quiet_progress_bars
 from pipelines.records import config_params, log_lineage, routing_warning
+from pipelines.schema import Resources, field_names
+from pipelines.stages import PROMOTION, rank_trials
 from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
 from pipelines.tuning import init_ray
 from pipelines.worker import fast_train_reports
 
 SOURCE_TAG = "graphlora.source_search_run"
-KIND = "final"  # `kind` tag of promotion runs (searches: search / stability)
 DEFAULT_EXPERIMENT = "graphlora-final"  # for --config; --from-search uses the search's experiment
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
@@ -113,7 +114,7 @@ def parse_seeds(text: str) -> list[int]:
             count = int(text)
             if count < 1:
                 raise ValueError
-            return list(range(count))
+            return list(PROMOTION.seeds(0, count))
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise PromotionError(
@@ -183,7 +184,7 @@ def plan_promotion(
         "max_test_examples": max_test_examples,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    training = {**best.training, **overrides, "eval_test": True}
+    training = {**best.training, **overrides, "eval_test": PROMOTION.eval_test}
     train_cfg, _ = build_configs(best, training, overridden=set(overrides))
     try:
         data = load_task(train_cfg.dataset, data_dir=train_cfg.data_dir)
@@ -196,12 +197,13 @@ def plan_promotion(
         if epochs <= 0:
             raise PromotionError(f"--epochs {epochs}: must be above 0")
         training["max_steps"] = max(1, math.ceil(epochs * len(data.train) / train_cfg.batch_size))
-    res = best.resources
-    workers = workers if workers is not None else int(res.get("workers_per_trial", 1))
-    cpus = cpus_per_worker if cpus_per_worker is not None else res.get("cpus_per_worker", 1)
-    gpus = gpus_per_worker if gpus_per_worker is not None else res.get("gpus_per_worker", 0)
+    # The search's resources (their defaults where its space left them out), unless overridden.
+    res = Resources(**{k: v for k, v in best.resources.items() if k in field_names(Resources)})
+    workers = workers if workers is not None else res.workers_per_trial
+    cpus = cpus_per_worker if cpus_per_worker is not None else res.cpus_per_worker
+    gpus = gpus_per_worker if gpus_per_worker is not None else res.gpus_per_worker
     if worker_retries is None:
-        worker_retries = int(res.get("worker_retries", 2))
+        worker_retries = res.worker_retries
     for flag, value, low in (
         ("--workers", workers, 1),
         ("--cpus-per-worker", cpus, 1e-9),
@@ -247,7 +249,7 @@ def _fit_seed(plan: PromotionPlan, seed: int, storage: str, run_name: str) -> An
 
     config = {
         "adapter": plan.adapter,
-        "training": {**plan.training, "seed": seed, "eval_test": True},  # promotion reports test
+        "training": {**plan.training, "seed": seed},  # eval_test: the plan's (PROMOTION)
         "save_adapter": True,
     }
     trainer = seed_trainer(
@@ -285,8 +287,7 @@ def _pick_seed(plan: PromotionPlan, per_seed: list[dict[str, Any]]) -> int:
     values = [m.get(metric) for m in per_seed]
     if any(not isinstance(v, int | float) for v in values):
         return 0
-    best = max(values) if mode == "max" else min(values)
-    return values.index(best)
+    return rank_trials([{"i": i, metric: v} for i, v in enumerate(values)], mode, metric)[0]["i"]
 
 
 def _train_seeds(
@@ -407,9 +408,13 @@ def promote(plan: PromotionPlan, *, out: Any = None) -> PromotionResult:
             "gpus_per_worker": plan.gpus_per_worker,
             **config_params(plan.adapter, t),  # as trial and stability runs
         },
-        tags={"kind": KIND, SOURCE_TAG: plan.source_ref, "graphlora.source": plan.best.source},
+        tags={
+            "kind": PROMOTION.kind,
+            SOURCE_TAG: plan.source_ref,
+            "graphlora.source": plan.best.source,
+        },
     )
-    log_lineage(tracker, run_id, t, ("train", "validation", "test"))
+    log_lineage(tracker, run_id, t, PROMOTION.splits)
     tracker.log_text(run_id, plan.best.text, BEST_CONFIG)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     print(

@@ -46,6 +46,7 @@ from pipelines.host import HostPool, HostsError, hosts_for
 from pipelines.records import routing_warning
 from pipelines.schema import SearchSpace
 from pipelines.stability import choose_best, run_stability_stage
+from pipelines.stages import SEARCH
 from pipelines.storage import StorageError
 from pipelines.summary import describe_search, search_cost, search_pictures
 from pipelines.tracking import (
@@ -226,7 +227,7 @@ def run_search(
         )
         from pipelines.records import log_lineage
 
-        log_lineage(tracker, parent, space.configs({}, space.seed)[1], ("train", "validation"))
+        log_lineage(tracker, parent, space.configs({}, space.seed)[1], SEARCH.splits)
         space_text = yaml.safe_dump(space.raw, sort_keys=False)
         (output_dir / "space.yaml").write_text(space_text)
         tracker.log_text(parent, space_text, "space.yaml")
@@ -320,7 +321,7 @@ def run_search(
         )
         plan = TrialPlan(
             space,
-            tuple(space.seed + i for i in range(space.seeds_per_trial)),
+            SEARCH.seeds(space.seed, space.seeds_per_trial),
             storage,
             hub,
             VERDICT_WAIT_S,

@@ -9,6 +9,7 @@ from typing import Any
 
 from pipelines.records import config_params, log_lineage, routing_summary
 from pipelines.schema import SearchSpace
+from pipelines.stages import STABILITY, rank_trials
 from pipelines.tracking import Tracker
 from pipelines.trial import OBJECTIVE, TrialPlan, train_driver_fn
 from pipelines.tuning import fit_experiment
@@ -37,11 +38,10 @@ def run_stability_stage(
     from pipelines.monitor import SearchMonitor
 
     k = space.stability.top_k_configs
-    done = [t for t in trials if t["status"] != "failed" and t.get(OBJECTIVE) is not None]
-    top = sorted(done, key=lambda t: t[OBJECTIVE], reverse=space.objective.mode == "max")[:k]
+    top = rank_trials(trials, space.objective.mode, OBJECTIVE)[:k]
     if not top:
         return [], {}
-    seeds = [space.seed + 100 + j for j in range(space.stability.seeds)]  # fresh: no winner's curse
+    seeds = list(STABILITY.seeds(space.seed, space.stability.seeds))
     print(f"stability: top {len(top)} configs x {len(seeds)} seeds {seeds}", file=out, flush=True)
     runs = []
     before = {
@@ -59,9 +59,8 @@ def run_stability_stage(
             tracker.reopen(group_run)
             seed_runs += tracker.child_runs(group_run)
         else:
-            adapter, training = space.configs(t["params"], seeds[0])
+            adapter, training = STABILITY.configs(space, t["params"], seeds[0])
             training.pop("seed")  # one run per seed below; this run is the configuration
-            training["eval_test"] = True
             group_run = tracker.start_run(
                 f"stability {group}" + (f" (extension {round_})" if round_ else ""),
                 parent_run_id=parent,
@@ -72,7 +71,7 @@ def run_stability_stage(
                 },
                 tags={"kind": "stability", "group": group, "round": str(round_)},
             )
-            log_lineage(tracker, group_run, training, ("train", "validation", "test"))
+            log_lineage(tracker, group_run, training, STABILITY.splits)
         runs += [
             {
                 "params": t["params"],
@@ -84,8 +83,8 @@ def run_stability_stage(
             for s in seeds
         ]
     # No ASHA here; these runs report the test split (of the weights they end with).
-    plan = dataclasses.replace(search_plan, verdict_wait_s=0.0, eval_test=True)
-    monitor = SearchMonitor(tracker, parent, space, out=out, total=len(runs), stage="stability")
+    plan = dataclasses.replace(search_plan, verdict_wait_s=0.0, stage=STABILITY)
+    monitor = SearchMonitor(tracker, parent, space, out=out, total=len(runs), stage=STABILITY.kind)
     monitor.adopt_runs(seed_runs)
     plan = dataclasses.replace(plan, ended=monitor.ended())
     fit_experiment(
@@ -103,19 +102,19 @@ def run_stability_stage(
 def choose_best(space: SearchSpace, trials: list[dict], stability: list[dict]) -> dict | None:
     """Best by `objective.score` over seeds: stability groups if any, else search trials; with
     its router's health (`routing`, `pipelines.records.routing_summary`; None: not measured)."""
-    rev = space.objective.mode == "max"
+    mode = space.objective.mode
     if stability:
-        g = sorted(stability, key=lambda g: g["score"], reverse=rev)[0]
+        g = rank_trials(stability, mode, "score")[0]
         return {
             "source": f"stability {g['group']} (trial {g['from_trial']})",
             "params": g["params"],
             "scores": g["scores"],
             "routing": g.get("routing"),
         }
-    done = [t for t in trials if t["status"] != "failed" and t.get(OBJECTIVE) is not None]
-    if not done:
+    ranked = rank_trials(trials, mode, OBJECTIVE)
+    if not ranked:
         return None
-    t = sorted(done, key=lambda t: t[OBJECTIVE], reverse=rev)[0]
+    t = ranked[0]
     return {
         "source": f"trial {t['trial']}",
         "params": t["params"],

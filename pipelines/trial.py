@@ -21,6 +21,7 @@ from typing import Any
 from pipelines.host import job_key, run_on_host
 from pipelines.records import seed_stats
 from pipelines.schema import SearchSpace
+from pipelines.stages import SEARCH, Stage
 from pipelines.worker import fast_train_reports, fit_seed, seed_trainer, worker_errors
 
 RETURN_WAIT_S = 5.0  # longest a trial waits for its runs to return once all sent their last
@@ -36,10 +37,7 @@ class TrialPlan:
     storage_path: str
     hub: Any = None  # asha.HubRef (a name, never a live handle); None: the trial makes its own
     verdict_wait_s: float = 0.0  # > 0 when a FlagASHAScheduler judges every evaluation
-    # Search trials are chosen on validation and never see the test split (a test figure on
-    # every trial invites choosing on it, and costs every ASHA-stopped trial a test pass); the
-    # stability stage's runs do evaluate it.
-    eval_test: bool = False
+    stage: Stage = SEARCH  # its rules: which splits its runs evaluate (pipelines/stages.py)
     # On a resume: trials MLflow already holds as ended (id -> last metrics, None if failed).
     # Ray Tune may restart one it had not yet saved as ended; it is answered, never re-run.
     ended: dict[str, dict | None] = dataclasses.field(default_factory=dict)
@@ -118,7 +116,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     seed mean of every metric, `<objective metric>_std`, and `objective`: that evaluation's
     `mean -/+ std_penalty * std`. A trial is scored by its last evaluation, the weights it ships
     (docs/method.md, "Selection"): ASHA judges each rung on it, and Optuna is told the last one.
-    A last report carries the final metrics (test metrics only where `plan.eval_test`).
+    A last report carries the final metrics (test metrics only where `plan.stage.eval_test`).
 
     Every report carries a small Tune checkpoint of this driver's state (steps reported, best so
     far, worker failures), so a resumed search continues the trial without repeating a report;
@@ -144,8 +142,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     hub = plan.hub or TrialHub.remote()
 
     def fit(index: int, seed: int) -> None:
-        adapter, training = space.configs(params, seed)
-        training["eval_test"] = plan.eval_test
+        adapter, training = plan.stage.configs(space, params, seed)
         if plan.board is not None:
             job = {
                 "key": job_key(trial_id, seed),

@@ -1,0 +1,50 @@
+"""Each stage's rules (pipelines/stages.py): which splits it evaluates, its seeds, and the one
+ranking every stage uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.stages import PROMOTION, SEARCH, STABILITY, STAGES, rank_trials
+from pipelines.validate import load_search_space
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+
+
+def test_only_the_search_never_sees_test():
+    assert SEARCH.splits == ("train", "validation") and not SEARCH.eval_test
+    for stage in (STABILITY, PROMOTION):
+        assert stage.eval_test and stage.splits == ("train", "validation", "test")
+    assert STAGES == {"search": SEARCH, "stability": STABILITY, "final": PROMOTION}
+
+
+def test_seeds_count_up_and_stability_takes_fresh_ones():
+    assert SEARCH.seeds(3, 2) == (3, 4)
+    assert STABILITY.seeds(3, 2) == (103, 104)
+    assert PROMOTION.seeds(0, 3) == (0, 1, 2)
+
+
+@pytest.mark.parametrize("stage", [SEARCH, STABILITY, PROMOTION], ids=lambda s: s.kind)
+def test_a_stage_run_is_the_spaces_configuration_with_its_eval_test(stage):
+    space = load_search_space(QUICKSTART)
+    adapter, training = stage.configs(space, {}, 7)
+    plain_adapter, plain_training = space.configs({}, 7)
+    assert adapter == plain_adapter
+    assert training == {**plain_training, "eval_test": stage.eval_test}
+
+
+@pytest.mark.parametrize(("mode", "order"), [("max", [2, 0, 3]), ("min", [3, 0, 2])])
+def test_rank_trials_leaves_out_failed_and_unmeasured_and_keeps_ties_in_order(mode, order):
+    rows = [
+        {"trial": 0, "status": "completed", "objective": 0.5},
+        {"trial": 1, "status": "failed", "objective": 0.9},
+        {"trial": 2, "status": "completed", "objective": 0.7},
+        {"trial": 3, "status": "stopped_early_asha", "objective": 0.5 if mode == "max" else 0.1},
+        {"trial": 4, "status": "completed", "objective": None},
+    ]
+    # max: trial 3 ties trial 0, and the first of equals stays first
+    assert [r["trial"] for r in rank_trials(rows, mode)] == order
+    groups = [{"group": "a", "score": 1.0}, {"group": "b", "score": 2.0}]
+    assert rank_trials(groups, "max", "score")[0]["group"] == "b"
