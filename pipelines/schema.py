@@ -59,45 +59,6 @@ PIPELINE_TRAINING_KEYS = {
 }
 REQUIRED = object()
 
-# section -> key -> (kind, default); kinds: int, number, str, bool, mode
-SECTIONS: dict[str, dict[str, tuple[str, Any]]] = {
-    "budget": {
-        "trials": ("int", REQUIRED),
-        "max_steps": ("int", REQUIRED),
-        "eval_every": ("int", REQUIRED),
-    },
-    "asha": {"grace_period": ("int", 1), "reduction_factor": ("number", 2)},
-    "resources": {
-        "workers_per_trial": ("int", 1),
-        "gpus_per_worker": ("number", 0),
-        "cpus_per_worker": ("number", 1),
-        "max_concurrent_trials": ("int", 1),
-        "worker_retries": ("int", 2),
-        "trials_per_host": ("int", 0),
-        "hosts": ("int", 0),
-    },
-    "stability": {"top_k_configs": ("int", 0), "seeds": ("int", 5)},
-    "objective": {
-        "metric": ("str", "val_accuracy"),
-        "mode": ("mode", "max"),
-        "std_penalty": ("number", 0.0),
-        "secondary": ("secondary", None),
-    },
-    "mlflow": {"experiment": ("str", None)},
-}
-TOP_LEVEL = {
-    "model",
-    "dataset",
-    "data_dir",
-    "method",
-    "seed",
-    "adapter",
-    "training",
-    "search",
-    "seeds_per_trial",
-    "optuna_storage",
-    *SECTIONS,
-}
 PARAM_KEYS = {"type", "low", "high", "values", "step"}
 
 
@@ -251,3 +212,56 @@ class SearchSpace:
             target = self.search[name].target
             (training if target == "training" else adapter)[name] = value
         return adapter, training
+
+
+@dataclass(frozen=True)
+class Mlflow:
+    experiment: str | None = None  # None: graphlora-<space file stem>
+
+
+def _section(cls: type, kinds: dict[str, str]) -> dict[str, tuple[str, Any]]:
+    """key -> (kind, default) of one section, the default being its dataclass field's own
+    (`REQUIRED` where the field has none), so each default is written once."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {
+        key: (kind, REQUIRED if defaults[key] is dataclasses.MISSING else defaults[key])
+        for key, kind in kinds.items()
+    }
+
+
+# section -> key -> (kind, default); kinds: int, number, str, bool, mode, secondary
+SECTIONS: dict[str, dict[str, tuple[str, Any]]] = {
+    "budget": _section(Budget, {"trials": "int", "max_steps": "int", "eval_every": "int"}),
+    "asha": _section(Asha, {"grace_period": "int", "reduction_factor": "number"}),
+    "resources": _section(
+        Resources,
+        {
+            "workers_per_trial": "int",
+            "gpus_per_worker": "number",
+            "cpus_per_worker": "number",
+            "max_concurrent_trials": "int",
+            "worker_retries": "int",
+            "trials_per_host": "int",
+            "hosts": "int",
+        },
+    ),
+    "stability": _section(Stability, {"top_k_configs": "int", "seeds": "int"}),
+    "objective": _section(
+        Objective,
+        {"metric": "str", "mode": "mode", "std_penalty": "number", "secondary": "secondary"},
+    ),
+    "mlflow": _section(Mlflow, {"experiment": "str"}),
+}
+TOP_LEVEL = {
+    "model",
+    "dataset",
+    "data_dir",
+    "method",
+    "seed",
+    "adapter",
+    "training",
+    "search",
+    "seeds_per_trial",
+    "optuna_storage",
+    *SECTIONS,
+}

@@ -372,3 +372,21 @@ def test_trial_hosts_and_concurrency_follow_resources(
     assert res.concurrent_trials(count, space.seeds_per_trial, explicit) == concurrent
     if res.trials_per_host and not res.gpus_per_worker:  # a CPU host takes its slots' CPUs
         assert res.host_cpus() == res.cpus_per_worker * res.trials_per_host
+
+
+def test_each_section_lists_every_field_of_its_dataclass_with_its_default():
+    """A section's keys and defaults are its dataclass's fields (one place for a default)."""
+    from pipelines.schema import SECTIONS, Asha, Budget, Mlflow, Objective, Resources, Stability
+
+    classes = {
+        "budget": Budget,
+        "asha": Asha,
+        "resources": Resources,
+        "stability": Stability,
+        "objective": Objective,
+        "mlflow": Mlflow,
+    }
+    assert set(SECTIONS) == set(classes)
+    for name, cls in classes.items():
+        assert set(SECTIONS[name]) == field_names(cls), name
+    assert SECTIONS["resources"]["trials_per_host"] == ("int", Resources.trials_per_host)
