@@ -181,15 +181,10 @@ def build_configs(
         try:
             cls(**values)
         except (TypeError, ValueError) as exc:
-            message = first_line(exc)
-            key, _, why = message.partition(": ")
+            key, _, why = first_line(exc).partition(": ")
             if section == "training" and key in overridden:
                 raise SpaceError(f"{_FLAGS[key]}: {why}") from exc
-            if key in values:
-                raise c.error(f"{section}.{key}", f"rejected by {cls.__name__}: {why}") from exc
-            raise SpaceError(
-                f"{best.origin}: {section}: rejected by {cls.__name__}: {message}"
-            ) from exc
+            raise c.rejected(section, cls, exc, values) from exc
     return TrainConfig(**{**training, "seed": 0}), MoELoRAConfig(**best.adapter)
 
 

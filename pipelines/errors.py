@@ -7,7 +7,7 @@ file's YAML node tree; `first_line` and `error_line` shorten any exception to on
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import yaml
@@ -79,6 +79,18 @@ class Checker:
             else:
                 break
         return line
+
+    def rejected(
+        self, section: str, cls: type, exc: BaseException, keys: Collection[str], where: str = ""
+    ) -> SpaceError:
+        """A config dataclass (`cls`) rejected the fields under `section:`. Its message names the
+        field it blames (`field: why`, the library's style): when that field is one of `keys`
+        (those the file sets), the error points at its line; else at the section."""
+        message = first_line(exc)
+        key, _, why = message.partition(": ")
+        if key in keys and why:
+            return self.error(f"{section}.{key}", f"rejected by {cls.__name__}{where}: {why}")
+        return SpaceError(f"{self.path}: {section}: rejected by {cls.__name__}{where}: {message}")
 
     def unknown(
         self, keypath: str, key: str, allowed: Iterable[str], what: str = "key"

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.errors import Checker, SpaceError, first_line, parse_yaml
+from pipelines.errors import Checker, SpaceError, parse_yaml
 from pipelines.schema import (
     PARAM_KEYS,
     PARAM_TYPES,
@@ -80,7 +80,8 @@ def _check_param(c: Checker, name: str, spec: Any, target: str) -> Param:
 
 
 def _check_top_k(c: Checker, search: dict[str, Param], adapter: dict[str, Any]) -> None:
-    """top_k must never exceed num_experts, whichever of the two is fixed or searched."""
+    """top_k must never exceed num_experts, whichever of the two is searched: no sampled pair
+    may break the adapter config's rule (the config itself judges a fixed pair)."""
     top_k, experts = search.get("top_k"), search.get("num_experts")
     fixed_k, fixed_n = adapter.get("top_k"), adapter.get("num_experts")
     if top_k is not None and experts is not None:
@@ -113,8 +114,7 @@ def _check_top_k(c: Checker, search: dict[str, Param], adapter: dict[str, Any]) 
                 f"search.num_experts.{key}",
                 f"{experts.bounds()[0]} is below adapter.top_k ({fixed_k})",
             )
-    elif isinstance(fixed_k, int) and isinstance(fixed_n, int) and fixed_k > fixed_n:
-        raise c.error("adapter.top_k", f"{fixed_k} is above adapter.num_experts ({fixed_n})")
+    # Both fixed: MoELoRAConfig's own rule decides (`check_constructible`).
 
 
 def validate_space(
@@ -336,8 +336,14 @@ def check_constructible(space: SearchSpace, train_cls: type, adapter_cls: type) 
     before Ray starts, instead of in every trial.
 
     Raises:
-        SpaceError: A dataclass rejected the fixed fields.
+        SpaceError: A dataclass rejected the fixed fields (at the field's line when the file
+            sets it).
     """
+    try:
+        root_node = yaml.compose(Path(space.path).read_text(), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        root_node = None  # no line numbers then
+    c = Checker(space.path, root_node)
     adapter, training = space.configs({}, space.seed)
     methods = space.search["method"].values if "method" in space.search else (space.method,)
     for method in methods:
@@ -345,16 +351,11 @@ def check_constructible(space: SearchSpace, train_cls: type, adapter_cls: type) 
             adapter_cls(**{**adapter, "method": method})
         except (TypeError, ValueError) as exc:
             where = f" with method {method!r} (from search.method)" if len(methods) > 1 else ""
-            raise SpaceError(
-                f"{space.path}: adapter: rejected by {adapter_cls.__name__}{where}: "
-                f"{first_line(exc)}"
-            ) from exc
+            raise c.rejected("adapter", adapter_cls, exc, space.adapter, where) from exc
     try:
         train_cls(**training)
     except (TypeError, ValueError) as exc:
-        raise SpaceError(
-            f"{space.path}: training: rejected by {train_cls.__name__}: {first_line(exc)}"
-        ) from exc
+        raise c.rejected("training", train_cls, exc, space.training) from exc
 
 
 # The shipped spaces: `search_spaces/` beside `pipelines/` in a checkout (and an editable

@@ -130,7 +130,7 @@ BAD = [
             search={"learning_rate": SEARCH["learning_rate"]},
         ),
         "adapter.top_k",
-        "above adapter.num_experts",
+        "rejected by MoELoRAConfig: must not exceed the number of experts (4)",
     ),
     (
         mutate(adapter={"top_k": 6}, search={k: v for k, v in SEARCH.items() if k != "top_k"}),
@@ -232,8 +232,8 @@ def test_dataclass_checks_run_before_ray(tmp_path):
     space = load_space(path, **fields)
     with pytest.raises(
         SpaceError,
-        match=r"adapter: rejected by _Adapter with method 'lora' .*"
-        r"exactly 1 expert",
+        match=r"adapter\.num_experts: rejected by _Adapter with method 'lora' .*"
+        r"exactly 1 expert .*\(line 4\)",
     ):
         check_constructible(space, _Train, _Adapter)
 
