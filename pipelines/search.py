@@ -1,7 +1,8 @@
 """Hyperparameter search for GraphLoRA on Ray: Tune (Optuna TPE + ASHA) over Ray Train runs.
 
-The layers, one file each, imports flowing one way (space <- worker <- trial <- tuning, stability
-<- search), as in Ray's own Train + Tune docs; each is callable on its own:
+The layers, one file each, imports flowing one way (the space's schema and validation, and the
+stages' rules <- worker <- trial <- tuning, stability <- search), as in Ray's own Train + Tune
+docs; each is callable on its own:
 
 - `pipelines/worker.py`, `train_fn_per_worker(config)`: runs on every Ray Train worker; calls the
   library's `run_training` with an `on_eval` callback that does `ray.train.report` and reads the
@@ -10,7 +11,9 @@ The layers, one file each, imports flowing one way (space <- worker <- trial <- 
   `TorchTrainer` per seed side by side, gathers their evaluations and reports the seed mean/std
   and the trial's `objective` (its last evaluation's score) with `ray.tune.report`.
 - `pipelines/tuning.py`: one Tune run over trial drivers (new or restored), the local Ray, and the
-  stop on Ctrl-C / SIGTERM; `pipelines/stability.py`: the stability stage and the best config.
+  stop on Ctrl-C / SIGTERM, and the Optuna define-by-run space; `pipelines/stability.py`: the
+  stability stage and the best config; `pipelines/stages.py`: what each stage evaluates, its
+  seeds, and the one ranking of trials.
 - here, `run_search(space, ...)`: the Tuner with `OptunaSearch` (seeded TPE, define-by-run space),
   `FlagASHAScheduler` and a `ConcurrencyLimiter`; then the stability stage (top configs again,
   with fresh seeds), the best config YAML and the MLflow record; and the CLI.
