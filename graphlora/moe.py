@@ -60,6 +60,9 @@ class RoutingContext:
         self.health_in_eval: bool = False
         """Count evaluation forwards in the blocks' routing health too (training forwards always
         count): set it to measure how held-out tokens are routed."""
+        self.replaying: bool = False
+        """The blocks are being recomputed in the backward (gradient checkpointing,
+        ``graphlora.recompute``): they compute what their forward computed and record nothing."""
 
     def token_mask(self, batch_shape: torch.Size) -> torch.Tensor | None:
         """(T,) bool mask of real tokens for hidden states of shape ``batch_shape``: (B, S), or
@@ -269,13 +272,17 @@ class MoELoRABlock(nn.Module):
                 idx, probs = self._real(routing.indices, mask), self._real(routing.probs, mask)
                 self._count_health(idx, probs)
             return
+        # A recomputation in the backward runs the same differentiable operations, in the same
+        # order (autograd matches their saved tensors by position), but records nothing.
+        replay = self.context.replaying
         idx = self._real(routing.indices, mask)
         topk = self._real(routing.topk_probs, mask)
         probs = self._real(routing.probs, mask)
         with torch.no_grad():
             counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-            self.routing_counts += counts.to(self.routing_counts.dtype)
-        if self.router is not None:
+            if not replay:
+                self.routing_counts += counts.to(self.routing_counts.dtype)
+        if self.router is not None and not replay:
             self._count_health(idx, probs)
         aux: dict[str, torch.Tensor] = {}
         if self.use_poisson:
@@ -285,8 +292,11 @@ class MoELoRABlock(nn.Module):
             contrib = contrib.index_add(0, idx.reshape(-1), topk.reshape(-1).float())
             if self.context.sync_load:
                 contrib = global_load(contrib, self.context.load_group)  # all ranks: global batch
-            load = self.coord_load.detach() + contrib  # c_now = c_prev.detach() + this batch
-            self.coord_load.copy_(load.detach())
+            if not replay:  # the forward's c_prev, which the replay starts from again
+                self._load_before = self.coord_load.detach().clone()
+            load = self._load_before + contrib  # c_now = c_prev.detach() + this batch
+            if not replay:
+                self.coord_load.copy_(load.detach())
             aux["normal"] = normal_balance_loss(load, self.sigma)
         elif self.use_normal:
             frac, mean_probs = self._batch_load(counts, probs)
@@ -296,7 +306,8 @@ class MoELoRABlock(nn.Module):
                 aux["normal"] = switch_loss(frac, mean_probs)
         if self.use_balance:
             aux["balance"] = switch_balance_loss(routing.probs, routing.indices, mask)
-        self.aux = aux
+        if not replay:
+            self.aux = aux
 
     @staticmethod
     def _real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
