@@ -41,7 +41,14 @@ from graphlora.losses import (
     switch_balance_loss,
     switch_loss,
 )
-from graphlora.routers import GraphRouter, Routing, SoftmaxRouter, route
+from graphlora.routers import (
+    GraphRouter,
+    Routing,
+    SoftmaxRouter,
+    expert_count_list,
+    expert_counts,
+    route,
+)
 
 
 class RoutingContext:
@@ -279,7 +286,7 @@ class MoELoRABlock(nn.Module):
         topk = self._real(routing.topk_probs, mask)
         probs = self._real(routing.probs, mask)
         with torch.no_grad():
-            counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+            counts = expert_counts(idx, self.num_experts)
             if not replay:
                 self.routing_counts += counts.to(self.routing_counts.dtype)
         if self.router is not None and not replay:
@@ -364,7 +371,7 @@ class MoELoRABlock(nn.Module):
         if not dense:
             flat = routing.indices.reshape(-1)  # (T*K,)
             order = flat.argsort(stable=True)
-            counts = torch.bincount(flat, minlength=n).tolist()
+            counts = expert_count_list(flat, n)
             tok = order // k  # token of each sorted (token, slot) assignment
             slot_w = weights.reshape(-1)[order]
             # split (not slicing) so backward is one concatenation, not N zero-filled copies.
