@@ -119,6 +119,28 @@ def global_load(contrib: torch.Tensor, group: dist.ProcessGroup | None = None) -
     return _SumOverRanks.apply(contrib, group)
 
 
+class _Combine(torch.autograd.Function):
+    """``zeros(rows, ...).index_add(0, index, source)`` that keeps only ``index`` for the
+    backward. torch's own ``index_add`` keeps ``source`` too, though its gradient is only
+    ``grad[index]``: for the experts' outputs, a (T*K, I) copy per layer for nothing."""
+
+    @staticmethod
+    def forward(ctx: Any, source: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return source.new_zeros(rows, *source.shape[1:]).index_add_(0, index, source)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def combine(source: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """Sum of ``source``'s rows (n, ...) into ``rows`` rows at ``index`` (n,), differentiable
+    with respect to ``source``, keeping only ``index`` for the backward."""
+    return _Combine.apply(source, index, rows)
+
+
 def _kaiming_(t: torch.Tensor) -> torch.Tensor:
     # PEFT's LoRA A init, applied per expert slice so fan_in is the slice's input size.
     for piece in t.reshape(-1, *t.shape[-2:]):
@@ -397,12 +419,11 @@ class MoELoRABlock(nn.Module):
             )  # (n_e, d)
             hs.append(he * we[:, None])
             downs.append(de * we[:, None])
-        inter = self.lora_A_down.shape[-1]
         if dense:
             h_mix, down = torch.stack(hs).sum(0), torch.stack(downs).sum(0)
         else:
-            h_mix = x.new_zeros(t, inter).index_add(0, tok, torch.cat(hs))  # (T, I)
-            down = x.new_zeros(t, x.shape[-1]).index_add(0, tok, torch.cat(downs))  # (T, d)
+            h_mix = combine(torch.cat(hs), tok, t)  # (T, I)
+            down = combine(torch.cat(downs), tok, t)  # (T, d)
         # Weights sum to 1 per token, so a down projection's bias is still added exactly once.
         out = self._base_down(h_mix) + down
         return out.reshape(shape)
