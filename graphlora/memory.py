@@ -6,7 +6,8 @@ parameters, their gradients and AdamW's two fp32 states, each layer's saved acti
 for the backward, or with checkpointing only each layer's input plus one layer recomputed at a
 time), and the output head's logits, which the training loss computes at labelled positions
 only (``graphlora.run.labelled_forward``). ``decide_checkpointing`` answers
-``gradient_checkpointing: auto`` for a memory budget.
+``gradient_checkpointing: auto`` for a memory budget; ``resolve_checkpointing`` does it for a
+run's ``TrainConfig`` (what a search's preflight calls before it launches trials).
 
 ``measure_step`` runs one real training step (forward, backward, optimizer step) of the real
 modules and tracks its tensors with ``torch.distributed._tools.mem_tracker.MemTracker``: on real
@@ -32,6 +33,7 @@ from graphlora.config import MoELoRAConfig
 from graphlora.models import is_encoder_config, reference_config, resolve_dtype
 from graphlora.packing import inject_packed
 from graphlora.recompute import enable_gradient_checkpointing
+from graphlora.run import TrainConfig
 
 __all__ = [
     "GPUS",
@@ -42,6 +44,8 @@ __all__ = [
     "measure_step",
     "model_config",
     "plan_memory",
+    "resolve_checkpointing",
+    "trial_shape",
 ]
 
 GiB = 2**30
@@ -516,3 +520,42 @@ def decide_checkpointing(
     shape.pop("gradient_checkpointing", None)
     plan = plan_memory(model, adapter, gradient_checkpointing=False, **shape)
     return not plan.fits(budget, headroom)
+
+
+def trial_shape(train_cfg: TrainConfig, *, adapters: int = 1) -> dict:
+    """``plan_memory``'s shape arguments for a run of ``train_cfg`` on a GPU: its micro-batch
+    (``batch_size / grad_accum`` rows), ``max_length``, its weights' dtype (``auto``: bf16) and
+    checkpointing (``auto`` planned off), ``adapters`` packed."""
+    dtype = "bfloat16" if train_cfg.dtype == "auto" else train_cfg.dtype
+    return dict(
+        batch_size=max(1, train_cfg.batch_size // train_cfg.grad_accum),
+        max_length=train_cfg.max_length,
+        dtype=dtype,
+        gradient_checkpointing=train_cfg.gradient_checkpointing is True,
+        adapters=adapters,
+    )
+
+
+def resolve_checkpointing(
+    train_cfg: TrainConfig,
+    adapter: MoELoRAConfig,
+    *,
+    budget: float | None,
+    adapters: int = 1,
+    labelled_per_row: int | None = None,
+    headroom: float = 0.9,
+) -> bool:
+    """The ``gradient_checkpointing`` a run of ``train_cfg`` trains with on a device of
+    ``budget`` bytes: its own value when true or false; for ``"auto"``,
+    ``decide_checkpointing`` on the run's shape (``trial_shape``; no budget: off)."""
+    if train_cfg.gradient_checkpointing != "auto":
+        return bool(train_cfg.gradient_checkpointing)
+    shape = trial_shape(train_cfg, adapters=adapters)
+    return decide_checkpointing(
+        train_cfg.model,
+        adapter,
+        budget=budget,
+        headroom=headroom,
+        labelled_per_row=labelled_per_row,
+        **shape,
+    )

@@ -102,3 +102,17 @@ def test_auto_decides_from_the_budget():
     assert decide_checkpointing("Qwen/Qwen2-7B", adapter, budget=None, **shape) is False
     assert decide_checkpointing("Qwen/Qwen2-7B", adapter, budget=80e9, **shape) is True
     assert decide_checkpointing("tiny-qwen2", adapter, budget=24e9, **shape) is False
+
+
+def test_a_run_resolves_auto_from_its_own_shape_and_the_budget():
+    from graphlora.memory import resolve_checkpointing, trial_shape
+    from graphlora.run import TrainConfig
+
+    adapter = MoELoRAConfig(method="graphlora", num_experts=8, top_k=2, rank=2)
+    run = TrainConfig(model="Qwen/Qwen2-7B", batch_size=16, grad_accum=2, max_length=256)
+    assert trial_shape(run)["batch_size"] == 8 and trial_shape(run)["dtype"] == "bfloat16"
+    auto = TrainConfig(**{**run.to_dict(), "gradient_checkpointing": "auto"})
+    assert resolve_checkpointing(auto, adapter, budget=None) is False
+    assert resolve_checkpointing(auto, adapter, budget=24e9, labelled_per_row=8) is True
+    assert resolve_checkpointing(auto, adapter, budget=1e12, labelled_per_row=8) is False
+    assert resolve_checkpointing(run, adapter, budget=80e9) is False  # false stays false
