@@ -81,9 +81,10 @@ def _row(model, tensors: str, adapter: MoELoRAConfig, shape: dict, ckpt: bool, f
     measured = measure_step(model, adapter, gradient_checkpointing=ckpt, fake=fake, **shape)
     plan = plan_memory(model, adapter, gradient_checkpointing=ckpt, **shape)
     name = model if isinstance(model, str) else model.model_type
+    top_k = "all (dense)" if adapter.router == "dense" else adapter.top_k
     print(
-        f"| {name} | {tensors} | {adapter.method} (N {adapter.num_experts}, K "
-        f"{adapter.top_k}, r {adapter.rank}) | {'on' if ckpt else 'off'} | "
+        f"| {name} | {tensors} | {adapter.method} (N {adapter.num_experts}, K {top_k}, "
+        f"r {adapter.rank}) | {'on' if ckpt else 'off'} | "
         f"{measured.peak / GiB:.4f} | {plan.total / GiB:.4f} | "
         f"{plan.total / measured.peak:.3f} |",
         flush=True,
