@@ -420,6 +420,7 @@ def plan_memory(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from graphlora.inject import inject_adapter, moe_blocks
+    from graphlora.moe import MoELoRAMLP
 
     config = model_config(model)
     text = config.get_text_config()
@@ -436,7 +437,8 @@ def plan_memory(
     rows = batch_size * adapters
     tokens = rows * max_length  # every adapter's rows
     encoder = is_encoder_config(config)
-    rms = not encoder and blocks and type(blocks[0]).__name__ == "MoELoRAMLP"
+    # Gated-FFN decoders (Llama, Qwen2, Mistral) normalise with RMSNorm, the others LayerNorm.
+    rms = not encoder and any(isinstance(block, MoELoRAMLP) for block in blocks)
     dropout = adapter.dropout > 0
 
     # Per token of one layer: two norms (RMSNorm keeps an fp32 copy of its input, LayerNorm
