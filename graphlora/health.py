@@ -27,6 +27,8 @@ from collections.abc import Mapping
 
 import torch
 
+from graphlora.routers import expert_counts
+
 COLLAPSE_ENTROPY = 0.5
 """A layer whose mean per-batch load entropy is below this has collapsed."""
 USED_SHARE = 0.05
@@ -46,7 +48,7 @@ def batch_health(indices: torch.Tensor, probs: torch.Tensor, num_experts: int) -
     with torch.no_grad():
         n = num_experts
         flat = indices.reshape(-1)
-        frac = torch.bincount(flat, minlength=n).float() / max(1, flat.numel())
+        frac = expert_counts(flat, n).float() / max(1, flat.numel())
         log_n = math.log(n)
         entropy = -(frac * frac.clamp_min(1e-12).log()).sum() / log_n
         used = (frac >= USED_SHARE).sum().float()

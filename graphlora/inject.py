@@ -112,14 +112,20 @@ def build_adapter(
             block: MoELoRABlock = MoELoRAMLP(ffn.mlp, config, **kwargs)
         else:
             block = MoELoRAFFN(ffn.up, ffn.down, config, **kwargs)
-        # The new modules follow the model's mode: an eval model stays in eval.
-        block.to(device=ffn.device).train(ffn.module.training)
+        # The new modules follow the model's device and mode: an eval model stays in eval.
+        _follow(block, ffn.device).train(ffn.module.training)
         loras = []
         for base in attention[layer] if config.attention_lora else ():
             lora = LoRALinear(base, config.rank, config.alpha, config.dropout)
-            loras.append(lora.to(device=base.weight.device).train(base.training))
+            loras.append(_follow(lora, base.weight.device).train(base.training))
         layers[layer] = (block, loras)
     return context, layers
+
+
+def _follow(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module``, built on the CPU, moved to ``device``. Left alone on the CPU: a move to the
+    same device still swaps every tensor, which fake tensors (``graphlora.memory``) refuse."""
+    return module if device.type == "cpu" else module.to(device=device)
 
 
 def inject_adapter(model: nn.Module, config: MoELoRAConfig) -> nn.Module:

@@ -11,6 +11,7 @@ import math
 import torch
 
 from graphlora.config import MoELoRAConfig
+from graphlora.routers import expert_counts
 
 EPS = 1e-9
 
@@ -128,7 +129,7 @@ def switch_balance_loss(
     n = router_probs.shape[-1]
     if probs.shape[0] == 0:
         return router_probs.sum() * 0.0
-    f = torch.bincount(idx.reshape(-1), minlength=n).float() / idx.numel()
+    f = expert_counts(idx, n).float() / idx.numel()
     return switch_loss(f, probs.mean(dim=0))
 
 

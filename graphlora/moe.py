@@ -41,7 +41,14 @@ from graphlora.losses import (
     switch_balance_loss,
     switch_loss,
 )
-from graphlora.routers import GraphRouter, Routing, SoftmaxRouter, route
+from graphlora.routers import (
+    GraphRouter,
+    Routing,
+    SoftmaxRouter,
+    expert_count_list,
+    expert_counts,
+    route,
+)
 
 
 class RoutingContext:
@@ -60,6 +67,9 @@ class RoutingContext:
         self.health_in_eval: bool = False
         """Count evaluation forwards in the blocks' routing health too (training forwards always
         count): set it to measure how held-out tokens are routed."""
+        self.replaying: bool = False
+        """The blocks are being recomputed in the backward (gradient checkpointing,
+        ``graphlora.recompute``): they compute what their forward computed and record nothing."""
 
     def token_mask(self, batch_shape: torch.Size) -> torch.Tensor | None:
         """(T,) bool mask of real tokens for hidden states of shape ``batch_shape``: (B, S), or
@@ -107,6 +117,28 @@ def global_load(contrib: torch.Tensor, group: dist.ProcessGroup | None = None) -
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return contrib
     return _SumOverRanks.apply(contrib, group)
+
+
+class _Combine(torch.autograd.Function):
+    """``zeros(rows, ...).index_add(0, index, source)`` that keeps only ``index`` for the
+    backward. torch's own ``index_add`` keeps ``source`` too, though its gradient is only
+    ``grad[index]``: for the experts' outputs, a (T*K, I) copy per layer for nothing."""
+
+    @staticmethod
+    def forward(ctx: Any, source: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return source.new_zeros(rows, *source.shape[1:]).index_add_(0, index, source)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def combine(source: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """Sum of ``source``'s rows (n, ...) into ``rows`` rows at ``index`` (n,), differentiable
+    with respect to ``source``, keeping only ``index`` for the backward."""
+    return _Combine.apply(source, index, rows)
 
 
 def _kaiming_(t: torch.Tensor) -> torch.Tensor:
@@ -269,13 +301,17 @@ class MoELoRABlock(nn.Module):
                 idx, probs = self._real(routing.indices, mask), self._real(routing.probs, mask)
                 self._count_health(idx, probs)
             return
+        # A recomputation in the backward runs the same differentiable operations, in the same
+        # order (autograd matches their saved tensors by position), but records nothing.
+        replay = self.context.replaying
         idx = self._real(routing.indices, mask)
         topk = self._real(routing.topk_probs, mask)
         probs = self._real(routing.probs, mask)
         with torch.no_grad():
-            counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-            self.routing_counts += counts.to(self.routing_counts.dtype)
-        if self.router is not None:
+            counts = expert_counts(idx, self.num_experts)
+            if not replay:
+                self.routing_counts += counts.to(self.routing_counts.dtype)
+        if self.router is not None and not replay:
             self._count_health(idx, probs)
         aux: dict[str, torch.Tensor] = {}
         if self.use_poisson:
@@ -285,8 +321,11 @@ class MoELoRABlock(nn.Module):
             contrib = contrib.index_add(0, idx.reshape(-1), topk.reshape(-1).float())
             if self.context.sync_load:
                 contrib = global_load(contrib, self.context.load_group)  # all ranks: global batch
-            load = self.coord_load.detach() + contrib  # c_now = c_prev.detach() + this batch
-            self.coord_load.copy_(load.detach())
+            if not replay:  # the forward's c_prev, which the replay starts from again
+                self._load_before = self.coord_load.detach().clone()
+            load = self._load_before + contrib  # c_now = c_prev.detach() + this batch
+            if not replay:
+                self.coord_load.copy_(load.detach())
             aux["normal"] = normal_balance_loss(load, self.sigma)
         elif self.use_normal:
             frac, mean_probs = self._batch_load(counts, probs)
@@ -296,7 +335,8 @@ class MoELoRABlock(nn.Module):
                 aux["normal"] = switch_loss(frac, mean_probs)
         if self.use_balance:
             aux["balance"] = switch_balance_loss(routing.probs, routing.indices, mask)
-        self.aux = aux
+        if not replay:
+            self.aux = aux
 
     @staticmethod
     def _real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -353,7 +393,7 @@ class MoELoRABlock(nn.Module):
         if not dense:
             flat = routing.indices.reshape(-1)  # (T*K,)
             order = flat.argsort(stable=True)
-            counts = torch.bincount(flat, minlength=n).tolist()
+            counts = expert_count_list(flat, n)
             tok = order // k  # token of each sorted (token, slot) assignment
             slot_w = weights.reshape(-1)[order]
             # split (not slicing) so backward is one concatenation, not N zero-filled copies.
@@ -379,12 +419,11 @@ class MoELoRABlock(nn.Module):
             )  # (n_e, d)
             hs.append(he * we[:, None])
             downs.append(de * we[:, None])
-        inter = self.lora_A_down.shape[-1]
         if dense:
             h_mix, down = torch.stack(hs).sum(0), torch.stack(downs).sum(0)
         else:
-            h_mix = x.new_zeros(t, inter).index_add(0, tok, torch.cat(hs))  # (T, I)
-            down = x.new_zeros(t, x.shape[-1]).index_add(0, tok, torch.cat(downs))  # (T, d)
+            h_mix = combine(torch.cat(hs), tok, t)  # (T, I)
+            down = combine(torch.cat(downs), tok, t)  # (T, d)
         # Weights sum to 1 per token, so a down projection's bias is still added exactly once.
         out = self._base_down(h_mix) + down
         return out.reshape(shape)

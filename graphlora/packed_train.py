@@ -59,6 +59,7 @@ from graphlora.encoder import HEAD_ATTR, attach_head, option_forward, option_los
 from graphlora.evaluate import EvalResult, pad_batch
 from graphlora.models import load_model_and_tokenizer
 from graphlora.packing import inject_packed
+from graphlora.recompute import enable_gradient_checkpointing
 from graphlora.run import (
     NonFiniteLossError,
     OnEval,
@@ -101,6 +102,7 @@ SHARED_FIELDS = (
     "dtype",
     "bf16",
     "device",
+    "gradient_checkpointing",
 )
 """``TrainConfig`` fields every slot of a packed trainer shares: one base model and one data set,
 one packed batch of ``batch_size`` rows per slot, one numeric setting. Every other field
@@ -285,6 +287,13 @@ class PackedTrainer:
             )
         self.pack = inject_packed(model)
         self.model = model.to(self.device)
+        if base.gradient_checkpointing is True:
+            if base_dropout_off:
+                raise ValueError(
+                    "gradient_checkpointing: transformers checkpoints a layer only in training "
+                    "mode, and base_dropout_off keeps the base in eval mode; turn one of them off"
+                )
+            enable_gradient_checkpointing(self.model)
         self._base_eval = base_dropout_off  # the base in eval mode, the slots' adapters training
         # A decoder trains on tokenized prompt + answer; an encoder on the examples' texts.
         self.encoded = (

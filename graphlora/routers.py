@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from graphlora.config import EXPERT_FEATURES
 from graphlora.graph import build_moe_graph, normalized_adjacency
@@ -44,6 +45,28 @@ def route(probs: torch.Tensor, top_k: int) -> Routing:
         topk_probs, indices = probs.topk(top_k, dim=-1)
     weights = topk_probs / topk_probs.sum(dim=-1, keepdim=True)
     return Routing(probs=probs, topk_probs=topk_probs, weights=weights, indices=indices)
+
+
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N,) int64: how many of ``indices`` (chosen experts, any shape) went to each expert.
+
+    On fake tensors (a memory plan's training step, ``graphlora.memory``) the choices are
+    unknown and the count cannot be taken: every expert gets an equal share, the load a
+    balanced router gives, so the step's shapes are those of a balanced step.
+    """
+    flat = indices.reshape(-1)
+    if is_fake(flat):
+        share = flat.numel() // num_experts
+        return torch.full((num_experts,), share, dtype=torch.long, device=flat.device)
+    return torch.bincount(flat, minlength=num_experts)
+
+
+def expert_count_list(indices: torch.Tensor, num_experts: int) -> list[int]:
+    """``expert_counts`` as Python ints (the sizes a dispatch splits tokens into)."""
+    if is_fake(indices):  # the balanced share, the remainder to the first experts
+        share, extra = divmod(indices.numel(), num_experts)
+        return [share + (e < extra) for e in range(num_experts)]
+    return expert_counts(indices, num_experts).tolist()
 
 
 def _no_autocast(x: torch.Tensor) -> torch.autocast:
@@ -110,12 +133,14 @@ class GraphRouter(nn.Module):
         self.num_experts = num_experts
         self.gcn_hidden = gcn_hidden
         self.act = act
-        edge_index = build_moe_graph(num_experts, edge_density, graph_seed)
+        # A constant of the run, drawn from its seed on the CPU outside any tensor mode: under
+        # fake tensors (graphlora.memory's step) the draw's data-dependent ops cannot run.
+        with unset_fake_temporarily():
+            edge_index = build_moe_graph(num_experts, edge_density, graph_seed)
+            adj = normalized_adjacency(edge_index, num_experts + 1)  # (N+1, N+1)
         # Saved with the adapter: evaluation uses the same graph as training.
         self.register_buffer("router_edge_index", edge_index)
-        self.register_buffer(
-            "router_adj", normalized_adjacency(edge_index, num_experts + 1)
-        )  # (N+1, N+1)
+        self.register_buffer("router_adj", adj)
         self.router_expert_features = nn.Parameter(torch.empty(num_experts, gcn_hidden))
         nn.init.xavier_uniform_(self.router_expert_features)
         self.router_token_proj = nn.Parameter(torch.empty(gcn_hidden, hidden_size))  # P

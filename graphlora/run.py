@@ -108,6 +108,11 @@ class TrainConfig:
     """Progress line every N steps (rank 0)."""
     output_dir: str | None = None
     """Save the final adapter here (rank 0)."""
+    gradient_checkpointing: bool | str = False
+    """Recompute every transformer layer in the backward instead of keeping its activations
+    (``graphlora.recompute``): a step holds one layer's activations instead of all of them, for
+    a second forward of every layer. ``"auto"`` is decided by the caller, who knows the memory
+    budget (``graphlora.memory.decide_checkpointing``); the library alone takes it as off."""
     inject_nan_at_step: int | None = None
     """Fault injection for tests: the loss becomes NaN at this step (1-based)."""
 
@@ -126,6 +131,11 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 1, "must be >= 1"),
             ("max_length", self.max_length >= 8, "must be >= 8"),
             ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
+            (
+                "gradient_checkpointing",
+                self.gradient_checkpointing in (True, False, "auto"),
+                'must be true, false or "auto"',
+            ),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -229,8 +239,10 @@ def labelled_forward(model, batch: dict[str, torch.Tensor]):  # noqa: ANN001, AN
     target = batch["labels"][:, 1:]  # (B, S-1)
     keep = target != -100
     select = torch.nn.functional.pad(keep, (0, 1), value=False)  # (B, S): predicts a label
-    with head_at(model, select):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with head_at(model, select):  # no KV cache: a training forward never reads it back
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
     return out, target[keep]
 
 
@@ -570,6 +582,7 @@ _NOT_RUN_SHAPING = {
     "eval_test",
     "max_test_examples",
     "eval_at_start",
+    "gradient_checkpointing",
 }
 
 

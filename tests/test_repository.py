@@ -74,6 +74,10 @@ def test_a_built_wheel_ships_the_benchmark_files(tmp_path: Path) -> None:
     for task in ("ARC-Challenge", "boolq", "piqa", "winogrande"):
         assert f"graphlora/task_data/commonsense/{task}/test.json" in names
     assert "graphlora/task_data/README.md" in names
+    # The memory plan's model configs, with their licence notice, so it plans offline.
+    for config in ("qwen2-7b", "llama-3-8b"):
+        assert f"graphlora/model_configs/{config}/config.json" in names
+    assert "graphlora/model_configs/NOTICE" in names
     # The shipped spaces and the commands come with it, so `graphlora-search` runs anywhere.
     for space in ("quickstart", "paper", "compare", "real_cpu"):
         assert f"pipelines/search_spaces/{space}.yaml" in names
