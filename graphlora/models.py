@@ -693,6 +693,10 @@ def check_model_reference(name_or_path: str, *, revision: str | None = None) -> 
     try:
         AutoConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as err:
+        from graphlora.memory import SHIPPED_CONFIGS
+
+        if _hub_offline() and revision is None and name_or_path in SHIPPED_CONFIGS:
+            return "hub"  # its config ships with graphlora; the weights come when online
         offline = " (offline mode is on: HF_HUB_OFFLINE=1)" if _hub_offline() else ""
         raise ModelLoadError(
             f"Unknown model {name_or_path!r}: not a preset ({', '.join(sorted(PRESETS))}), not "
@@ -743,5 +747,12 @@ def reference_config(name_or_path: str, *, revision: str | None = None) -> Pretr
     else:
         if name_or_path in PACKAGED_MODELS:  # package absent: its Hub copy
             name_or_path = PACKAGED_MODELS[name_or_path].hub_id
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        except OSError:
+            from graphlora.memory import SHIPPED_CONFIGS, model_config
+
+            if not (_hub_offline() and revision is None and name_or_path in SHIPPED_CONFIGS):
+                raise
+            config = model_config(name_or_path)  # offline: the copy that ships with graphlora
     return config

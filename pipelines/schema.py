@@ -24,9 +24,12 @@ Schema (every key; `?` marks optional ones, with their default)::
                                     # trial's Train run from its last checkpoint when a worker dies
                  trials_per_host: 0,  # > 0: trial hosts load the base once and pack this many
                                     # runs per forward (pipelines/host.py); 0: a Train run each
-                 hosts: 0}          # how many hosts; 0: as many as the nodes hold (a
+                 hosts: 0,          # how many hosts; 0: as many as the nodes hold (a
                                     # GPU host: workers_per_trial GPU workers, data-parallel;
                                     # a CPU host: its slots' CPUs per worker)
+                 gpu_memory_gb: 0}  # each GPU's memory; 0: unknown. Set: the largest trial's
+                                    # memory plan must fit (pipelines/memory_check.py), and
+                                    # training.gradient_checkpointing: auto decides per trial
     seeds_per_trial?: 1             # seeds trained side by side per trial; ASHA/Optuna see the mean
     stability?: {top_k_configs: 0, seeds: 5}    # re-run the best configs with fresh seeds
     objective?: {metric: val_accuracy, mode: max, std_penalty: 0.0,   # mean -/+ penalty * std
@@ -113,6 +116,9 @@ class Resources:
     worker_retries: int = 2  # restarts of a Train run from its last checkpoint when a worker dies
     trials_per_host: int = 0  # > 0: runs packed per trial host (pipelines/host.py); 0: no hosts
     hosts: int = 0  # trial hosts; 0: as many as the cluster's nodes hold (one per GPU worker)
+    # Memory of each GPU in GB; 0: unknown. Checks the largest trial's memory plan before the
+    # search starts, and lets `training.gradient_checkpointing: auto` decide per trial.
+    gpu_memory_gb: float = 0
 
     def host_count(self, nodes: list[dict[str, float]], runs: int) -> int:
         """How many trial hosts a search starts: `hosts` if set, else as many as the cluster's
@@ -243,6 +249,7 @@ SECTIONS: dict[str, dict[str, tuple[str, Any]]] = {
             "worker_retries": "int",
             "trials_per_host": "int",
             "hosts": "int",
+            "gpu_memory_gb": "number",
         },
     ),
     "stability": _section(Stability, {"top_k_configs": "int", "seeds": "int"}),

@@ -485,13 +485,14 @@ def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
 
 def preflight(space: SearchSpace) -> None:
     """What every trial would otherwise fail on: the model reference and the dataset (and, with
-    trial hosts, a model that cannot be packed).
+    trial hosts, a model that cannot be packed; on GPUs, a largest trial that does not fit).
 
     Raises:
         SpaceError: one line naming the file and key.
     """
     from graphlora.data import load_task
     from graphlora.models import ModelLoadError, check_model_reference
+    from pipelines.memory_check import check_memory
 
     try:
         check_model_reference(space.model, revision=space.training.get("model_revision"))
@@ -511,6 +512,7 @@ def preflight(space: SearchSpace) -> None:
             raise SpaceError(
                 f"{space.path}: resources.trials_per_host: {problem}, or set trials_per_host: 0"
             )
+    check_memory(space, sys.stdout)  # a GPU space: its largest trial's memory plan
 
 
 def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:

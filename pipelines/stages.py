@@ -42,9 +42,12 @@ class Stage:
         self, space: SearchSpace, params: Mapping[str, Any], seed: int
     ) -> tuple[dict, dict]:
         """(adapter, training) of one of its runs: the space's (`SearchSpace.configs`), with
-        this stage's `eval_test`."""
+        this stage's `eval_test` and `gradient_checkpointing: auto` decided for the run."""
+        from pipelines.memory_check import resolve_checkpointing
+
         adapter, training = space.configs(params, seed)
         training["eval_test"] = self.eval_test
+        resolve_checkpointing(space, adapter, training)  # `auto`: on where the GPU needs it
         return adapter, training
 
     def seeds(self, first: int, count: int) -> tuple[int, ...]:

@@ -247,6 +247,8 @@ def validate_space(
             raise c.error(f"resources.{key}", f"{getattr(resources, key)} must be above 0")
     if resources.gpus_per_worker < 0:
         raise c.error("resources.gpus_per_worker", "must be 0 or more")
+    if resources.gpu_memory_gb < 0:
+        raise c.error("resources.gpu_memory_gb", "must be 0 (unknown) or more")
     if resources.worker_retries < 0:
         raise c.error("resources.worker_retries", "must be 0 (no restarts) or more")
     for key in ("trials_per_host", "hosts"):

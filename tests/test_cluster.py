@@ -32,7 +32,7 @@ def test_head_and_gpu_workers(cluster):
     gpu = [t for name, t in types.items() if name != cluster["head_node_type"]]
     assert gpu, "no worker node type"
     instance_types = {t["node_config"]["InstanceType"] for t in gpu}
-    assert instance_types & {"g5.2xlarge", "p4d.24xlarge"}
+    assert instance_types & {"p4de.24xlarge", "p4d.24xlarge"}
     assert all(t["max_workers"] >= 1 for t in gpu)
     assert cluster["provider"]["type"] == "aws"
 
