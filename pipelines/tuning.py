@@ -259,9 +259,6 @@ def fit_experiment(
         # after every trial checkpoint, so a resume loses at most one evaluation.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    # A trial driver only waits (on its Train runs, or on a trial host's slot): reused, the next
-    # trial starts in the same actor instead of a new Python process (seconds each, per trial).
-    tune_config.reuse_actors = True
     path = f"{plan.storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(
@@ -274,7 +271,6 @@ def fit_experiment(
                 "; resume needs ray==2.60 (pyproject) or a fresh search"
             )
         internal._tune_config.scheduler = tune_config.scheduler
-        internal._tune_config.reuse_actors = True  # a search saved before it reused them
         internal.set_run_config_and_remote_string_queue(run_config, None)
         internal.clear_remote_string_queue()
     else:
