@@ -40,6 +40,7 @@ import ray
 
 from pipelines.asha import HubRef
 from pipelines.errors import error_line
+from pipelines.memory_check import resolve_checkpointing
 from pipelines.schema import SearchSpace
 from pipelines.worker import eval_index, fast_train_reports, seed_trainer, worker_errors
 
@@ -582,6 +583,7 @@ class HostPool:
         """Start every host (each loads the base model once, then waits for jobs)."""
         res = self._space.resources
         base = self._space.configs({}, self._space.seed)[1]
+        resolve_checkpointing(self._space, {}, base)  # as every slot's run has it (`Stage`)
         fast_train_reports()
         malloc = {k: v for k, v in CPU_HOST_MALLOC.items() if k not in os.environ}
         for i in range(self.count):

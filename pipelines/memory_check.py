@@ -65,7 +65,8 @@ def _shape(space: SearchSpace, training: Mapping[str, Any]) -> tuple[dict, int]:
 
 def resolve_checkpointing(space: SearchSpace, adapter: dict, training: dict) -> None:
     """`gradient_checkpointing: auto` in `training` made true or false for this run, in place:
-    on when its plan does not fit the GPU without it; off when it does, or the GPU's memory is
+    on when its plan does not fit the GPU without it (with trial hosts: when the largest trial's
+    does not, since a host's slots share one setting); off when it fits, or the GPU's memory is
     unknown, or the run trains on CPUs."""
     if training.get("gradient_checkpointing") != "auto":
         return
@@ -73,12 +74,21 @@ def resolve_checkpointing(space: SearchSpace, adapter: dict, training: dict) -> 
     if budget is None:
         training["gradient_checkpointing"] = False
         return
+    if space.resources.trials_per_host:
+        # A host's slots share one forward and so one setting: the largest trial's decides.
+        adapter, training_max = space.configs(largest_params(space), space.seed)
+        training["gradient_checkpointing"] = _decide(space, adapter, training_max, budget)
+        return
+    training["gradient_checkpointing"] = _decide(space, adapter, training, budget)
+
+
+def _decide(space: SearchSpace, adapter: dict, training: dict, budget: float) -> bool:
     from graphlora.config import MoELoRAConfig
     from graphlora.memory import decide_checkpointing
 
-    shape, _ = _shape(space, training)
+    shape, _ = _shape(space, {**training, "gradient_checkpointing": False})
     shape.pop("gradient_checkpointing", None)
-    training["gradient_checkpointing"] = decide_checkpointing(
+    return decide_checkpointing(
         training["model"], MoELoRAConfig(**adapter), budget=budget, headroom=HEADROOM, **shape
     )
 

@@ -80,3 +80,43 @@ def test_auto_is_decided_per_run_from_the_gpu_memory(tmp_path):
     space = load_search_space(tmp_path / "s.yaml")
     _, training = SEARCH.configs(space, {"rank": 8}, 0)
     assert training["gradient_checkpointing"] is False
+
+
+def test_auto_with_trial_hosts_follows_the_largest_trial(tmp_path):
+    """A host's slots share one forward, so one checkpointing setting: with trial hosts every
+    run (and the host itself) takes the largest trial's decision, where without hosts each run
+    takes its own."""
+    from graphlora.config import MoELoRAConfig
+    from graphlora.memory import plan_memory
+    from graphlora.run import TrainConfig
+    from pipelines.memory_check import _shape
+
+    text = (
+        "model: tiny-qwen2\ndataset: synthetic\nmethod: graphlora\n"
+        "training: {gradient_checkpointing: auto, batch_size: 8}\n"
+        "search:\n  rank: {type: categorical, values: [2, 64]}\n"
+        "budget: {trials: 2, max_steps: 4, eval_every: 2}\n"
+        "resources: {gpus_per_worker: 1, gpu_memory_gb: 1, trials_per_host: HOSTS}\n"
+    )
+    (tmp_path / "s.yaml").write_text(text.replace("HOSTS", "0"))
+    space = load_search_space(tmp_path / "s.yaml")
+    totals = []
+    for rank in (2, 64):
+        adapter, training = space.configs({"rank": rank}, 0)
+        shape, _ = _shape(space, {**training, "gradient_checkpointing": False})
+        totals.append(plan_memory(training["model"], MoELoRAConfig(**adapter), **shape).total)
+    assert totals[0] < totals[1]
+    gb = (totals[0] + totals[1]) / 2 / 0.9 / 1e9  # the small trial fits, the large one does not
+    for hosts, expected in (("0", (False, True)), ("2", (True, True))):
+        (tmp_path / "s.yaml").write_text(
+            text.replace("HOSTS", hosts).replace("gpu_memory_gb: 1", f"gpu_memory_gb: {gb!r}")
+        )
+        space = load_search_space(tmp_path / "s.yaml")
+        got = tuple(
+            SEARCH.configs(space, {"rank": r}, 0)[1]["gradient_checkpointing"] for r in (2, 64)
+        )
+        assert got == expected, (hosts, got)
+    base = space.configs({}, 0)[1]
+    resolve_checkpointing(space, {}, base)  # what the trial host is built with
+    assert base["gradient_checkpointing"] is True
+    TrainConfig(**base)
