@@ -106,11 +106,11 @@ def check_memory(space: SearchSpace, out: IO[str]) -> dict[str, Any] | None:
         return None
     from graphlora.config import MoELoRAConfig
     from graphlora.memory import plan_memory
-    from pipelines.stages import SEARCH
 
     params = largest_params(space)
-    adapter, training = SEARCH.configs(space, params, space.seed)
-    auto = space.training.get("gradient_checkpointing") == "auto"  # configs() decided it
+    adapter, training = space.configs(params, space.seed)
+    resolve_checkpointing(space, adapter, training)  # as the trial's stage decides it
+    auto = space.training.get("gradient_checkpointing") == "auto"
     shape, slots = _shape(space, training)
     shape["gradient_checkpointing"] = training.get("gradient_checkpointing") is True
     plan = plan_memory(training["model"], MoELoRAConfig(**adapter), **shape)
