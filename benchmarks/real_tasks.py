@@ -9,7 +9,8 @@ copies shipped with graphlora, cut to ``--train`` training questions and ``--tes
 (the first ones of each file; validation: the split graphlora holds out of train.json, at most
 ``--val`` questions). Every method uses the same adapter budget fields (``num_experts``, ``top_k``,
 ``rank``, and ``alpha`` = 2 x rank so every method's LoRA scale is the same; MixLoRA and GraphLoRA
-differ only in their router and their auxiliary losses, each at its preset's coefficients).
+differ only in their router and their auxiliary losses, each at MiniLM's coefficients for it:
+``graphlora.models.adapter_defaults``, else the preset's).
 
 Reported per task and method: test accuracy mean and sample standard deviation over the seeds,
 the step-0 test accuracy (the bare model with its head: LoRA B = 0 whatever the method and seed,
@@ -19,6 +20,7 @@ one JSON object with every run's metrics.
 
     python benchmarks/real_tasks.py [--tasks arc-easy openbookqa] [--seeds 0 1 2]
         [--methods lora mixlora graphlora] [--train 1000] [--test 500] [--max-steps 150]
+        [--set graphlora.poisson_coef=0.1 ...]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DatasetSplits, load_task
-from graphlora.models import training_defaults
+from graphlora.models import adapter_defaults, training_defaults
 from graphlora.train import TrainConfig, run_training
 
 MODEL = "minilm-l6"
@@ -58,6 +60,12 @@ def _row(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+def _mean(runs: list[dict], key: str) -> str:
+    """Mean of a routing figure over the runs (its last evaluation window), "-" without a router."""
+    values = [r[key] for r in runs if key in r]
+    return f"{statistics.fmean(values):.2f}" if values else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/real_tasks.py", description=__doc__)
     p.add_argument("--tasks", nargs="+", default=["arc-easy", "openbookqa"])
@@ -71,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="METHOD.FIELD=VALUE",
+        help="an adapter field for one method (JSON value), e.g. graphlora.poisson_coef=0.1",
+    )
     args = p.parse_args(argv)
 
     training = {**training_defaults(MODEL), "model": MODEL, "log_every": 0}
@@ -79,14 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         training["eval_every"] = args.max_steps
     if args.learning_rate:
         training["learning_rate"] = args.learning_rate
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        method, _, field = key.partition(".")
+        if not (field and value):
+            p.error(f"--set {item}: expected METHOD.FIELD=VALUE, e.g. graphlora.poisson_coef=0.1")
+        overrides.setdefault(method, {})[field] = json.loads(value)
     runs = []
     step0: dict[str, float] = {}
     for task in args.tasks:
         data = _subset(task, args.train, args.val, args.test)
         for method in args.methods:
-            budget = {"method": method, "rank": args.rank, "alpha": 2.0 * args.rank}
+            # MiniLM's own defaults for the method (its coefficients), then the common budget.
+            budget = {**adapter_defaults(MODEL, method), "method": method, "rank": args.rank}
+            budget["alpha"] = 2.0 * args.rank
             if method != "lora":
                 budget.update(num_experts=args.num_experts, top_k=args.top_k)
+            budget.update(overrides.get(method, {}))
             adapter = MoELoRAConfig.from_dict(budget)
             for seed in args.seeds:
                 # Step 0 is the bare model with its head (LoRA B = 0, the head's scale at its
@@ -116,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         f"steps {training['max_steps']}, batch {training['batch_size']}, "
         f"lr {training['learning_rate']:g}\n"
     )
-    print("| task | method | test acc. % (mean ± std) | step-0 test acc. % | wall s / run |")
-    print("|---|---|---|---|---|")
+    print(
+        "| task | method | test acc. % (mean ± std) | step-0 test acc. % | min batch H "
+        "| token_mi | wall s / run |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for task in args.tasks:
         for method in args.methods:
             mine = [r for r in runs if r["task"] == task and r["method"] == method]
             print(
                 f"| {task} | {method} | {_row([r['test_accuracy'] for r in mine])} | "
                 f"{100 * statistics.fmean(r['step0_test_accuracy'] for r in mine):.1f} | "
+                f"{_mean(mine, 'routing/min_batch_entropy')} | {_mean(mine, 'routing/token_mi')} | "
                 f"{statistics.fmean(r['wall_s'] for r in mine):.0f} |"
             )
     print(json.dumps({"runs": runs}, default=float))
