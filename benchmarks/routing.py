@@ -48,7 +48,8 @@ def _progress(method: str, seed: int):  # noqa: ANN202
             f"{m.get('routing/min_batch_entropy', float('nan')):.2f} mean "
             f"{m.get('routing/batch_entropy', float('nan')):.2f}, experts used min "
             f"{m.get('routing/min_experts_used', float('nan')):.1f}, held-out min "
-            f"{m.get('val_routing/min_batch_entropy', float('nan')):.2f}",
+            f"{m.get('val_routing/min_batch_entropy', float('nan')):.2f}, token_mi mean "
+            f"{m.get('routing/token_mi', float('nan')):.3f}",
             file=sys.stderr,
             flush=True,
         )
