@@ -29,12 +29,14 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "alpha": 16.0,
         "experts_per_layer": [5, 7, 9, 11],
     },
+    # The Poisson term at a tenth of the balance weight: at the paper's 0.005 the router's softmax
+    # is the same for every token (docs/method.md section 6).
     "graphlora": {
         "router": "graph",
         "top_k": 2,
         "rank": 2,
         "alpha": 4.0,
-        "poisson_coef": 0.005,
+        "poisson_coef": 0.8,
         "normal_coef": 8.0,
     },
     # The published form, exactly: expert nodes blind to the token, the Normal loss on the run's
@@ -54,7 +56,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "top_k": 2,
         "rank": 2,
         "alpha": 4.0,
-        "poisson_coef": 0.005,
+        "poisson_coef": 0.8,
         "normal_coef": 8.0,
     },
     "graphlora-no-poisson": {
@@ -69,7 +71,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "top_k": 2,
         "rank": 2,
         "alpha": 4.0,
-        "poisson_coef": 0.005,
+        "poisson_coef": 0.8,
     },
 }
 

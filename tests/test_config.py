@@ -9,7 +9,9 @@ def test_presets_follow_the_spec_table():
     g = MoELoRAConfig(method="graphlora")
     assert (g.router, g.num_experts, g.top_k, g.rank, g.alpha) == ("graph", 8, 2, 2, 4.0)
     assert (g.gcn_hidden, g.gcn_layers, g.edge_density) == (256, 2, 0.1)
-    assert (g.poisson_coef, g.normal_coef, g.balance_coef) == (0.005, 8.0, 0.0)
+    assert (g.poisson_coef, g.normal_coef, g.balance_coef) == (0.8, 8.0, 0.0)  # Poisson: a tenth
+    p = MoELoRAConfig(method="graphlora-paper")  # the published coefficients
+    assert (p.poisson_coef, p.normal_coef, p.balance_coef) == (0.005, 8.0, 0.0)
     m = MoELoRAConfig(method="mixlora")
     assert (m.router, m.top_k, m.rank, m.alpha, m.balance_coef) == ("softmax", 2, 8, 16.0, 0.01)
     assert MoELoRAConfig(method="loramoe").router == "dense"

@@ -125,7 +125,7 @@ def test_forward_exposes_weighted_aux_losses(batch):
     model.train()
     out = model(**batch, labels=batch["input_ids"])
     assert set(out.aux_losses) == {"poisson", "normal"}
-    expected = 0.005 * out.aux_losses["poisson"] + 8.0 * out.aux_losses["normal"]
+    expected = 0.8 * out.aux_losses["poisson"] + 8.0 * out.aux_losses["normal"]
     torch.testing.assert_close(out.aux_loss, expected)
     torch.testing.assert_close(out.loss, out.task_loss + expected)
     model.eval()

@@ -78,5 +78,5 @@ def test_lambda_and_sigma_get_gradients():
 def test_coefficients_applied_in_one_place():
     cfg = MoELoRAConfig(method="graphlora", balance_coef=0.5)
     aux = {"poisson": torch.tensor(2.0), "normal": torch.tensor(1.0), "balance": torch.tensor(4.0)}
-    assert weighted_aux_loss(aux, cfg).item() == pytest.approx(0.005 * 2 + 8 * 1 + 0.5 * 4)
+    assert weighted_aux_loss(aux, cfg).item() == pytest.approx(0.8 * 2 + 8 * 1 + 0.5 * 4)
     assert weighted_aux_loss({}, cfg) is None

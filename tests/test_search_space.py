@@ -275,6 +275,8 @@ def test_each_graphlora_space_searches_all_six(path):
     for coef in ("poisson_coef", "normal_coef"):  # around the paper's 0.005 and 8, log scale
         assert space.search[coef].type == "loguniform"
     assert space.search["poisson_coef"].low < 0.005 < space.search["poisson_coef"].high
+    # up to a tenth of the balance weight or more, where the router separates tokens
+    assert space.search["poisson_coef"].high >= 0.5
     assert space.search["normal_coef"].low < 8 < space.search["normal_coef"].high
 
 
