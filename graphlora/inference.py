@@ -11,7 +11,7 @@ The base is pinned by kind, so the model loads the base it was trained on or ref
 
 - ``preset``: a random init is only reproducible with the same code, torch and seed, so its
   weights are stored in ``base_model/`` (``save_pretrained``) with their sha256;
-- ``package``: a pretrained model shipped in a Python package (``models.PACKAGED_MODELS``, e.g.
+- ``package``: a pretrained model shipped in a Python package (``presets.PACKAGED_MODELS``, e.g.
   ``minilm-l6``): the package name and version and the sha256 of its weight files, never a path
   inside one virtual environment, so the folder loads wherever that package is installed
   (``base_model_requirements`` gives the pip line);
@@ -46,12 +46,8 @@ from graphlora.evaluate import (
     score_examples,
     score_options,
 )
-from graphlora.models import (
-    PACKAGED_MODELS,
-    ModelLoadError,
-    load_model_and_tokenizer,
-    packaged_model_dir,
-)
+from graphlora.models import load_model_and_tokenizer
+from graphlora.presets import PACKAGED_MODELS, ModelLoadError, packaged_model_dir
 
 __all__ = [
     "MODEL_FILE",
