@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphlora.data import Example
+from graphlora.examples import Example
 
 __all__ = [
     "HEAD_ATTR",

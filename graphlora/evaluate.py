@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from graphlora.data import Example
 from graphlora.encoder import is_encoder_model, option_logits
+from graphlora.examples import Example
 
 
 @dataclass

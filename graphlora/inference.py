@@ -37,7 +37,6 @@ from typing import Any
 import torch
 
 from graphlora.adapter_io import CONFIG_NAME, load_adapter, read_adapter_config
-from graphlora.data import Example, mc_example
 from graphlora.encoder import is_encoder_model
 from graphlora.evaluate import (
     EvalResult,
@@ -46,6 +45,7 @@ from graphlora.evaluate import (
     score_examples,
     score_options,
 )
+from graphlora.examples import Example, mc_example
 from graphlora.models import load_model_and_tokenizer
 from graphlora.presets import PACKAGED_MODELS, ModelLoadError, packaged_model_dir
 
