@@ -36,7 +36,7 @@ import torch
 
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DatasetSplits, load_task
-from graphlora.models import training_defaults
+from graphlora.presets import training_defaults
 from graphlora.train import TrainConfig, run_training
 
 MODEL = "minilm-l6"

@@ -1,15 +1,8 @@
-"""Where a multiple-choice task comes from: :func:`load_task` turns a task name, a path or
-``hub:<task>`` into train, validation and test :class:`~graphlora.examples.Example` lists.
-
-1. a path: a folder holding ``train.json``/``test.json`` (or only ``test.json``), or one ``.json``
-   file, in the LLM-Adapters "commonsense" format (:mod:`graphlora.examples`);
-2. a task name (``arc-challenge``, ``boolq``...): the task's folder under a data dir
-   (``data_dir=``, else the ``GRAPHLORA_DATA_DIR`` environment variable), else under the copy
-   shipped with graphlora (:data:`SHIPPED_DATA_DIR`), so a task name works offline;
-3. ``hub:<task>`` (``hub:arc-challenge``): the Hugging Face Hub, in the datasets' original schemas
-   and published splits (so its numbers are not comparable with the LLM-Adapters files');
-
-plus ``synthetic``, a generated offline task (:mod:`graphlora.synthetic`).
+"""Where a multiple-choice task comes from: :func:`load_task` turns a path to LLM-Adapters files
+(:mod:`graphlora.examples`), a task name (its folder under a data dir, else the copy shipped with
+graphlora, so a task name works offline), ``hub:<task>`` (the Hugging Face Hub, in the datasets'
+original schemas) or ``synthetic`` (:mod:`graphlora.synthetic`) into train, validation and test
+examples.
 """
 
 from __future__ import annotations
@@ -22,19 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from graphlora.examples import (
-    ANSWER_PREFIX,
     DataError,
     DatasetSplits,
     Example,
     format_prompt,
     load_llm_adapters_file,
     mc_example,
-    parse_listed_options,
 )
-from graphlora.synthetic import make_synthetic_task, synthetic_answer
+from graphlora.synthetic import make_synthetic_task
 
 __all__ = [
-    "ANSWER_PREFIX",
     "DATA_DIR_ENV",
     "HUB_PREFIX",
     "SHIPPED_DATA_DIR",
@@ -44,13 +34,7 @@ __all__ = [
     "Example",
     "TaskSpec",
     "canonical_task_name",
-    "format_prompt",
-    "load_llm_adapters_file",
     "load_task",
-    "make_synthetic_task",
-    "mc_example",
-    "parse_listed_options",
-    "synthetic_answer",
 ]
 
 DATA_DIR_ENV = "GRAPHLORA_DATA_DIR"

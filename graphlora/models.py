@@ -41,40 +41,23 @@ from graphlora.presets import (
     PRESETS,
     SHIPPED_CONFIGS,
     ModelLoadError,
-    PackagedModel,
-    PresetSpec,
-    adapter_defaults,
     build_preset_model,
     packaged_model_dir,
     packaged_model_version,
     preset_config,
     shipped_config,
-    training_defaults,
 )
-from graphlora.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, build_byte_tokenizer
 
 __all__ = [
-    "BOS_TOKEN",
-    "EOS_TOKEN",
-    "PACKAGED_MODELS",
-    "PAD_TOKEN",
-    "PRESETS",
+    "ENCODER_MODEL_TYPES",
     "ModelInfo",
     "ModelLoadError",
-    "PackagedModel",
-    "PresetSpec",
-    "adapter_defaults",
-    "build_byte_tokenizer",
-    "build_preset_model",
     "check_model_reference",
     "is_encoder_config",
     "load_model_and_tokenizer",
     "model_hidden_size",
-    "packaged_model_dir",
-    "packaged_model_version",
     "reference_config",
     "resolve_dtype",
-    "training_defaults",
 ]
 
 ENCODER_MODEL_TYPES = frozenset(
@@ -332,11 +315,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _offline_note() -> str:
-    return " (offline mode is on: HF_HUB_OFFLINE=1)" if _hub_offline() else ""
-
-
-def _hub_offline() -> bool:
-    return bool(hub_constants.HF_HUB_OFFLINE)
+    return " (offline mode is on: HF_HUB_OFFLINE=1)" if hub_constants.HF_HUB_OFFLINE else ""
 
 
 def _require_config_file(folder: Path) -> None:
@@ -353,7 +332,7 @@ def _hub_config(hub_id: str, revision: str | None) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(hub_id, revision=revision)
     except (OSError, ValueError) as err:
-        if _hub_offline() and revision is None and hub_id in SHIPPED_CONFIGS:
+        if hub_constants.HF_HUB_OFFLINE and revision is None and hub_id in SHIPPED_CONFIGS:
             return shipped_config(hub_id)  # the weights come when online
         raise ModelLoadError(
             f"Unknown model {hub_id!r}: not a preset ({', '.join(sorted(PRESETS))}), not "
