@@ -38,13 +38,7 @@ import torch
 
 from graphlora.adapter_io import CONFIG_NAME, load_adapter, read_adapter_config
 from graphlora.encoder import is_encoder_model
-from graphlora.evaluate import (
-    EvalResult,
-    choose,
-    evaluate_examples,
-    score_examples,
-    score_options,
-)
+from graphlora.evaluate import EvalResult, candidate_scores, choose, evaluate_examples
 from graphlora.examples import Example, mc_example
 from graphlora.models import load_model_and_tokenizer
 from graphlora.presets import PACKAGED_MODELS, ModelLoadError, packaged_model_dir
@@ -371,22 +365,13 @@ class MultipleChoiceModel:
     def predict_examples(self, examples: Sequence[Example]) -> list[Prediction]:
         """Score examples as evaluation does (a decoder: candidates by likelihood; an encoder:
         option texts by its head)."""
-        if self.architecture == "encoder":
-            scores = score_options(
-                self.model,
-                self.tokenizer,
-                list(examples),
-                batch_size=self.batch_size,
-                max_length=self.max_length,
-            )
-        else:
-            scores, _ = score_examples(
-                self.model,
-                self.tokenizer,
-                examples,
-                batch_size=self.batch_size,
-                max_length=self.max_length,
-            )
+        scores, _ = candidate_scores(
+            self.model,
+            self.tokenizer,
+            examples,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+        )
         return [Prediction(choose(s), s) for s in scores]
 
     def evaluate(self, examples: Sequence[Example]) -> EvalResult:
