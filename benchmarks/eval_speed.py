@@ -44,10 +44,11 @@ from collections.abc import Callable
 import torch
 
 from graphlora.config import MoELoRAConfig
-from graphlora.data import Example, load_task, make_synthetic_task
+from graphlora.data import Example, load_task
 from graphlora.evaluate import choose, score_examples, score_examples_reference
 from graphlora.inject import inject_adapter
-from graphlora.models import build_preset_model
+from graphlora.presets import build_preset_model
+from graphlora.synthetic import make_synthetic_task
 
 SCORERS: dict[str, Callable] = {"today": score_examples_reference, "one_pass": score_examples}
 QWEN2_VOCAB = 151_936

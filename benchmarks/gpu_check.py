@@ -167,7 +167,7 @@ def _qwen2_folder(args: argparse.Namespace) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from graphlora.models import build_byte_tokenizer
+    from graphlora.tokenizer import build_byte_tokenizer
 
     tok = build_byte_tokenizer()
     if args.smoke:
@@ -425,7 +425,8 @@ def token_lengths(tokenizer: Any, data: Any) -> dict[str, Any]:
 def part3(args: argparse.Namespace) -> dict[str, Any]:
     from graphlora.config import MoELoRAConfig
     from graphlora.data import load_task
-    from graphlora.models import load_model_and_tokenizer, training_defaults
+    from graphlora.models import load_model_and_tokenizer
+    from graphlora.presets import training_defaults
     from graphlora.train import TrainConfig, run_training
 
     model = args.minilm if Path(args.minilm).is_dir() else "minilm-l6"

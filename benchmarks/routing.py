@@ -29,7 +29,7 @@ import torch
 from graphlora.config import MoELoRAConfig
 from graphlora.data import load_task
 from graphlora.health import HEALTH_FIELDS
-from graphlora.models import adapter_defaults, training_defaults
+from graphlora.presets import adapter_defaults, training_defaults
 from graphlora.train import TrainConfig, run_training
 
 

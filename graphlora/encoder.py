@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphlora.data import Example
+from graphlora.examples import Example
 
 __all__ = [
     "HEAD_ATTR",
     "SimilarityHead",
     "attach_head",
-    "encode_texts",
     "is_encoder_model",
     "option_forward",
     "option_logits",
@@ -102,14 +101,6 @@ def _encode(
     hidden = out.last_hidden_state  # (N, S, d)
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, S, 1)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1), out
-
-
-def encode_texts(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 256
-) -> torch.Tensor:
-    """Mean-pooled last hidden states (N, d) of ``texts``, padding excluded (as
-    sentence-transformers pools all-MiniLM-L6-v2)."""
-    return _encode(model, tokenizer, texts, max_length)[0]
 
 
 def option_logits(

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from graphlora.data import Example
 from graphlora.encoder import is_encoder_model, option_logits
+from graphlora.examples import Example
 
 
 @dataclass
@@ -410,6 +410,28 @@ def score_options(
     return scores
 
 
+def candidate_scores(
+    model,  # noqa: ANN001
+    tokenizer,  # noqa: ANN001
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    max_length: int = 512,
+    device: torch.device | str | None = None,
+) -> tuple[list[list[float]], list[list[int]] | None]:
+    """Every example's scores as its model's kind scores them: a model with an encoder's scoring
+    head (``graphlora.encoder``) its head's logits over the options (:func:`score_options`,
+    ``batch_size`` questions per forward; lengths None), a decoder each candidate's summed
+    log-likelihood and token count (:func:`score_examples`)."""
+    if is_encoder_model(model):
+        return score_options(
+            model, tokenizer, examples, batch_size=batch_size, max_length=max_length
+        ), None
+    return score_examples(
+        model, tokenizer, examples, batch_size=batch_size, max_length=max_length, device=device
+    )
+
+
 def evaluate_examples(
     model,  # noqa: ANN001
     tokenizer,  # noqa: ANN001
@@ -419,29 +441,21 @@ def evaluate_examples(
     max_length: int = 512,
     device: torch.device | str | None = None,
 ) -> EvalResult:
-    """Predict each example's candidate and count hits and the loss.
-
-    A decoder predicts the candidate of highest log-likelihood (loss: the correct answers'
-    per-token NLL). A model with an encoder's scoring head (``graphlora.encoder``) predicts the
-    option of highest head logit (loss: the mean cross-entropy over the options), with
-    ``batch_size`` questions per forward.
-    """
-    if is_encoder_model(model):
-        scores = score_options(
-            model, tokenizer, examples, batch_size=batch_size, max_length=max_length
-        )
-        preds = [choose(s) for s in scores]
-        correct = sum(int(p == ex.label) for p, ex in zip(preds, examples, strict=True))
-        nll = -sum(
+    """Predict each example's candidate (:func:`candidate_scores`, the highest) and count hits
+    and the loss: a decoder's is the correct answers' per-token NLL, an encoder's the mean
+    cross-entropy over the options."""
+    scores, lengths = candidate_scores(
+        model, tokenizer, examples, batch_size=batch_size, max_length=max_length, device=device
+    )
+    if lengths is None:  # an encoder's head logits
+        nll_sum = -sum(
             torch.log_softmax(torch.tensor(s, dtype=torch.float64), 0)[ex.label].item()
             for s, ex in zip(scores, examples, strict=True)
         )
-        return EvalResult(correct, len(examples), nll, len(examples), preds)
-    scores, lengths = score_examples(
-        model, tokenizer, examples, batch_size=batch_size, max_length=max_length, device=device
-    )
+        nll_tokens = len(examples)
+    else:
+        nll_sum = -sum(s[ex.label] for s, ex in zip(scores, examples, strict=True))
+        nll_tokens = sum(n[ex.label] for n, ex in zip(lengths, examples, strict=True))
     preds = [choose(s) for s in scores]
     correct = sum(int(p == ex.label) for p, ex in zip(preds, examples, strict=True))
-    nll_sum = -sum(s[ex.label] for s, ex in zip(scores, examples, strict=True))
-    nll_tokens = sum(n[ex.label] for n, ex in zip(lengths, examples, strict=True))
     return EvalResult(correct, len(examples), nll_sum, nll_tokens, preds)

@@ -11,7 +11,7 @@ The base is pinned by kind, so the model loads the base it was trained on or ref
 
 - ``preset``: a random init is only reproducible with the same code, torch and seed, so its
   weights are stored in ``base_model/`` (``save_pretrained``) with their sha256;
-- ``package``: a pretrained model shipped in a Python package (``models.PACKAGED_MODELS``, e.g.
+- ``package``: a pretrained model shipped in a Python package (``presets.PACKAGED_MODELS``, e.g.
   ``minilm-l6``): the package name and version and the sha256 of its weight files, never a path
   inside one virtual environment, so the folder loads wherever that package is installed
   (``base_model_requirements`` gives the pip line);
@@ -37,21 +37,11 @@ from typing import Any
 import torch
 
 from graphlora.adapter_io import CONFIG_NAME, load_adapter, read_adapter_config
-from graphlora.data import Example, mc_example
 from graphlora.encoder import is_encoder_model
-from graphlora.evaluate import (
-    EvalResult,
-    choose,
-    evaluate_examples,
-    score_examples,
-    score_options,
-)
-from graphlora.models import (
-    PACKAGED_MODELS,
-    ModelLoadError,
-    load_model_and_tokenizer,
-    packaged_model_dir,
-)
+from graphlora.evaluate import EvalResult, candidate_scores, choose, evaluate_examples
+from graphlora.examples import Example, mc_example
+from graphlora.models import load_model_and_tokenizer
+from graphlora.presets import PACKAGED_MODELS, ModelLoadError, packaged_model_dir
 
 __all__ = [
     "MODEL_FILE",
@@ -375,22 +365,13 @@ class MultipleChoiceModel:
     def predict_examples(self, examples: Sequence[Example]) -> list[Prediction]:
         """Score examples as evaluation does (a decoder: candidates by likelihood; an encoder:
         option texts by its head)."""
-        if self.architecture == "encoder":
-            scores = score_options(
-                self.model,
-                self.tokenizer,
-                list(examples),
-                batch_size=self.batch_size,
-                max_length=self.max_length,
-            )
-        else:
-            scores, _ = score_examples(
-                self.model,
-                self.tokenizer,
-                examples,
-                batch_size=self.batch_size,
-                max_length=self.max_length,
-            )
+        scores, _ = candidate_scores(
+            self.model,
+            self.tokenizer,
+            examples,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+        )
         return [Prediction(choose(s), s) for s in scores]
 
     def evaluate(self, examples: Sequence[Example]) -> EvalResult:

@@ -273,15 +273,6 @@ def routing_counts(model: nn.Module) -> list[list[float]]:
     return [block.routing_counts.detach().float().cpu().tolist() for block in moe_blocks(model)]
 
 
-def load_fractions(model: nn.Module) -> list[list[float]]:
-    """Per layer, the fraction of (token, slot) assignments each expert received since reset."""
-    out = []
-    for block in moe_blocks(model):
-        counts = block.routing_counts.float().cpu()
-        out.append((counts / counts.sum().clamp_min(1)).tolist())
-    return out
-
-
 def gcn_hidden_used(model: nn.Module) -> int | None:
     """The GCN width d_gcn the model's graph routers were built with (``gcn_hidden`` capped at
     the hidden size); None when the adapter has no graph router."""

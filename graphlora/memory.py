@@ -22,16 +22,16 @@ import contextlib
 import copy
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from graphlora.config import MoELoRAConfig
 from graphlora.models import is_encoder_config, reference_config, resolve_dtype
 from graphlora.packing import inject_packed
+from graphlora.presets import SHIPPED_CONFIGS, shipped_config
 from graphlora.recompute import enable_gradient_checkpointing
 from graphlora.run import TrainConfig
 
@@ -49,13 +49,6 @@ __all__ = [
 ]
 
 GiB = 2**30
-
-SHIPPED_CONFIGS = {
-    "Qwen/Qwen2-7B": "qwen2-7b",
-    "meta-llama/Meta-Llama-3-8B": "llama-3-8b",
-}
-"""Hub ids whose ``config.json`` ships in ``graphlora/model_configs/`` (see its NOTICE): their
-plans need no network."""
 
 GPUS = {
     "A10G 24GB": 24e9,
@@ -75,8 +68,7 @@ def model_config(model: str | PretrainedConfig, *, revision: str | None = None) 
     if isinstance(model, PretrainedConfig):
         return model
     if model in SHIPPED_CONFIGS:
-        folder = Path(__file__).parent / "model_configs" / SHIPPED_CONFIGS[model]
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
+        return shipped_config(model)
     return reference_config(model, revision=revision)
 
 

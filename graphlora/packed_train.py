@@ -54,9 +54,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphlora.config import MoELoRAConfig
-from graphlora.data import DatasetSplits, Example, load_task
+from graphlora.data import load_task
 from graphlora.encoder import HEAD_ATTR, attach_head, option_forward, option_loss
 from graphlora.evaluate import EvalResult, pad_batch
+from graphlora.examples import DatasetSplits, Example
 from graphlora.models import load_model_and_tokenizer
 from graphlora.packing import inject_packed
 from graphlora.recompute import enable_gradient_checkpointing

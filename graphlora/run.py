@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from graphlora.checkpoint import load_training_state, save_training_state
 from graphlora.config import MoELoRAConfig
-from graphlora.data import DatasetSplits, Example
 from graphlora.evaluate import EvalResult, encode_pair, evaluate_examples, head_at
+from graphlora.examples import DatasetSplits, Example
 from graphlora.inject import (
     count_trainable_parameters,
     gcn_hidden_used,

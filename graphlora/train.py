@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from graphlora.config import METHOD_PRESETS, MoELoRAConfig
-from graphlora.data import DatasetSplits, load_task
-from graphlora.models import adapter_defaults, training_defaults
+from graphlora.data import load_task
+from graphlora.examples import DatasetSplits
 from graphlora.packed_train import PackedTrainer
+from graphlora.presets import adapter_defaults, training_defaults
 from graphlora.run import NonFiniteLossError, OnEval, OnStep, TrainConfig, log_rank0
 
 __all__ = [

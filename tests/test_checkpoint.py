@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from graphlora.adapter_io import WEIGHTS_NAME
 from graphlora.checkpoint import STATE_NAME, CheckpointError
 from graphlora.config import MoELoRAConfig
-from graphlora.data import make_synthetic_task
+from graphlora.synthetic import make_synthetic_task
 from graphlora.train import TrainConfig, run_training
 
 DATA = make_synthetic_task(n_train=40, n_val=8, n_test=8)

@@ -10,7 +10,6 @@ import pytest
 
 from graphlora import data
 from graphlora.data import (
-    ANSWER_PREFIX,
     DATA_DIR_ENV,
     SHIPPED_DATA_DIR,
     TASKS,
@@ -18,11 +17,10 @@ from graphlora.data import (
     DatasetSplits,
     Example,
     canonical_task_name,
-    load_llm_adapters_file,
     load_task,
-    make_synthetic_task,
-    synthetic_answer,
 )
+from graphlora.examples import ANSWER_PREFIX, load_llm_adapters_file
+from graphlora.synthetic import make_synthetic_task, synthetic_answer
 
 SHIPPED = SHIPPED_DATA_DIR
 REPO = Path(__file__).resolve().parents[1]

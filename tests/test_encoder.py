@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from graphlora.adapter_io import load_adapter, save_adapter
 from graphlora.config import MoELoRAConfig
-from graphlora.data import Example, load_task, parse_listed_options
+from graphlora.data import Example, load_task
 from graphlora.encoder import attach_head, option_logits, option_loss
+from graphlora.examples import parse_listed_options
 from graphlora.inject import inject_adapter, is_adapter_name
 from graphlora.models import load_model_and_tokenizer
 from graphlora.train import run_training

@@ -9,7 +9,7 @@ from tiny_models import ALL_METHODS, VOCAB
 from torch import nn
 
 from graphlora.config import MoELoRAConfig
-from graphlora.data import Example, make_synthetic_task
+from graphlora.data import Example
 from graphlora.evaluate import (
     choose,
     encode_pair,
@@ -20,8 +20,9 @@ from graphlora.evaluate import (
     score_examples_reference,
 )
 from graphlora.inject import inject_adapter, moe_blocks, reset_load_state
-from graphlora.models import build_byte_tokenizer
 from graphlora.run import labelled_forward
+from graphlora.synthetic import make_synthetic_task
+from graphlora.tokenizer import build_byte_tokenizer
 
 
 class TransitionLM(nn.Module):

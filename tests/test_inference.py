@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from graphlora import MoELoRAConfig, inject_adapter, save_adapter
-from graphlora.data import make_synthetic_task
 from graphlora.evaluate import evaluate_examples, score_examples
 from graphlora.inference import (
     MODEL_FILE,
@@ -16,6 +15,7 @@ from graphlora.inference import (
     package_model,
 )
 from graphlora.models import load_model_and_tokenizer
+from graphlora.synthetic import make_synthetic_task
 
 EXAMPLES = make_synthetic_task(n_train=0, n_val=0, n_test=6, seed=3).test
 
@@ -86,7 +86,7 @@ def test_not_a_model_folder(tmp_path):
 def test_packaged_minilm_is_pinned_by_package_and_checksum_not_by_path(tmp_path):
     """The one test that loads real pretrained weights (MiniLM-L6, ~90 MB, under a second)."""
     from graphlora.inference import base_model_requirements
-    from graphlora.models import PACKAGED_MODELS
+    from graphlora.presets import PACKAGED_MODELS
 
     entry = PACKAGED_MODELS["minilm-l6"]
     model, tokenizer, info = load_model_and_tokenizer("minilm-l6", dtype="float32")

@@ -8,18 +8,16 @@ import pytest
 import torch
 
 from graphlora.models import (
-    PACKAGED_MODELS,
-    PRESETS,
     ModelInfo,
     ModelLoadError,
-    build_byte_tokenizer,
     check_model_reference,
     is_encoder_config,
     load_model_and_tokenizer,
     model_hidden_size,
-    packaged_model_dir,
     resolve_dtype,
 )
+from graphlora.presets import PACKAGED_MODELS, PRESETS, packaged_model_dir
+from graphlora.tokenizer import build_byte_tokenizer
 
 
 @pytest.fixture

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 
 from graphlora.adapter_io import WEIGHTS_NAME
 from graphlora.config import MoELoRAConfig
-from graphlora.data import make_synthetic_task
 from graphlora.models import load_model_and_tokenizer
 from graphlora.packed_train import PackedTrainer, run_packed
 from graphlora.run import encode_train
+from graphlora.synthetic import make_synthetic_task
 from graphlora.train import NonFiniteLossError, TrainConfig, run_training
 
 DATA = make_synthetic_task(n_train=40, n_val=8, n_test=8)

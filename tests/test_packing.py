@@ -18,8 +18,8 @@ from torch import nn
 from graphlora.adapter_io import load_adapter, load_adapter_state_dict
 from graphlora.config import MoELoRAConfig
 from graphlora.inject import count_trainable_parameters, inject_adapter, moe_blocks
-from graphlora.models import build_preset_model
 from graphlora.packing import GeneratorDropout, inject_packed, use_generator_dropout
+from graphlora.presets import build_preset_model
 from graphlora.structure import UnsupportedModelError
 
 CONFIGS = {  # experts, top-k, rank, losses, dropout, attention and layers all differ

@@ -15,12 +15,12 @@ from tiny_models import ALL_METHODS, CLASSIC, DECODERS, tiny_base
 from torch import nn
 
 from graphlora.config import MoELoRAConfig
-from graphlora.data import make_synthetic_task
 from graphlora.inject import inject_adapter, moe_blocks
 from graphlora.packed_train import PackedTrainer
 from graphlora.packing import inject_packed, use_generator_dropout
 from graphlora.recompute import enable_gradient_checkpointing, gradient_checkpointing_enabled
 from graphlora.run import TrainConfig
+from graphlora.synthetic import make_synthetic_task
 
 SMALL = {"gcn_hidden": 16, "dropout": 0.1}
 

@@ -12,9 +12,9 @@ import torch
 
 from graphlora.adapter_io import load_adapter
 from graphlora.config import MoELoRAConfig
-from graphlora.data import make_synthetic_task
 from graphlora.evaluate import evaluate_examples
 from graphlora.models import load_model_and_tokenizer
+from graphlora.synthetic import make_synthetic_task
 from graphlora.train import TrainConfig, run_training
 
 DATA = make_synthetic_task(n_train=256, n_val=48, n_test=48, seed=3)

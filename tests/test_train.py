@@ -10,8 +10,9 @@ import pytest
 from gloo_ranks import run_on_ranks
 
 from graphlora.config import MoELoRAConfig
-from graphlora.data import DATA_DIR_ENV, make_synthetic_task
+from graphlora.data import DATA_DIR_ENV
 from graphlora.run import lr_factor, pick_device, run_shape
+from graphlora.synthetic import make_synthetic_task
 from graphlora.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -108,7 +109,7 @@ DDP_WORKER = r"""
 import hashlib
 from gloo_ranks import join, result
 from graphlora.config import MoELoRAConfig
-from graphlora.data import make_synthetic_task
+from graphlora.synthetic import make_synthetic_task
 from graphlora.adapter_io import adapter_state_dict
 from graphlora.train import TrainConfig, run_training
 join()
@@ -223,7 +224,7 @@ def test_cli_prints_json_last_and_rejects_bad_input(tmp_path):
 def test_a_packaged_model_brings_its_own_training_defaults():
     # `python -m graphlora.train --model minilm-l6 --dataset arc-easy` runs with the preset's
     # sequence length, steps, batch and learning rate, and prints the step-0 accuracy.
-    from graphlora.models import training_defaults
+    from graphlora.presets import training_defaults
 
     defaults = training_defaults("minilm-l6")
     cfg = TrainConfig.from_dict({"model": "minilm-l6", **defaults})
@@ -236,7 +237,7 @@ def test_a_packaged_model_brings_adapter_defaults_per_method_that_flags_override
     """The CLI gives a graphlora run on MiniLM the model's own rank, alpha, Normal coefficient
     and router width; another method, another model, or a --config value keeps its own."""
     import graphlora.train as train_mod
-    from graphlora.models import adapter_defaults
+    from graphlora.presets import adapter_defaults
 
     seen = []
     monkeypatch.setattr(

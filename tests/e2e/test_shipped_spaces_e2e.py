@@ -21,7 +21,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from graphlora.models import PACKAGED_MODELS, PRESETS
+from graphlora.presets import PACKAGED_MODELS, PRESETS
 from pipelines import promote
 from pipelines.search import main
 from pipelines.tracking import tracking_uri
