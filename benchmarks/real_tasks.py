@@ -10,7 +10,7 @@ copies shipped with graphlora, cut to ``--train`` training questions and ``--tes
 ``--val`` questions). Every method uses the same adapter budget fields (``num_experts``, ``top_k``,
 ``rank``, and ``alpha`` = 2 x rank so every method's LoRA scale is the same; MixLoRA and GraphLoRA
 differ only in their router and their auxiliary losses, each at MiniLM's coefficients for it:
-``graphlora.models.adapter_defaults``, else the preset's).
+``graphlora.presets.adapter_defaults``, else the preset's).
 
 Reported per task and method: test accuracy mean and sample standard deviation over the seeds,
 the step-0 test accuracy (the bare model with its head: LoRA B = 0 whatever the method and seed,
