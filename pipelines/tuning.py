@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.schema import top_k_high
+
 if TYPE_CHECKING:
     from pipelines.schema import SearchSpace
     from pipelines.trial import TrialPlan
@@ -426,8 +428,8 @@ def optuna_search_class() -> type:
 class DefineByRun:
     """Optuna define-by-run space for `OptunaSearch`: suggests values, computes nothing.
 
-    num_experts is suggested first so top_k's upper bound can follow it
-    (top_k in [low, min(high, num_experts)]). Picklable, so Tune can checkpoint the searcher.
+    num_experts is suggested first so top_k's upper bound can follow it (`top_k_high`).
+    Picklable, so Tune can checkpoint the searcher.
     """
 
     def __init__(self, space: SearchSpace) -> None:
@@ -442,8 +444,8 @@ class DefineByRun:
                 value = trial.suggest_categorical(p.name, list(p.values))
             elif p.type == "int":
                 high = p.high
-                if p.name == "top_k" and isinstance(experts, int):
-                    high = min(high, experts)
+                if p.name == "top_k":
+                    high = top_k_high(high, experts)
                 value = trial.suggest_int(p.name, p.low, high, step=p.step or 1)
             else:
                 value = trial.suggest_float(
@@ -451,3 +453,15 @@ class DefineByRun:
                 )
             if p.name == "num_experts":
                 experts = value
+
+
+def optuna_objectives(space: SearchSpace) -> tuple[list[str], list[str]]:
+    """What Optuna optimises: the trial's `objective`, and `objective.secondary` when set (a
+    multi-objective study: Optuna searches the Pareto front; ASHA judges the first only)."""
+    from pipelines.trial import OBJECTIVE
+
+    metrics, modes = [OBJECTIVE], [space.objective.mode]
+    if space.objective.secondary:
+        metrics.append(space.objective.secondary["metric"])
+        modes.append(space.objective.secondary["mode"])
+    return metrics, modes
