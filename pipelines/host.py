@@ -272,7 +272,7 @@ class _Host:
         self.name, self.capacity = config["host"], config["capacity"]
         self.board, self.hub = config["board"], config["hub"]
         started = time.perf_counter()
-        self.trainer = PackedTrainer(self.train_cls(**config["base"]))
+        self.trainer = PackedTrainer(self.train_cls.from_dict(config["base"]))
         self.world, self.lead = self.trainer.world, self.trainer.rank == 0
         self.load = {
             "seconds": time.perf_counter() - started,
@@ -348,8 +348,8 @@ class _Host:
             resume = self.parked.pop(key, None)
             self.trainer.add(
                 key,
-                self.train_cls(**job["training"]),
-                self.adapter_cls(**job["adapter"]),
+                self.train_cls.from_dict(job["training"]),
+                self.adapter_cls.from_dict(job["adapter"]),
                 on_eval=self._on_eval_for(key),
                 resume_from=resume,
             )

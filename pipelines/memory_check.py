@@ -54,7 +54,7 @@ def _shape(space: SearchSpace, training: Mapping[str, Any]) -> tuple[dict, int]:
 
     res = space.resources
     slots = res.trials_per_host * space.seeds_per_trial if res.on_hosts else 1
-    shape = trial_shape(TrainConfig(**training), adapters=max(1, slots))
+    shape = trial_shape(TrainConfig.from_dict(training), adapters=max(1, slots))
     # Data parallel: each of a trial's workers holds its share of the batch.
     shape["batch_size"] = max(1, shape["batch_size"] // max(1, res.workers_per_trial))
     if not training.get("train_on_prompt"):
@@ -87,8 +87,9 @@ def _decide(space: SearchSpace, adapter: dict, training: dict, budget: float) ->
 
     shape, _ = _shape(space, {**training, "gradient_checkpointing": False})
     shape.pop("gradient_checkpointing", None)
+    adapter_cfg = MoELoRAConfig.from_dict(adapter)
     return decide_checkpointing(
-        training["model"], MoELoRAConfig(**adapter), budget=budget, headroom=HEADROOM, **shape
+        training["model"], adapter_cfg, budget=budget, headroom=HEADROOM, **shape
     )
 
 
@@ -112,7 +113,7 @@ def check_memory(space: SearchSpace, out: IO[str]) -> dict[str, Any] | None:
     auto = space.training.get("gradient_checkpointing") == "auto"
     shape, slots = _shape(space, training)
     shape["gradient_checkpointing"] = training.get("gradient_checkpointing") is True
-    plan = plan_memory(training["model"], MoELoRAConfig(**adapter), **shape)
+    plan = plan_memory(training["model"], MoELoRAConfig.from_dict(adapter), **shape)
     budget = budget_bytes(space)
     grown = {k: v for k, v in params.items() if k in _GROWS}
     values = ", ".join(f"{k}={v}" for k, v in grown.items()) or "the fixed values"

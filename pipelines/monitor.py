@@ -155,7 +155,7 @@ class SearchMonitor(tune.Callback):
             self._hidden_size = model_hidden_size(
                 training["model"], revision=training.get("model_revision")
             )
-        return MoELoRAConfig(**adapter).gcn_hidden_for(self._hidden_size)
+        return MoELoRAConfig.from_dict(adapter).gcn_hidden_for(self._hidden_size)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         try:

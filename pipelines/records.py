@@ -263,8 +263,8 @@ def config_params(adapter: Mapping[str, Any], training: Mapping[str, Any]) -> di
     from graphlora.config import MoELoRAConfig
     from graphlora.run import TrainConfig
 
-    built_adapter = dataclasses.asdict(MoELoRAConfig(**adapter))
-    built_training = dataclasses.asdict(TrainConfig(**{"seed": 0, **training}))
+    built_adapter = dataclasses.asdict(MoELoRAConfig.from_dict(adapter))
+    built_training = dataclasses.asdict(TrainConfig.from_dict({"seed": 0, **training}))
     out = {f"adapter.{k}": _param_value(v) for k, v in built_adapter.items()}
     out.update(
         {

@@ -220,8 +220,8 @@ class SearchSpace:
     def configs(self, params: Mapping[str, Any], seed: int) -> tuple[dict, dict]:
         """Adapter and training dicts for one run: fixed fields, then sampled ones, then the seed.
 
-        The adapter dict includes `method`, ready for `MoELoRAConfig(**adapter)`; the training
-        dict is ready for `TrainConfig(**training)`.
+        The adapter dict includes `method`, ready for `MoELoRAConfig.from_dict`; the training
+        dict for `TrainConfig.from_dict`.
         """
         adapter = {"method": self.method, **self.adapter}
         training = {

@@ -59,8 +59,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     from graphlora.run import NonFiniteLossError, TrainConfig
     from graphlora.train import run_training
 
-    train_cfg = TrainConfig(**config["training"])
-    adapter_cfg = MoELoRAConfig(**config["adapter"])
+    train_cfg = TrainConfig.from_dict(config["training"])
+    adapter_cfg = MoELoRAConfig.from_dict(config["adapter"])
     hub, wait_s = config.get("hub"), config.get("verdict_wait_s", 0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
