@@ -1,10 +1,6 @@
-"""Layer 2 of a search: what one Ray Tune trial does.
-
-`train_driver_fn(config, plan)` launches one `TorchTrainer` per seed side by side
-(`pipelines/worker.py`), or puts each seed's run on the search's trial hosts
-(`pipelines/host.py`, with `resources.trials_per_host`); it gathers their evaluations through
-the trial hub and reports the seed mean and std and the trial's `objective` with
-`ray.tune.report`. `TrialPlan` is what every trial of one stage shares.
+"""Layer 2 of a search: what one Ray Tune trial does (`train_driver_fn`: its seeds' Train runs,
+side by side or on the search's trial hosts, reported as seed statistics and an `objective`), and
+`TrialPlan`, what every trial of one stage shares.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""One Ray Tune run over trial drivers, as the search and its stability stage both use it; the
-local Ray a search starts; and a search's stop on SIGINT (Ctrl-C) or SIGTERM.
-
-`fit_experiment` runs one Tune experiment, or continues it from its saved state (`--resume`);
-nothing in that state is a live Ray object, so it continues on any cluster. `init_ray` connects to
-`RAY_ADDRESS` or starts a fresh local Ray of the search's own (`ray.init` only in CLIs and tests).
+"""One Ray Tune run over trial drivers (`fit_experiment`, new or restored on any cluster), as the
+search and its stability stage both use it; the local Ray a search starts (`init_ray`); a
+search's stop on SIGINT (Ctrl-C) or SIGTERM; and what Optuna searches (`DefineByRun`,
+`optuna_objectives`, `optuna_search_class`).
 """
 
 from __future__ import annotations
