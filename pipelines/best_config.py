@@ -174,18 +174,20 @@ def build_configs(
     from graphlora.run import TrainConfig
 
     c = c or Checker(best.origin, None)
+    built = []
     for section, cls, values in (
         ("adapter", MoELoRAConfig, best.adapter),
         ("training", TrainConfig, {**training, "seed": 0}),
     ):
         try:
-            cls(**values)
+            built.append(cls.from_dict(values))
         except (TypeError, ValueError) as exc:
             key, _, why = first_line(exc).partition(": ")
             if section == "training" and key in overridden:
                 raise SpaceError(f"{_FLAGS[key]}: {why}") from exc
             raise c.rejected(section, cls, exc, values) from exc
-    return TrainConfig(**{**training, "seed": 0}), MoELoRAConfig(**best.adapter)
+    adapter, train = built
+    return train, adapter
 
 
 def read_best_config_file(path: str | Path) -> BestConfig:

@@ -1,12 +1,14 @@
 """Errors for people: one line saying what is wrong and where (file, key path, line).
 
 `SpaceError` is a bad space (or best-configuration) file; `Checker` builds its message from the
-file's YAML node tree; `first_line` and `error_line` shorten any exception to one line.
+file's YAML node tree; `first_line` and `error_line` shorten any exception to one line, and
+`traceback_line` a traceback.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -30,6 +32,17 @@ def error_line(exc: BaseException) -> str:
     """`Type: first line` of an exception (its type's name alone when it has no message)."""
     name = type(exc).__name__
     return f"{name}: {first_line(exc)}" if str(exc).strip() else name
+
+
+def traceback_line(text: str | None) -> str:
+    """The last `SomeError: message` line of a traceback (the reason a person needs)."""
+    if not text:
+        return "unknown error"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line):
+            return line[:500]
+    return lines[-1][:500] if lines else "unknown error"
 
 
 def parse_yaml(text: str, name: str) -> tuple[Any, yaml.Node | None]:

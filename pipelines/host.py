@@ -9,15 +9,9 @@ as a Train run of its own would (`pipelines/asha.py`), so the trial driver, ASHA
 MLflow and Optuna see what they saw before. When a slot's run ends, stopped by ASHA or finished,
 the slot takes the next job at once: nothing restarts.
 
-Faults, as without hosts:
-- A NaN loss ends that slot's run with `NonFiniteLossError`; the host and its other slots go on,
-  and no worker retry is spent.
-- A host's worker dies: Ray Train restarts the host (`resources.worker_retries` times) from the
-  host's last checkpoint, which holds every slot's training state (one checkpoint lineage per
-  Train run); each slot continues from its last evaluation and says so to its trial.
-- A stopped search (Ctrl-C, a stopped machine) resumes: the hosts restart under the same names
-  and storage path, get their last checkpoints back, and each slot continues when its trial asks
-  for it again.
+Faults are handled as without hosts (README, "Trial hosts": a NaN ends its slot's run only; a
+host's dead worker restarts it from its checkpoint, which holds every slot's state; a stopped
+search resumes its hosts under the same names).
 
 A slot's checkpoint is the one `run_training(checkpoint=True)` writes: the two are
 interchangeable.
@@ -278,7 +272,7 @@ class _Host:
         self.name, self.capacity = config["host"], config["capacity"]
         self.board, self.hub = config["board"], config["hub"]
         started = time.perf_counter()
-        self.trainer = PackedTrainer(self.train_cls(**config["base"]))
+        self.trainer = PackedTrainer(self.train_cls.from_dict(config["base"]))
         self.world, self.lead = self.trainer.world, self.trainer.rank == 0
         self.load = {
             "seconds": time.perf_counter() - started,
@@ -354,8 +348,8 @@ class _Host:
             resume = self.parked.pop(key, None)
             self.trainer.add(
                 key,
-                self.train_cls(**job["training"]),
-                self.adapter_cls(**job["adapter"]),
+                self.train_cls.from_dict(job["training"]),
+                self.adapter_cls.from_dict(job["adapter"]),
                 on_eval=self._on_eval_for(key),
                 resume_from=resume,
             )

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import IO, Any
 
 from pipelines.errors import SpaceError
-from pipelines.schema import SearchSpace
+from pipelines.schema import SearchSpace, top_k_high
 
 GB = 1e9
 GIB = 2**30
@@ -43,8 +43,7 @@ def largest_params(space: SearchSpace) -> dict[str, Any]:
         params[name] = high if name in _GROWS else low
     if "top_k" in params:
         experts = params.get("num_experts", space.adapter.get("num_experts"))
-        if experts is not None:
-            params["top_k"] = min(params["top_k"], experts)
+        params["top_k"] = top_k_high(params["top_k"], experts)
     return params
 
 
@@ -54,8 +53,8 @@ def _shape(space: SearchSpace, training: Mapping[str, Any]) -> tuple[dict, int]:
     from graphlora.run import TrainConfig
 
     res = space.resources
-    slots = res.trials_per_host * space.seeds_per_trial if res.trials_per_host else 1
-    shape = trial_shape(TrainConfig(**training), adapters=max(1, slots))
+    slots = res.trials_per_host * space.seeds_per_trial if res.on_hosts else 1
+    shape = trial_shape(TrainConfig.from_dict(training), adapters=max(1, slots))
     # Data parallel: each of a trial's workers holds its share of the batch.
     shape["batch_size"] = max(1, shape["batch_size"] // max(1, res.workers_per_trial))
     if not training.get("train_on_prompt"):
@@ -74,7 +73,7 @@ def resolve_checkpointing(space: SearchSpace, adapter: dict, training: dict) -> 
     if budget is None:
         training["gradient_checkpointing"] = False
         return
-    if space.resources.trials_per_host:
+    if space.resources.on_hosts:
         # A host's slots share one forward and so one setting: the largest trial's decides.
         adapter, training_max = space.configs(largest_params(space), space.seed)
         training["gradient_checkpointing"] = _decide(space, adapter, training_max, budget)
@@ -88,8 +87,9 @@ def _decide(space: SearchSpace, adapter: dict, training: dict, budget: float) ->
 
     shape, _ = _shape(space, {**training, "gradient_checkpointing": False})
     shape.pop("gradient_checkpointing", None)
+    adapter_cfg = MoELoRAConfig.from_dict(adapter)
     return decide_checkpointing(
-        training["model"], MoELoRAConfig(**adapter), budget=budget, headroom=HEADROOM, **shape
+        training["model"], adapter_cfg, budget=budget, headroom=HEADROOM, **shape
     )
 
 
@@ -113,7 +113,7 @@ def check_memory(space: SearchSpace, out: IO[str]) -> dict[str, Any] | None:
     auto = space.training.get("gradient_checkpointing") == "auto"
     shape, slots = _shape(space, training)
     shape["gradient_checkpointing"] = training.get("gradient_checkpointing") is True
-    plan = plan_memory(training["model"], MoELoRAConfig(**adapter), **shape)
+    plan = plan_memory(training["model"], MoELoRAConfig.from_dict(adapter), **shape)
     budget = budget_bytes(space)
     grown = {k: v for k, v in params.items() if k in _GROWS}
     values = ", ".join(f"{k}={v}" for k, v in grown.items()) or "the fixed values"

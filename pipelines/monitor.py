@@ -1,34 +1,29 @@
-"""What a person sees and what MLflow keeps while a search runs: a Tune callback, and the result
-files written at the end (results CSV, stability CSV, best config YAML)."""
+"""The Tune callback that records a search stage in MLflow: one child run per trial, with its
+params, evaluations, routing artifacts and status, and its progress lines (`pipelines/progress.py`);
+after a resume it adopts the stage's earlier runs. Its `records` are what the stage's results are
+made of (`pipelines/results.py`)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import re
-import statistics
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from pipelines.best_config import write_best_config
+from pipelines.errors import traceback_line
+from pipelines.progress import Progress, fmt, format_params
 from pipelines.records import (
     COLLAPSED_TAG,
     collapsed_from_text,
-    collapsed_note,
     collapsed_text,
     config_params,
     load_map,
     log_lineage,
     routing_health,
-    routing_row,
-    routing_summary,
     tidy_metrics,
 )
+from pipelines.results import LOAD_MAP, ROUTING_HEALTH
 from pipelines.schema import SearchSpace
 from pipelines.stages import SEARCH, STAGES
 from pipelines.tracking import (
@@ -41,46 +36,10 @@ from pipelines.tracking import (
 )
 
 ASHA_STOP = "asha_stop"  # run tag: ASHA's reason for cutting the trial, set when it decides
-LOAD_MAP = "routing_counts.json"  # a trial run's artifact: layers x experts, training tokens
-ROUTING_HEALTH = "routing_health.json"  # beside it: its last evaluation's per-batch routing
-# Summed over a stage's runs into the search run's cost (`SearchMonitor.cost`).
-COST_METRICS = (
-    "wall_time_s",
-    "device_seconds",
-    "startup_time_s",
-    "setup_time_s",
-    "train_time_s",
-    "eval_time_total_s",
-    "checkpoint_time_s",
-    "test_time_s",
-)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def format_params(params: dict[str, Any]) -> str:
-    """`name=value ...` for progress lines: floats to 4 significant digits, others as they are
-    (a searched `method` is a string)."""
-    return " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
-
-
-def error_line(text: str | None) -> str:
-    """The last `SomeError: message` line of a traceback (the reason a person needs)."""
-    if not text:
-        return "unknown error"
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line):
-            return line[:500]
-    return lines[-1][:500] if lines else "unknown error"
 
 
 class SearchMonitor(tune.Callback):
-    """Prints progress and records one MLflow child run per trial, with its status.
+    """Records one MLflow child run per trial, with its status, and says so (`progress`).
 
     Status: `stopped_early_asha` when the scheduler flagged the trial, `failed` (with the error
     line) when it raised, else `completed`. Stability trials nest under their config's run.
@@ -98,37 +57,10 @@ class SearchMonitor(tune.Callback):
         stage: str = "search",
     ) -> None:
         self.tracker, self.parent, self.space = tracker, parent_run_id, space
-        self.scheduler, self.out, self.total, self.stage = (
-            scheduler,
-            out or sys.stdout,
-            total,
-            stage,
-        )
-        self.records: dict[str, dict[str, Any]] = {}
-        self.best: tuple[float, int] | None = None
-        self.better = max if space.objective.mode == "max" else min
+        self.scheduler, self.stage = scheduler, stage
+        self.progress = Progress(space, stage, out, total)
+        self.records: dict[str, dict[str, Any]] = {}  # trial id -> its record, in start order
         self._hidden_size: int | None = None  # the model's width, read once
-        self.started = time.monotonic()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks into the experiment state; an open stream may not pickle.
-        return {**self.__dict__, "out": None}
-
-    def _print(self, text: str) -> None:
-        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
-        print(
-            f"[{self.stage} {minutes:02d}:{seconds:02d}] {text}",
-            file=self.out or sys.stdout,
-            flush=True,
-        )
-
-    def _counts(self) -> str:
-        by = [r["status"] for r in self.records.values()]
-        return (
-            f"[running {by.count('running')} | completed {by.count(COMPLETED)} | "
-            f"stopped {by.count(STOPPED_EARLY_ASHA)} | failed {by.count(FAILED)} | "
-            f"to go {max(self.total - len(by), 0)}]"
-        )
 
     def adopt_runs(self, runs: list[Any]) -> None:
         """Take over this stage's MLflow runs from before a resume (`Tracker.child_runs`).
@@ -195,7 +127,7 @@ class SearchMonitor(tune.Callback):
                     "interrupted: the search driver stopped before Ray Tune saved this trial"
                 )
                 self.tracker.finish(rec["run_id"], FAILED, rec["reason"])
-                self._print(f"{rec['name']} {FAILED} ({rec['reason']})")
+                self.progress.say(f"{rec['name']} {FAILED} ({rec['reason']})")
                 lost.append(trial_id)
         return lost
 
@@ -208,7 +140,7 @@ class SearchMonitor(tune.Callback):
             if rec["status"] == "running":
                 rec["status"], rec["reason"] = INTERRUPTED, reason
                 self.tracker.finish(rec["run_id"], INTERRUPTED, reason)
-                self._print(f"{rec['name']} {INTERRUPTED} at eval {rec['evals']} ({reason})")
+                self.progress.say(f"{rec['name']} {INTERRUPTED} at eval {rec['evals']} ({reason})")
                 stopped.append(trial_id)
         return stopped
 
@@ -223,24 +155,24 @@ class SearchMonitor(tune.Callback):
             self._hidden_size = model_hidden_size(
                 training["model"], revision=training.get("model_revision")
             )
-        return MoELoRAConfig(**adapter).gcn_hidden_for(self._hidden_size)
+        return MoELoRAConfig.from_dict(adapter).gcn_hidden_for(self._hidden_size)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         try:
             self._start(trial)
         except StoreLost:  # the search is stopping (`Tracker.on_lost`); it starts on resume
-            self._print(f"trial {trial.trial_id} not recorded: {self.tracker.lost}")
+            self.progress.say(f"trial {trial.trial_id} not recorded: {self.tracker.lost}")
 
     def _start(self, trial: Any) -> None:
         rec = self.records.get(trial.trial_id)
         if rec is not None and rec.get("kept"):
-            self._print(f"{rec['name']} had ended ({rec['status']}) before the resume; kept")
+            self.progress.say(f"{rec['name']} had ended ({rec['status']}) before the resume; kept")
             return
         if rec is not None:  # resumed: same MLflow run, continued
             rec["status"], rec["reason"] = "running", None
             self.tracker.reopen(rec["run_id"])
             self.tracker.set_tags(rec["run_id"], {"status": "running", "status_reason": ""})
-            self._print(f"{rec['name']} resumed at eval {rec['evals']} {self._counts()}")
+            self.progress.say(f"{rec['name']} resumed at eval {rec['evals']}", self.records)
             return
         number = len(self.records) + 1
         run = trial.config.get("_run")
@@ -280,7 +212,7 @@ class SearchMonitor(tune.Callback):
             "last_step": 0,
             "worker_failures": 0,
         }
-        self._print(f"{name} started: {format_params(params)} {self._counts()}")
+        self.progress.say(f"{name} started: {format_params(params)}", self.records)
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -297,7 +229,8 @@ class SearchMonitor(tune.Callback):
             self.tracker.set_tags(rec["run_id"], {"worker_failures": failures, "recovery_log": log})
         if failures > rec["worker_failures"]:
             rec["worker_failures"] = failures
-            self._print(f"{rec['name']} worker failure {failures}, Ray Train restarts it: {log}")
+            restart = f"worker failure {failures}, Ray Train restarts it: {log}"
+            self.progress.say(f"{rec['name']} {restart}")
         # ASHA judged this result before the callbacks saw it. Its cut goes on the run at once:
         # a search stopped before the trial ends (Ctrl-C, a stopped machine) must not train a
         # cut trial again when it resumes (`adopt_runs`).
@@ -324,18 +257,7 @@ class SearchMonitor(tune.Callback):
         self.tracker.log_metrics(rec["run_id"], {**metrics, "evals": rec["evals"]}, step=step)
         rec["last"].update(metrics)
         rec["health"] = routing_health(result) or rec.get("health", {})
-        obj = result.get("objective")
-        if obj is not None and (self.best is None or self.better(obj, self.best[0]) == obj):
-            self.best = (obj, rec["trial"])
-        metric = self.space.objective.metric
-        best = (
-            f" | best {self.best[0]:.4f} (trial {self.best[1]:02d})" if rec["run"] is None else ""
-        )
-        self._print(
-            f"{rec['name']} eval {rec['evals']}/{self.space.budget.max_evals} step "
-            f"{result.get('step')}: {metric}={_fmt(result.get(metric))} "
-            f"objective={_fmt(obj)}{best}"
-        )
+        self.progress.evaluated(rec, result)
 
     def _finish(self, trial: Any, status: str, reason: str | None) -> None:
         rec = self.records.get(trial.trial_id)
@@ -345,11 +267,11 @@ class SearchMonitor(tune.Callback):
         collapsed = self._collapsed(rec)
         self.tracker.finish(rec["run_id"], status, reason)
         last = rec["last"]
-        score = f"objective={_fmt(last.get('objective'))}" if "objective" in last else ""
-        test = f" test_accuracy={_fmt(last['test_accuracy'])}" if "test_accuracy" in last else ""
+        score = f"objective={fmt(last.get('objective'))}" if "objective" in last else ""
+        test = f" test_accuracy={fmt(last['test_accuracy'])}" if "test_accuracy" in last else ""
         why = f" ({reason})" if reason else ""
         note = f" routing collapsed in layers {collapsed}" if collapsed else ""
-        self._print(f"{rec['name']} {status}{why}: {score}{test}{note} {self._counts()}")
+        self.progress.say(f"{rec['name']} {status}{why}: {score}{test}{note}", self.records)
 
     def _collapsed(self, rec: dict[str, Any]) -> str:
         """The layers whose routing collapsed at the trial's last evaluation, as the
@@ -374,204 +296,4 @@ class SearchMonitor(tune.Callback):
         # Tune has just written the error to the trial's local folder (not yet to storage).
         path = Path(trial.error_file) if trial.error_file else None
         text = path.read_text() if path and path.exists() else trial.get_error()
-        self._finish(trial, FAILED, error_line(text))
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One flat row per trial, in start order (the results table)."""
-        metric = self.space.objective.metric
-        out = []
-        for rec in self.records.values():
-            last = rec["last"]
-            out.append(
-                {
-                    "trial": rec["trial"],
-                    "trial_id": rec["trial_id"],
-                    "status": rec["status"],
-                    "reason": rec.get("reason") or "",
-                    "evals": rec["evals"],
-                    "params": rec["params"],
-                    "objective": last.get("objective"),
-                    metric: last.get(metric),
-                    "trainable_params": last.get("trainable_params"),
-                    "samples_per_sec": last.get("samples_per_sec"),
-                    "wall_time_s": last.get("wall_time_s"),
-                    "device_seconds": last.get("device_seconds"),
-                    "peak_memory_mb": last.get("peak_memory_mb"),
-                    **routing_row(rec["last"], rec.get("collapsed", [])),
-                    "run_id": rec["run_id"],
-                }
-            )
-        return out
-
-    def cost(self) -> dict[str, float]:
-        """This stage's cost: `COST_METRICS` summed over its runs (`trial_<name>` on the
-        search run), the largest `peak_memory_mb`, and the mean `gpu_util_mean` where measured."""
-        lasts = [rec["last"] for rec in self.records.values()]
-        out = {k: sum(float(m.get(k) or 0.0) for m in lasts) for k in COST_METRICS}
-        peaks = [m["peak_memory_mb"] for m in lasts if m.get("peak_memory_mb") is not None]
-        if peaks:
-            out["peak_memory_mb"] = max(peaks)
-        utils = [m["gpu_util_mean"] for m in lasts if m.get("gpu_util_mean") is not None]
-        if utils:
-            out["gpu_util_mean"] = statistics.fmean(utils)
-        return out
-
-    def load_maps(self, trial_ids: list[str]) -> dict[str, list[list[float]]]:
-        """The load maps of these trials (from memory, else the run's `routing_counts.json`)."""
-        return self._artifacts(trial_ids, "load_map", LOAD_MAP)
-
-    def routing_healths(self, trial_ids: list[str]) -> dict[str, dict[str, float]]:
-        """The per-layer routing figures of these trials' last evaluations (from memory, else
-        the run's `routing_health.json`; `pipelines.records.routing_health`)."""
-        return self._artifacts(trial_ids, "health", ROUTING_HEALTH)
-
-    def _artifacts(self, trial_ids: list[str], key: str, name: str) -> dict[str, Any]:
-        """`rec[key]` of these trials, read from their run's JSON artifact `name` when not in
-        memory; trials without it are left out (a failed trial, an older search)."""
-        out = {}
-        for tid in trial_ids:
-            rec = self.records.get(tid)
-            if rec is None:
-                continue
-            if not rec.get(key):
-                try:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        path = self.tracker.client.download_artifacts(rec["run_id"], name, tmp)
-                        rec[key] = json.loads(Path(path).read_text())
-                except Exception:  # not recorded: no picture (or no labels) for it
-                    continue
-            out[tid] = rec[key]
-        return out
-
-    def stability_groups(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Seed statistics per re-run config; closes each config's MLflow run."""
-        obj = self.space.objective
-        groups: dict[str, dict[str, Any]] = {}
-        for r in runs:
-            groups.setdefault(
-                r["group"],
-                {
-                    "group": r["group"],
-                    "params": r["params"],
-                    "from_trial": r["from_trial"],
-                    "run_id": r["group_run_id"],
-                    "values": {},
-                },
-            )
-        for rec in self.records.values():
-            if rec["status"] == FAILED:
-                continue
-            g = groups[rec["run"]["group"]]
-            g.setdefault("routing_runs", []).append(
-                routing_row(rec["last"], rec.get("collapsed", []))
-            )
-            for key in ("objective", "test_accuracy"):
-                if rec["last"].get(key) is not None:
-                    g["values"].setdefault(key, []).append(rec["last"][key])
-        out = []
-        for g in groups.values():
-            scores: dict[str, float] = {}
-            for key, vals in g["values"].items():  # sample std, as everywhere (records.py)
-                name = obj.metric if key == "objective" else key
-                scores[f"{name}_mean"] = statistics.fmean(vals)
-                if len(vals) > 1:
-                    scores[f"{name}_std"] = statistics.stdev(vals)
-                scores[f"{name}_seeds"] = len(vals)
-            if f"{obj.metric}_mean" not in scores:
-                self.tracker.finish(g["run_id"], FAILED, "every seed failed")
-                continue
-            g["score"] = obj.score(
-                scores[f"{obj.metric}_mean"], scores.get(f"{obj.metric}_std", 0.0)
-            )
-            g["scores"] = {"score": g["score"], **scores}
-            g["routing"] = routing_summary(g.pop("routing_runs", []))
-            self.tracker.log_metrics(g["run_id"], g["scores"])
-            self.tracker.finish(g["run_id"], COMPLETED)
-            out.append(g)
-        self.print_stability(out)
-        return out
-
-    def print_table(self, rows: list[dict[str, Any]], title: str) -> None:
-        metric = self.space.objective.metric
-        names = list(self.space.search)
-        header = ["trial", "status", *names, "evals", "objective", metric]
-        table = [
-            [
-                f"{r['trial']:02d}",
-                r["status"],
-                *(_fmt(r["params"].get(n)) for n in names),
-                str(r["evals"]),
-                _fmt(r["objective"]),
-                _fmt(r[metric]),
-            ]
-            for r in rows
-        ]
-        note, title = collapsed_note(rows), f"{title}: {len(rows)} trials"
-        _print_grid(self.out or sys.stdout, title, header, table, (note,) if note else ())
-
-    def print_stability(self, groups: list[dict[str, Any]]) -> None:
-        metric = self.space.objective.metric
-        header = ["config", "from trial", f"{metric} mean", "std", "test_acc mean", "std", "score"]
-        table = [
-            [
-                g["group"],
-                f"{g['from_trial']:02d}",
-                _fmt(g["scores"][f"{metric}_mean"]),
-                _fmt(g["scores"].get(f"{metric}_std")),
-                _fmt(g["scores"].get("test_accuracy_mean")),
-                _fmt(g["scores"].get("test_accuracy_std")),
-                _fmt(g["score"]),
-            ]
-            for g in groups
-        ]
-        _print_grid(self.out or sys.stdout, "stability", header, table)
-
-
-def _print_grid(
-    out: Any, title: str, header: list[str], rows: list[list[str]], notes: tuple[str, ...] = ()
-) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = "  ".join
-    print(f"\n{title}", file=out)
-    print(line(h.ljust(w) for h, w in zip(header, widths, strict=True)), file=out)
-    for row in rows:
-        print(line(str(c).ljust(w) for c, w in zip(row, widths, strict=True)), file=out)
-    for note in notes:
-        print(note, file=out)
-    print(file=out, flush=True)
-
-
-def write_results(
-    output_dir: Path,
-    space: SearchSpace,
-    trials: list[dict],
-    stability: list[dict],
-    best: dict | None,
-) -> list[Path]:
-    """results.csv (one row per trial), stability.csv, best_config.yaml; returns the files."""
-    files = [output_dir / "results.csv"]
-    names = list(space.search)
-    with files[0].open("w", newline="") as f:
-        w = csv.writer(f)
-        keys = [k for k in trials[0] if k != "params"] if trials else []
-        w.writerow(keys + names)
-        for t in trials:
-            w.writerow([t[k] for k in keys] + [t["params"].get(n) for n in names])
-    if stability:
-        files.append(output_dir / "stability.csv")
-        with files[-1].open("w", newline="") as f:
-            score_keys = list(stability[0]["scores"])
-            w = csv.writer(f)
-            w.writerow(["group", "from_trial", *names, *score_keys])
-            for g in stability:
-                w.writerow(
-                    [
-                        g["group"],
-                        g["from_trial"],
-                        *(g["params"].get(n) for n in names),
-                        *(g["scores"].get(k) for k in score_keys),
-                    ]
-                )
-    if best:
-        files.append(write_best_config(output_dir, space, best))
-    return files
+        self._finish(trial, FAILED, traceback_line(text))

@@ -67,7 +67,7 @@ def print_plan(space: SearchSpace, out: IO[str]) -> None:
         f", {res.gpus_per_worker:g} GPU; worker retries {res.worker_retries}",
     ]
     explicit = "max_concurrent_trials" in (space.raw.get("resources") or {})
-    if res.trials_per_host:
+    if res.on_hosts:
         if res.hosts or not os.environ.get("RAY_ADDRESS"):
             from pipelines.host import HostsError, hosts_for
 

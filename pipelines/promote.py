@@ -6,23 +6,13 @@ seed's adapter, record it all in MLflow, and register a model that answers quest
     graphlora-promote --config ~/.graphlora/searches/<name>/best_config.yaml --seeds 0,1,2
     graphlora-promote --from-run <trial run id>   # any trial's configuration, from MLflow
 
-Steps:
-
-1. Read the best configuration: a `best_config.yaml` (as `pipelines/best_config.py` writes it), or
-   the `best_config.yaml` artifact of a finished MLflow search run (the search picked it by its
-   objective), or the params of any run that trained a configuration (`--from-run`: a trial's
-   params are its full resolved configuration). Apply the command-line overrides and validate
-   everything: the file, the config dataclasses, the dataset, the model reference, the registry
-   name. Any problem is one
-   `error: ...` line and exit status 2, before Ray starts or any MLflow run exists.
-2. Train one Ray Train run per seed (`train_fn_per_worker`, the search trials' own code path) with
-   `eval_test` on; each returns its metrics and its adapter as the run's checkpoint.
-3. Log one MLflow run (tag `graphlora.source_search_run` names the search run, or the file):
-   params, each seed's final metrics at step = seed index, their mean/std, the adapters under
-   `adapters/seed<k>/`.
-4. Package the adapter of the seed with the best validation objective with its pinned base model
-   (`graphlora.inference.package_model`), log it as a pyfunc model (`pipelines/serving.py`),
-   register it as a new version of `--model-name` and point `--alias` at it.
+Steps (README, "Promote"): read and validate the best configuration (a `best_config.yaml`, a
+finished search run's, or any training run's params with `--from-run`) with the overrides, before
+Ray starts or any MLflow run exists (a problem: one `error:` line, exit status 2); train one Ray
+Train run per seed (`train_fn_per_worker`, the trials' own code path) with `eval_test` on; log one
+MLflow run (tag `graphlora.source_search_run`) with each seed's metrics and adapter; package the
+seed with the best validation objective with its pinned base model, log it as a pyfunc model
+(`pipelines/serving.py`), register it under `--model-name` and point `--alias` at it.
 """
 
 from __future__ import annotations
@@ -49,10 +39,10 @@ from pipelines.best_config import (
     build_configs,
     read_best_config_file,
 )
-from pipelines.errors import SpaceError, error_line, first_line
+from pipelines.errors import SpaceError, error_line, first_line, traceback_line
 from pipelines.evaluate import quiet_progress_bars
 from pipelines.records import config_params, log_lineage, routing_warning
-from pipelines.schema import Resources, field_names
+from pipelines.schema import Resources, field_names, how_many_fit
 from pipelines.stages import PROMOTION, rank_trials
 from pipelines.tracking import INTERRUPTED, Tracker, TrackingError, graphlora_home
 from pipelines.tuning import init_ray
@@ -98,10 +88,6 @@ class PromotionResult:
     per_seed: list[dict[str, Any]]  # {"seed", **final metrics}
     summary: dict[str, float]
     output_dir: Path
-
-    @property
-    def model_uri(self) -> str:
-        return f"models:/{self.model_name}@{self.alias}"
 
 
 # --- the plan: every check, before Ray or MLflow runs ------------------------------------------
@@ -270,7 +256,7 @@ def _side_by_side(plan: PromotionPlan, out: Any) -> int:
 
     need = {"CPU": plan.cpus_per_worker * plan.workers, "GPU": plan.gpus_per_worker * plan.workers}
     have = ray.cluster_resources()
-    fits = min((int(have.get(k, 0) // v) for k, v in need.items() if v > 0), default=1)
+    fits = how_many_fit(have, need, default=1)
     if fits < 1:
         print(
             f"warning: a seed needs {need['CPU']:g} CPU / {need['GPU']:g} GPU and the cluster has "
@@ -532,9 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: nothing was registered; run it again with: {again}", flush=True)
         return 143 if exc.args == ("SIGTERM",) else 130
     except Exception as exc:
-        from pipelines.monitor import error_line
-
-        print(f"error: promotion failed: {error_line(str(exc))}", file=sys.stderr)
+        print(f"error: promotion failed: {traceback_line(str(exc))}", file=sys.stderr)
         return 1
     return 0
 

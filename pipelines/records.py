@@ -78,6 +78,15 @@ COUNTS_PREFIX = "routing_counts/"  # per layer and expert: the load map, not a m
 _PARAMS_NOT_METRICS = {"gcn_hidden_used"}  # a fact of the configuration: a param of the run
 _PER_LAYER = re.compile(r"^layer\d+/")  # per-layer routing figures: the load map shows them
 CONTEXTS = ("train", "validation", "test")
+# What the library's run time splits into (graphlora.train.run_training); the rest of a trial's
+# wall time is start-up: Ray placing and starting the workers, and waiting for resources.
+RUN_TIMES = (
+    "setup_time_s",
+    "train_time_s",
+    "eval_time_total_s",
+    "checkpoint_time_s",
+    "test_time_s",
+)
 
 
 def is_quality(key: str) -> bool:
@@ -254,8 +263,8 @@ def config_params(adapter: Mapping[str, Any], training: Mapping[str, Any]) -> di
     from graphlora.config import MoELoRAConfig
     from graphlora.run import TrainConfig
 
-    built_adapter = dataclasses.asdict(MoELoRAConfig(**adapter))
-    built_training = dataclasses.asdict(TrainConfig(**{"seed": 0, **training}))
+    built_adapter = dataclasses.asdict(MoELoRAConfig.from_dict(adapter))
+    built_training = dataclasses.asdict(TrainConfig.from_dict({"seed": 0, **training}))
     out = {f"adapter.{k}": _param_value(v) for k, v in built_adapter.items()}
     out.update(
         {

@@ -107,6 +107,18 @@ class Asha:
     reduction_factor: float = 2
 
 
+def top_k_high(high: int, experts: Any) -> int:
+    """top_k's largest value beside `experts` experts: never above num_experts (`experts` not
+    an int: not known yet, `high` stands)."""
+    return min(high, experts) if isinstance(experts, int) else high
+
+
+def how_many_fit(have: Mapping[str, float], need: Mapping[str, float], default: int = 0) -> int:
+    """How many of `need` (CPU, GPU) `have` (a node's or a cluster's resources) holds at once;
+    `default` when `need` is nothing."""
+    return min((int(have.get(k, 0.0) // v) for k, v in need.items() if v > 0), default=default)
+
+
 @dataclass(frozen=True)
 class Resources:
     workers_per_trial: int = 1
@@ -120,6 +132,11 @@ class Resources:
     # search starts, and lets `training.gradient_checkpointing: auto` decide per trial.
     gpu_memory_gb: float = 0
 
+    @property
+    def on_hosts(self) -> bool:
+        """Whether the search packs its trials on trial hosts (`pipelines/host.py`)."""
+        return self.trials_per_host > 0
+
     def host_count(self, nodes: list[dict[str, float]], runs: int) -> int:
         """How many trial hosts a search starts: `hosts` if set, else as many as the cluster's
         nodes (their resources: `ray.nodes()[i]["Resources"]`) hold, one per GPU worker group
@@ -128,11 +145,14 @@ class Resources:
         if self.hosts:
             return self.hosts
         need = {"CPU": self.host_cpus(), "GPU": self.gpus_per_worker}
-        workers = sum(
-            min(int(node.get(k, 0.0) // v) for k, v in need.items() if v > 0) for node in nodes
-        )
+        workers = sum(how_many_fit(node, need) for node in nodes)
         fit = workers // self.workers_per_trial
         return min(fit, max(1, math.ceil(runs / self.trials_per_host)))
+
+    def trial_needs(self, seeds: int) -> dict[str, float]:
+        """The CPUs and GPUs a trial of `seeds` seeds takes without trial hosts."""
+        runs = self.workers_per_trial * seeds
+        return {"CPU": self.cpus_per_worker * runs, "GPU": self.gpus_per_worker * runs}
 
     def host_cpus(self) -> float:
         """CPUs each worker of a host reserves: a CPU host packs `trials_per_host` runs on the
@@ -146,7 +166,7 @@ class Resources:
         """Trials run at once: with hosts, as many as their slots hold (`seeds` slots each),
         unless the space caps it (`explicit`: it sets max_concurrent_trials); else
         max_concurrent_trials."""
-        if not self.trials_per_host:
+        if not self.on_hosts:
             return self.max_concurrent_trials
         fits = max(1, hosts * self.trials_per_host // seeds)
         return min(fits, self.max_concurrent_trials) if explicit else fits
@@ -200,8 +220,8 @@ class SearchSpace:
     def configs(self, params: Mapping[str, Any], seed: int) -> tuple[dict, dict]:
         """Adapter and training dicts for one run: fixed fields, then sampled ones, then the seed.
 
-        The adapter dict includes `method`, ready for `MoELoRAConfig(**adapter)`; the training
-        dict is ready for `TrainConfig(**training)`.
+        The adapter dict includes `method`, ready for `MoELoRAConfig.from_dict`; the training
+        dict for `TrainConfig.from_dict`.
         """
         adapter = {"method": self.method, **self.adapter}
         training = {

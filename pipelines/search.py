@@ -1,22 +1,9 @@
-"""Hyperparameter search for GraphLoRA on Ray: Tune (Optuna TPE + ASHA) over Ray Train runs.
+"""Hyperparameter search for GraphLoRA on Ray: `run_search(space, ...)` and its CLI.
 
-The layers, one file each, imports flowing one way (the space's schema and validation, and the
-stages' rules <- worker <- trial <- tuning, stability <- search), as in Ray's own Train + Tune
-docs; each is callable on its own:
-
-- `pipelines/worker.py`, `train_fn_per_worker(config)`: runs on every Ray Train worker; calls the
-  library's `run_training` with an `on_eval` callback that does `ray.train.report` and reads the
-  ASHA stop flag (see `pipelines/asha.py` for why stopping is a flag).
-- `pipelines/trial.py`, `train_driver_fn(config, plan)`: one Tune trial; launches one
-  `TorchTrainer` per seed side by side, gathers their evaluations and reports the seed mean/std
-  and the trial's `objective` (its last evaluation's score) with `ray.tune.report`.
-- `pipelines/tuning.py`: one Tune run over trial drivers (new or restored), the local Ray, and the
-  stop on Ctrl-C / SIGTERM, and the Optuna define-by-run space; `pipelines/stability.py`: the
-  stability stage and the best config; `pipelines/stages.py`: what each stage evaluates, its
-  seeds, and the one ranking of trials.
-- here, `run_search(space, ...)`: the Tuner with `OptunaSearch` (seeded TPE, define-by-run space),
-  `FlagASHAScheduler` and a `ConcurrencyLimiter`; then the stability stage (top configs again,
-  with fresh seeds), the best config YAML and the MLflow record; and the CLI.
+The search is a Tuner with `OptunaSearch` (seeded TPE over the define-by-run space),
+`FlagASHAScheduler` and a `ConcurrencyLimiter` over trial drivers (`pipelines/trial.py`, each
+running Ray Train workers, `pipelines/worker.py`; the Tune run itself: `pipelines/tuning.py`);
+then the stability stage (`pipelines/stability.py`), the best config YAML and the MLflow record.
 
 CLI (validation happens before Ray starts; `ray.init` only here)::
 
@@ -35,31 +22,35 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipelines import storage as optuna_db
-from pipelines.console import library_output_to_log, log_to
+from pipelines.console import library_output_to_log
 from pipelines.errors import SpaceError, first_line
 from pipelines.host import HostPool, HostsError, hosts_for
-from pipelines.records import routing_warning
-from pipelines.schema import SearchSpace
+from pipelines.progress import print_outcome, print_table
+from pipelines.results import stage_cost, trial_rows, write_results
+from pipelines.schema import SearchSpace, how_many_fit
+from pipelines.search_state import (
+    STATE_FILE,
+    SearchState,
+    find_search,
+    resume_search,
+    start_search,
+    write_state,
+)
 from pipelines.stability import choose_best, run_stability_stage
 from pipelines.stages import SEARCH
 from pipelines.storage import StorageError
 from pipelines.summary import describe_search, search_cost, search_pictures
 from pipelines.tracking import (
     INTERRUPTED,
-    JOURNAL,
     STOPPED_EARLY_ASHA,
     StoreLost,
     Tracker,
     TrackingError,
-    graphlora_home,
 )
 from pipelines.trial import OBJECTIVE, TrialPlan, train_driver_fn
 from pipelines.tuning import (
@@ -69,9 +60,10 @@ from pipelines.tuning import (
     database_lost,
     fit_experiment,
     init_ray,
+    optuna_objectives,
     optuna_search_class,
 )
-from pipelines.validate import DEFAULT_SPACE, load_search_space, shipped_spaces
+from pipelines.validate import DEFAULT_SPACE, load_search_space, preflight, shipped_spaces
 from pipelines.worker import VERDICT_WAIT_S
 
 __all__ = [
@@ -97,31 +89,6 @@ class SearchResult:
     ui_link: str
 
 
-STATE_FILE = "search.json"  # in a search's output folder: what `--resume` needs
-
-
-def _write_state(output_dir: Path, state: dict[str, Any]) -> None:
-    tmp = output_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(output_dir / STATE_FILE)  # never half a state file
-
-
-def find_search(ref: str | Path) -> Path:
-    """A search's output folder from its name (`$GRAPHLORA_HOME/searches/<name>`) or its path.
-
-    Raises:
-        SpaceError: no resumable search there (one line saying what to do).
-    """
-    for folder in (Path(ref), graphlora_home() / "searches" / str(ref)):
-        if (folder / STATE_FILE).is_file():
-            return folder.resolve()
-    raise SpaceError(
-        f"--resume {ref}: no search found (looked for {STATE_FILE} in {ref} and in "
-        f"{graphlora_home() / 'searches' / str(ref)}); pass a search name printed at its start "
-        "or its results folder"
-    )
-
-
 def run_search(
     space: SearchSpace,
     *,
@@ -142,19 +109,13 @@ def run_search(
         space: A validated space (`load_search_space`).
         output_dir: Where results go; default `$GRAPHLORA_HOME/searches/<name>`.
         out: Stream for progress lines (default stdout).
-        resume: Continue the search whose `search.json` is in `output_dir` (same MLflow parent
-            run, same trials: finished ones are kept, unfinished ones continue from their last
-            checkpoint, the Optuna history is kept).
-        more_trials: With `resume`, extend a finished search by this many trials: a new Tune
-            experiment (`<name>-more<k>`) under the same search run, whose Optuna study is the
-            search's own (every earlier trial known, none re-run) and whose ASHA rungs hold the
-            earlier trials; then the stability stage runs again over the top configs of all
-            trials (its runs tagged `round=<k>`), and the best config is chosen again.
-        warm_start: A `pipelines.warm_start.WarmStart`: a new search's Optuna study starts with
-            those earlier trials (no retraining).
-        optuna_storage: A database URL for the Optuna study (`pipelines/storage.py`; default
-            `$GRAPHLORA_OPTUNA_STORAGE`, else `space.optuna_storage`, else `optuna.db` in
-            `output_dir`). A resume must name the study's database again.
+        resume: Continue the search whose `search.json` is in `output_dir` (`--resume`).
+        more_trials: With `resume`, extend a finished search by this many trials (`--resume
+            --trials`): a new Tune experiment `<name>-more<k>` under the same search run, then
+            the stability stage again (its runs tagged `round=<k>`) and the best config again.
+        warm_start: A `pipelines.warm_start.WarmStart` for a new search (`--warm-start`).
+        optuna_storage: The Optuna study's database URL (`--optuna-storage`); a resume must name
+            the study's database again.
 
     Raises:
         TrackingError: MLflow is unreachable or misconfigured (checked before any trial).
@@ -165,245 +126,44 @@ def run_search(
             thread); the running trials and the search's MLflow runs say `interrupted`, and
             `resume=True` continues it.
     """
-    import optuna
     import ray
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
 
-    from pipelines.asha import FlagASHAScheduler, HubRef
-    from pipelines.monitor import SearchMonitor, format_params, write_results
-    from pipelines.tuning import DefineByRun
+    from pipelines.asha import HubRef
 
-    _OptunaSearch = optuna_search_class()  # noqa: N806 - a class
     out = out or sys.stdout
     # Tune snapshots its state after every trial checkpoint (what makes resume exact) and warns
     # about it when evaluations come fast; the snapshots are small.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # With trial hosts, a cluster with no room for one is refused before anything starts.
-    host_count = hosts_for(space) if space.resources.trials_per_host else 0
-    tracker = Tracker(space.experiment)
-    tracker.on_lost = database_lost  # a store that stops answering stops the search, resumable
-    optuna_storage = optuna_db.resolve(optuna_storage, space.optuna_storage)
-    if optuna_storage:
-        optuna_db.check(optuna_storage)
-    if resume:
-        output_dir = Path(output_dir).resolve()
-        state = json.loads((output_dir / STATE_FILE).read_text())
-        optuna_db.for_resume(state.get("optuna_storage"), optuna_storage)
-        name, parent = state["name"], state["parent_run_id"]
-        log_to(output_dir)
-        tracker.journal = output_dir / JOURNAL
-        if replayed := tracker.replay():
-            print(f"search {name}: wrote {replayed} records MLflow had missed", file=out)
-        tracker.reopen(parent)
-        if more_trials:  # extend a finished search (a resumed extension keeps its round)
-            state["round"] = state.get("round", 0) + 1
-            state["round_trials"] = more_trials
-            state["finished"] = False
-            _write_state(output_dir, state)
-        state["resumes"] = state.get("resumes", 0) + 1
-        _write_state(output_dir, state)  # counted even if this run is interrupted too
-        tracker.set_tags(parent, {"status": "running", "resumes": state["resumes"]})
-        earlier = tracker.child_runs(parent)
-        print(f"search {name}: resuming ({len(earlier)} runs recorded so far)", file=out)
-    else:
-        name = f"{Path(space.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        output_dir = Path(output_dir or graphlora_home() / "searches" / name).resolve()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        log_to(output_dir)
-        tracker.journal = output_dir / JOURNAL
-        storage = os.environ.get("GRAPHLORA_STORAGE_PATH") or str(graphlora_home() / "ray_results")
-        parent = tracker.start_run(
-            f"search {name}",
-            params={
-                "space_file": space.path,
-                "model": space.model,
-                "dataset": space.dataset,
-                "method": space.method or "searched",
-                "trials": space.budget.trials,
-                "max_steps": space.budget.max_steps,
-                "eval_every": space.budget.eval_every,
-                "seeds_per_trial": space.seeds_per_trial,
-                "searched": ",".join(space.search),
-            },
-            tags={"kind": "search", "status": "running", "search_name": name},
-        )
-        from pipelines.records import log_lineage
-
-        log_lineage(tracker, parent, space.configs({}, space.seed)[1], SEARCH.splits)
-        space_text = yaml.safe_dump(space.raw, sort_keys=False)
-        (output_dir / "space.yaml").write_text(space_text)
-        tracker.log_text(parent, space_text, "space.yaml")
-        if warm_start is not None:
-            tracker.set_tags(parent, {"warm_start_from": warm_start.run_id})
-        state = {
-            "name": name,
-            "space_file": space.path,
-            "experiment": space.experiment,
-            "parent_run_id": parent,
-            "storage_path": storage,
-        }
-        if optuna_storage:
-            state["optuna_storage"] = optuna_db.masked(optuna_storage)  # never the password
-        _write_state(output_dir, state)
-        earlier = []
-        print(
-            f"search {name}: {space.budget.trials} trials of {space.model} on {space.dataset}; "
-            f"MLflow: {tracker.ui_link()}\n"
-            f"  interrupted? continue with: graphlora-search --resume {name}",
-            file=out,
-            flush=True,
-        )
-    storage = state["storage_path"]
-    round_ = state.get("round", 0)  # 0: the search as started; k: its k-th extension
-    experiment = name if not round_ else f"{name}-more{round_}"
-    new_trials = state["round_trials"] if round_ else space.budget.trials
-
+    host_count = hosts_for(space) if space.resources.on_hosts else 0
+    search, study = _open(space, output_dir, resume, more_trials, warm_start, optuna_storage, out)
+    tracker = search.tracker
     _warn_if_too_small(space, out)
     # By name (recreated here on every start): Tune saves the scheduler and the trial plan, and
     # a resume may run on another Ray cluster than the one the search started on.
-    hub = HubRef.start(f"trial-hub:{name}")
+    hub = HubRef.start(f"trial-hub:{search.name}")
     hosts = None
-    stop_signals = StopSignals(name)
+    stop_signals = StopSignals(search.name)
     stop_signals.install()
     try:
-        if space.resources.trials_per_host:
-            hosts = HostPool(space, name, storage, hub, host_count)
+        if space.resources.on_hosts:
+            hosts = HostPool(space, search.name, search.state["storage_path"], hub, host_count)
             hosts.start()
-        concurrent = space.resources.concurrent_trials(
-            hosts.count if hosts else 0,
-            space.seeds_per_trial,
-            "max_concurrent_trials" in (space.raw.get("resources") or {}),
-        )
-        print(
-            f"{concurrent} trial(s) at a time"
-            + (
-                f", packed on {hosts.count} trial host(s) of {hosts.capacity} slots"
-                + (f" and {hosts.workers} workers" if hosts.workers > 1 else "")
-                + f", each loading {space.model} once"
-                if hosts
-                else ""
-            ),
-            file=out,
-            flush=True,
-        )
-        scheduler = FlagASHAScheduler(
-            hub,
-            time_attr="training_iteration",
-            metric=OBJECTIVE,
-            mode=space.objective.mode,
-            max_t=space.budget.max_evals,
-            grace_period=space.asha.grace_period,
-            reduction_factor=space.asha.reduction_factor,
-        )
-        study_storage = optuna_storage or optuna_db.default_url(output_dir)
-        if warm_start is not None and not resume:
-            from pipelines.warm_start import seed_study
-
-            seed_study(
-                warm_start,
-                study_storage,
-                name,
-                optuna_objectives(space)[1],
-                optuna.samplers.TPESampler(seed=space.seed),
-            )
-            print(
-                f"warm start: {len(warm_start.trials)} trials of search {warm_start.name} in "
-                "the Optuna study",
-                file=out,
-                flush=True,
-            )
-        metrics, modes = optuna_objectives(space)
-        searcher = _OptunaSearch(
-            DefineByRun(space),
-            metric=metrics if len(metrics) > 1 else metrics[0],
-            mode=modes if len(modes) > 1 else modes[0],
-            sampler=optuna.samplers.TPESampler(seed=space.seed),
-            storage=optuna_db.open_storage(study_storage),
-            study_name=name,
-        )
-        plan = TrialPlan(
-            space,
-            SEARCH.seeds(space.seed, space.seeds_per_trial),
-            storage,
-            hub,
-            VERDICT_WAIT_S,
-            board=hosts.board if hosts else None,
-            concurrent_trials=concurrent,
-        )
-        monitor = SearchMonitor(
-            tracker,
-            parent,
-            space,
-            scheduler=scheduler,
-            out=out,
-            total=new_trials + sum(1 for r in earlier if r.data.tags.get("kind") == "search"),
-        )
-        monitor.adopt_runs(earlier)
-        plan = dataclasses.replace(plan, ended=monitor.ended())
-        # ASHA's earlier cuts still hold, and its rungs hold what they held.
-        scheduler.restore_rungs({t: r.get("objectives", []) for t, r in monitor.records.items()})
-        for rec in monitor.records.values():
-            if rec["status"] == STOPPED_EARLY_ASHA:
-                scheduler.stop_reasons[rec["trial_id"]] = rec["reason"]
-                ray.get(hub.request_stop.remote(rec["trial_id"], rec["reason"]))
-        fit_experiment(
-            train_driver_fn,
-            plan,
-            experiment,
-            tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, concurrent),
-                scheduler=scheduler,
-                num_samples=new_trials,
-            ),
-            monitor,
-        )
-        monitor.close_unfinished()
-        trials = monitor.rows()
-        monitor.print_table(trials, "search")
-
-        stability, stability_cost = run_stability_stage(
-            space, plan, name, trials, tracker, parent, out, earlier, round_=round_
-        )
-        best = choose_best(space, trials, stability)
-        files = write_results(output_dir, space, trials, stability, best)
-        study = optuna.load_study(study_name=name, storage=study_storage)
-        plots, skipped = search_pictures(
-            space, monitor, trials, stability, study, output_dir / "plots"
-        )
-        for f in files + plots:
-            tracker.log_file(parent, f, "plots" if f in plots else None)
-        for reason in skipped:
-            print(f"plot skipped: {reason}", file=out)
-        if best:
-            tracker.log_metrics(parent, {f"best_{k}": v for k, v in best["scores"].items()})
-        cost = search_cost(monitor.cost(), stability_cost)
-        if hosts is not None:
-            cost.update(hosts.stats())
-        tracker.log_metrics(parent, cost)
-        tracker.set_tags(
-            parent,
-            {"mlflow.note.content": describe_search(space, name, trials, best, cost, plots)},
-        )
-        tracker.finish(parent, "completed")
-        _write_state(output_dir, {**state, "finished": True})
+        monitor, plan = _search_stage(search, hub, hosts, study, None if resume else warm_start)
+        trials, stability, best = _conclude(search, monitor, plan, hosts, study)
     except SearchInterrupted as exc:
         # Trial runs were closed by their stage's monitor; what else is open (a stability
         # config's run) and the search's own run say `interrupted` too. search.json stays
         # unfinished, so `--resume` continues. With the store lost, what it could not take
         # waits in the journal (`--resume` writes it first).
-        for run in _open_runs(tracker, parent):
-            tracker.finish(run.info.run_id, INTERRUPTED, str(exc))
-        tracker.finish(parent, INTERRUPTED, str(exc))
-        print(f"search {name}: {exc}; its state is saved", file=out, flush=True)
+        _close_runs(tracker, search.parent, INTERRUPTED, str(exc), str(exc))
+        print(f"search {search.name}: {exc}; its state is saved", file=out, flush=True)
         raise
     except BaseException as exc:
         # The search itself died (e.g. Ray killed its actors for memory): no run it opened is
         # left `running` in MLflow.
         reason = f"{type(exc).__name__}: {exc}"
-        for run in _open_runs(tracker, parent):
-            tracker.finish(run.info.run_id, "failed", f"the search failed: {reason}")
-        tracker.finish(parent, "failed", reason)
+        _close_runs(tracker, search.parent, "failed", reason, f"the search failed: {reason}")
         raise
     finally:
         stop_signals.restore()
@@ -411,44 +171,211 @@ def run_search(
             hosts.close(abort=sys.exc_info()[0] is not None)
         ray.kill(hub.handle)
     link = tracker.ui_link()
-    if best:
+    print_outcome(out, best, stability, search.output_dir, link)
+    return SearchResult(search.output_dir, search.parent, trials, stability, best, link)
+
+
+def _open(
+    space: SearchSpace,
+    output_dir: str | Path | None,
+    resume: bool,
+    more_trials: int | None,
+    warm_start: Any,
+    optuna_storage: str | None,
+    out: Any,
+) -> tuple[SearchState, str]:
+    """MLflow and the Optuna database checked, the search started or resumed; returns it and
+    its Optuna study's database URL."""
+    tracker = Tracker(space.experiment)
+    tracker.on_lost = database_lost  # a store that stops answering stops the search, resumable
+    optuna_storage = optuna_db.resolve(optuna_storage, space.optuna_storage)
+    if optuna_storage:
+        optuna_db.check(optuna_storage)
+    if resume:
+        search = resume_search(space, tracker, Path(output_dir), more_trials, optuna_storage, out)
+    else:
+        search = start_search(space, tracker, output_dir, warm_start, optuna_storage, out)
+    return search, optuna_storage or optuna_db.default_url(search.output_dir)
+
+
+def _search_stage(
+    search: SearchState, hub: Any, hosts: HostPool | None, study: str, warm_start: Any
+) -> tuple[Any, TrialPlan]:
+    """The search's Tune run (this round's trials), its monitor having adopted the runs from
+    before a resume; returns the monitor (its records: the trials) and the trial plan."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from pipelines.monitor import SearchMonitor
+
+    space, state = search.space, search.state
+    concurrent = _concurrency(space, hosts, search.out)
+    scheduler = _scheduler(space, hub)
+    searcher = _searcher(space, search.name, study, warm_start, search.out)
+    plan = TrialPlan(
+        space,
+        SEARCH.seeds(space.seed, space.seeds_per_trial),
+        state["storage_path"],
+        hub,
+        VERDICT_WAIT_S,
+        board=hosts.board if hosts else None,
+        concurrent_trials=concurrent,
+    )
+    new_trials = state["round_trials"] if search.round else space.budget.trials
+    earlier_trials = sum(1 for r in search.earlier if r.data.tags.get("kind") == "search")
+    monitor = SearchMonitor(
+        search.tracker,
+        search.parent,
+        space,
+        scheduler=scheduler,
+        out=search.out,
+        total=new_trials + earlier_trials,
+    )
+    plan = dataclasses.replace(plan, ended=_adopt(monitor, search.earlier, scheduler, hub))
+    fit_experiment(
+        train_driver_fn,
+        plan,
+        f"{search.name}-more{search.round}" if search.round else search.name,
+        tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, concurrent),
+            scheduler=scheduler,
+            num_samples=new_trials,
+        ),
+        monitor,
+    )
+    monitor.close_unfinished()
+    return monitor, plan
+
+
+def _concurrency(space: SearchSpace, hosts: HostPool | None, out: Any) -> int:
+    """How many trials run at once (`Resources.concurrent_trials`), said on the console."""
+    concurrent = space.resources.concurrent_trials(
+        hosts.count if hosts else 0,
+        space.seeds_per_trial,
+        "max_concurrent_trials" in (space.raw.get("resources") or {}),
+    )
+    print(
+        f"{concurrent} trial(s) at a time"
+        + (
+            f", packed on {hosts.count} trial host(s) of {hosts.capacity} slots"
+            + (f" and {hosts.workers} workers" if hosts.workers > 1 else "")
+            + f", each loading {space.model} once"
+            if hosts
+            else ""
+        ),
+        file=out,
+        flush=True,
+    )
+    return concurrent
+
+
+def _scheduler(space: SearchSpace, hub: Any) -> Any:
+    """ASHA on the trials' objective, stopping by flag (`pipelines/asha.py`)."""
+    from pipelines.asha import FlagASHAScheduler
+
+    return FlagASHAScheduler(
+        hub,
+        time_attr="training_iteration",
+        metric=OBJECTIVE,
+        mode=space.objective.mode,
+        max_t=space.budget.max_evals,
+        grace_period=space.asha.grace_period,
+        reduction_factor=space.asha.reduction_factor,
+    )
+
+
+def _searcher(space: SearchSpace, name: str, study: str, warm_start: Any, out: Any) -> Any:
+    """Optuna's seeded TPE over the define-by-run space, its study `name` in the database
+    `study`; a new search's `warm_start` trials are put in the study first."""
+    import optuna
+
+    from pipelines.tuning import DefineByRun
+
+    metrics, modes = optuna_objectives(space)
+    if warm_start is not None:
+        from pipelines.warm_start import seed_study
+
+        sampler = optuna.samplers.TPESampler(seed=space.seed)
+        seed_study(warm_start, study, name, modes, sampler)
         print(
-            f"best: {best['source']}: {format_params(best['params'])} -> "
-            + ", ".join(
-                f"{k}={v:.4f}" for k, v in best["scores"].items() if not k.endswith("_seeds")
-            ),
+            f"warm start: {len(warm_start.trials)} trials of search {warm_start.name} in "
+            "the Optuna study",
             file=out,
+            flush=True,
         )
-        if note := routing_warning(best.get("routing") or {}):
-            print(note, file=out)
-        if not stability:
-            print(
-                "test: not evaluated (search trials are chosen on validation only); the "
-                "stability stage (stability.top_k_configs > 0) or promotion "
-                "(graphlora-promote) reports the test split",
-                file=out,
-            )
-    print(f"results: {output_dir}\nMLflow runs: {link}", file=out, flush=True)
-    return SearchResult(output_dir, parent, trials, stability, best, link)
+    return optuna_search_class()(
+        DefineByRun(space),
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        sampler=optuna.samplers.TPESampler(seed=space.seed),
+        storage=optuna_db.open_storage(study),
+        study_name=name,
+    )
 
 
-def _open_runs(tracker: Tracker, parent: str) -> list[Any]:
-    """The search's child runs still RUNNING; none when the store is lost (the monitor's own
-    closing writes wait in the journal)."""
+def _adopt(monitor: Any, earlier: list[Any], scheduler: Any, hub: Any) -> dict[str, Any]:
+    """Hand the runs from before a resume to the monitor; ASHA's earlier cuts still hold and
+    its rungs hold what they held. Returns the trials that had ended (`TrialPlan.ended`)."""
+    import ray
+
+    monitor.adopt_runs(earlier)
+    scheduler.restore_rungs({t: r.get("objectives", []) for t, r in monitor.records.items()})
+    for rec in monitor.records.values():
+        if rec["status"] == STOPPED_EARLY_ASHA:
+            scheduler.stop_reasons[rec["trial_id"]] = rec["reason"]
+            ray.get(hub.request_stop.remote(rec["trial_id"], rec["reason"]))
+    return monitor.ended()
+
+
+def _conclude(
+    search: SearchState, monitor: Any, plan: TrialPlan, hosts: HostPool | None, study: str
+) -> tuple[list[dict], list[dict], dict | None]:
+    """After the search stage: the stability stage, the best config, the result files and
+    pictures (on disk and on the search's MLflow run, with its best scores, cost and
+    description); the search's run completed. Returns (trials, stability groups, best)."""
+    import optuna
+
+    space, tracker, parent, out = search.space, search.tracker, search.parent, search.out
+    trials = trial_rows(space, monitor.records)
+    print_table(out, space, trials, "search")
+    stability, stability_cost = run_stability_stage(
+        space, plan, search.name, trials, tracker, parent, out, search.earlier, round_=search.round
+    )
+    best = choose_best(space, trials, stability)
+    files = write_results(search.output_dir, space, trials, stability, best)
+    optuna_study = optuna.load_study(study_name=search.name, storage=study)
+    plots, skipped = search_pictures(
+        space, monitor, trials, stability, optuna_study, search.output_dir / "plots"
+    )
+    for f in files + plots:
+        tracker.log_file(parent, f, "plots" if f in plots else None)
+    for reason in skipped:
+        print(f"plot skipped: {reason}", file=out)
+    if best:
+        tracker.log_metrics(parent, {f"best_{k}": v for k, v in best["scores"].items()})
+    cost = search_cost(stage_cost(monitor.records), stability_cost)
+    if hosts is not None:
+        cost.update(hosts.stats())
+    tracker.log_metrics(parent, cost)
+    tracker.set_tags(
+        parent,
+        {"mlflow.note.content": describe_search(space, search.name, trials, best, cost, plots)},
+    )
+    tracker.finish(parent, "completed")
+    write_state(search.output_dir, {**search.state, "finished": True})
+    return trials, stability, best
+
+
+def _close_runs(tracker: Tracker, parent: str, status: str, reason: str, why: str) -> None:
+    """The search's run, and its child runs still RUNNING (`why`), end as `status`; with the
+    store lost, none are found (the monitor's own closing writes wait in the journal)."""
     try:
-        return [r for r in tracker.child_runs(parent) if r.info.status == "RUNNING"]
+        running = [r for r in tracker.child_runs(parent) if r.info.status == "RUNNING"]
     except StoreLost:
-        return []
-
-
-def optuna_objectives(space: SearchSpace) -> tuple[list[str], list[str]]:
-    """What Optuna optimises: the trial's `objective`, and `objective.secondary` when set (a
-    multi-objective study: Optuna searches the Pareto front; ASHA judges the first only)."""
-    metrics, modes = [OBJECTIVE], [space.objective.mode]
-    if space.objective.secondary:
-        metrics.append(space.objective.secondary["metric"])
-        modes.append(space.objective.secondary["mode"])
-    return metrics, modes
+        running = []
+    for run in running:
+        tracker.finish(run.info.run_id, status, why)
+    tracker.finish(parent, status, reason)
 
 
 def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
@@ -457,10 +384,7 @@ def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
     import ray
 
     res = space.resources
-    per_trial = {
-        "CPU": res.cpus_per_worker * res.workers_per_trial * space.seeds_per_trial,
-        "GPU": res.gpus_per_worker * res.workers_per_trial * space.seeds_per_trial,
-    }
+    per_trial = res.trial_needs(space.seeds_per_trial)
     have = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     print(
@@ -469,9 +393,9 @@ def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
         file=out,
         flush=True,
     )
-    if res.trials_per_host:
+    if res.on_hosts:
         return  # the host pool is sized to the nodes (`hosts_for`), or refuses
-    fits = min((int(have.get(k, 0) // v) for k, v in per_trial.items() if v > 0), default=0)
+    fits = how_many_fit(have, per_trial)
     if fits < res.max_concurrent_trials:
         print(
             f"warning: the cluster has {have.get('CPU', 0):g} CPU / {have.get('GPU', 0):g} GPU; "
@@ -483,41 +407,16 @@ def _warn_if_too_small(space: SearchSpace, out: Any) -> None:
         )
 
 
-def preflight(space: SearchSpace) -> None:
-    """What every trial would otherwise fail on: the model reference and the dataset (and, with
-    trial hosts, a model that cannot be packed; on GPUs, a largest trial that does not fit).
-
-    Raises:
-        SpaceError: one line naming the file and key.
-    """
-    from graphlora.data import load_task
-    from graphlora.models import ModelLoadError, check_model_reference
-    from pipelines.memory_check import check_memory
-
-    try:
-        check_model_reference(space.model, revision=space.training.get("model_revision"))
-    except ModelLoadError as exc:
-        raise SpaceError(f"{space.path}: model: {exc}") from None
-    try:
-        data = load_task(space.dataset, data_dir=space.data_dir)
-    except (ValueError, OSError) as exc:  # DataError is a ValueError
-        raise SpaceError(f"{space.path}: dataset: {exc}") from None
-    if not data.train or not data.validation:
-        raise SpaceError(f"{space.path}: dataset: {space.dataset} has no train or validation data")
-    if space.resources.trials_per_host:
-        from graphlora.packed_train import packing_problem
-
-        problem = packing_problem(space.model, revision=space.training.get("model_revision"))
-        if problem:
-            raise SpaceError(
-                f"{space.path}: resources.trials_per_host: {problem}, or set trials_per_host: 0"
-            )
-    check_memory(space, sys.stdout)  # a GPU space: its largest trial's memory plan
+_FLAGS = {  # flag -> the space entry it overrides
+    "trials": ("budget", "trials"),
+    "max_steps": ("budget", "max_steps"),
+    "eval_every": ("budget", "eval_every"),
+    "stability_configs": ("stability", "top_k_configs"),
+    "trials_per_host": ("resources", "trials_per_host"),
+}
 
 
-def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:
-    """CLI entry point; returns the exit status. `own_console`: the libraries' log lines go to
-    the search's driver.log (`pipelines/console.py`), as the installed command does."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--space",
@@ -562,58 +461,66 @@ def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:
         help="list the searches in the MLflow store ($MLFLOW_TRACKING_URI, default "
         "$GRAPHLORA_HOME/mlflow.db): status, trials, best objective; starts no Ray",
     )
-    flags = {  # flag -> the space entry it overrides
-        "trials": ("budget", "trials"),
-        "max_steps": ("budget", "max_steps"),
-        "eval_every": ("budget", "eval_every"),
-        "stability_configs": ("stability", "top_k_configs"),
-        "trials_per_host": ("resources", "trials_per_host"),
-    }
-    for key, (section, field) in flags.items():
+    for key, (section, field) in _FLAGS.items():
         parser.add_argument(
             f"--{key.replace('_', '-')}",
             type=int,
             help=f"override the space's {section}.{field} (e.g. a quick smoke test of a space)",
         )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _list_searches(own_console: bool) -> int:
+    from pipelines.overview import print_searches, searches
+
+    if own_console:
+        library_output_to_log()
+    try:
+        print_searches(*searches(), out=sys.stdout)
+    except TrackingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _resumed(args: argparse.Namespace) -> tuple[Path, dict[str, Any], SearchSpace]:
+    """`--resume`: the search's folder, its state and its space as first run, checked against
+    the other flags."""
+    if args.warm_start:
+        raise SpaceError("--warm-start starts a new search; --resume continues one")
+    folder = find_search(args.resume)
+    state = json.loads((folder / STATE_FILE).read_text())
+    if args.trials is not None and args.trials < 1:
+        raise SpaceError(f"--trials {args.trials}: must be 1 or more")
+    if state.get("finished") and not args.trials:
+        raise SpaceError(
+            f"--resume {args.resume}: that search has already finished; add --trials N "
+            "to extend it by N trials"
+        )
+    if args.trials and not state.get("finished"):
+        raise SpaceError(
+            f"--resume {args.resume} --trials {args.trials}: that search has not "
+            f"finished; continue it first with --resume {args.resume}"
+        )
+    space = load_search_space(folder / "space.yaml")
+    return folder, state, dataclasses.replace(space, path=state["space_file"])
+
+
+def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:
+    """CLI entry point; returns the exit status. `own_console`: the libraries' log lines go to
+    the search's driver.log (`pipelines/console.py`), as the installed command does."""
+    args = _parser().parse_args(argv)
     if args.list:
-        from pipelines.overview import print_searches, searches
-
-        if own_console:
-            library_output_to_log()
-
-        try:
-            print_searches(*searches(), out=sys.stdout)
-        except TrackingError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return 0
+        return _list_searches(own_console)
     overrides: dict[str, dict[str, int]] = {}
-    for key, (section, field) in flags.items():
+    for key, (section, field) in _FLAGS.items():
         if getattr(args, key) is not None:
             overrides.setdefault(section, {})[field] = getattr(args, key)
     # Everything that can be checked is checked before Ray starts or MLflow records anything.
     try:
-        warm = None
+        warm, folder, state = None, None, {}
         if args.resume:
-            if args.warm_start:
-                raise SpaceError("--warm-start starts a new search; --resume continues one")
-            folder = find_search(args.resume)
-            state = json.loads((folder / STATE_FILE).read_text())
-            if args.trials is not None and args.trials < 1:
-                raise SpaceError(f"--trials {args.trials}: must be 1 or more")
-            if state.get("finished") and not args.trials:
-                raise SpaceError(
-                    f"--resume {args.resume}: that search has already finished; add --trials N "
-                    "to extend it by N trials"
-                )
-            if args.trials and not state.get("finished"):
-                raise SpaceError(
-                    f"--resume {args.resume} --trials {args.trials}: that search has not "
-                    f"finished; continue it first with --resume {args.resume}"
-                )
-            space = load_search_space(folder / "space.yaml")
-            space = dataclasses.replace(space, path=state["space_file"])
+            folder, state, space = _resumed(args)
         else:
             space = load_search_space(args.space, overrides=overrides)
         optuna_storage = optuna_db.resolve(args.optuna_storage, space.optuna_storage)
@@ -647,18 +554,14 @@ def main(argv: list[str] | None = None, *, own_console: bool = False) -> int:
     if own_console:
         library_output_to_log()  # again: ray.init may have configured Ray's loggers anew
     try:
-        if args.resume:
-            run_search(
-                space,
-                output_dir=folder,
-                resume=True,
-                more_trials=args.trials,
-                optuna_storage=optuna_storage,
-            )
-        else:
-            run_search(
-                space, output_dir=args.output_dir, warm_start=warm, optuna_storage=optuna_storage
-            )
+        run_search(
+            space,
+            output_dir=folder or args.output_dir,
+            resume=folder is not None,
+            more_trials=args.trials if folder else None,
+            warm_start=warm,
+            optuna_storage=optuna_storage,
+        )
     except SearchInterrupted as exc:  # the last line a person sees
         print(exc.resume_hint(), file=sys.stderr if exc.lost else sys.stdout, flush=True)
         return exc.exit_status

@@ -1,20 +1,9 @@
-"""Where a search's Optuna study lives.
-
-Default: `optuna.db`, a SQLite file in the search's results folder (one driver, one disk). A team,
-or a search resumed on another head node, points the study at a shared database instead, e.g.
-`postgresql://graphlora@db.internal:5432/optuna`, with (first wins)
-
-1. `python pipelines/search.py --optuna-storage URL`,
-2. the environment variable `GRAPHLORA_OPTUNA_STORAGE`,
-3. `optuna_storage: URL` in the space file.
-
-Keep passwords out of the URL (and so out of the space file MLflow logs and the Tune state Ray
-saves): PostgreSQL's client reads `PGPASSWORD` or `~/.pgpass`.
-
-On a shared database Optuna's RDB storage gives every trial of a study its own number, so two
-drivers running trials of one study at once never run the same trial twice; and each driver
-beats a heartbeat for the trials it holds (`HEARTBEAT_S`): a trial whose driver died (no beat for
-`GRACE_S`) is marked FAILED by the next driver that checks, instead of staying RUNNING.
+"""Where a search's Optuna study lives: `optuna.db` in the search's results folder by default, or
+a shared database (`--optuna-storage URL`, else `GRAPHLORA_OPTUNA_STORAGE`, else the space's
+`optuna_storage:`), e.g. `postgresql://graphlora@db.internal:5432/optuna`, its password never in
+the URL (PostgreSQL's client reads `PGPASSWORD` or `~/.pgpass`). README, "A shared tracking
+server and a shared Optuna study", says what a shared study allows; each driver beats a heartbeat
+for its trials (`HEARTBEAT_S`), so a dead driver's trial is marked FAILED after `GRACE_S`.
 """
 
 from __future__ import annotations
@@ -24,6 +13,8 @@ import threading
 import weakref
 from pathlib import Path
 from typing import Any
+
+from pipelines.errors import first_line
 
 ENV = "GRAPHLORA_OPTUNA_STORAGE"
 STUDY_FILE = "optuna.db"  # the default study, in the search's results folder
@@ -115,8 +106,7 @@ def check(
 
 def first_error_line(exc: BaseException) -> str:
     """A database error's first line (SQLAlchemy's wrapped driver error, not its SQL)."""
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(getattr(exc, "orig", None) or exc)
 
 
 def unreachable(exc: BaseException) -> bool:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipelines.progress import fmt
 from pipelines.records import collapsed_note
+from pipelines.results import load_maps, routing_healths
 from pipelines.schema import SearchSpace
 from pipelines.tracking import STOPPED_EARLY_ASHA
 
@@ -26,8 +28,9 @@ def search_pictures(
     obj = space.objective
     methods = {t["trial_id"]: str(t["params"].get("method", space.method)) for t in trials}
     chosen = best_load_map_trials(trials, obj.mode, methods)
-    maps = monitor.load_maps([t["trial_id"] for t in chosen])
-    health = monitor.routing_healths([t["trial_id"] for t in chosen])
+    ids = [t["trial_id"] for t in chosen]
+    maps = load_maps(monitor.tracker, monitor.records, ids)
+    health = routing_healths(monitor.tracker, monitor.records, ids)
     labelled, labelled_health = {}, {}
     for t in chosen:
         if t["trial_id"] in maps:
@@ -78,10 +81,7 @@ def describe_search(
     ]
     if best:
         scores = ", ".join(f"{k} {v:.4g}" for k, v in best["scores"].items())
-        params = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in best["params"].items()
-        )
+        params = ", ".join(f"{k}={fmt(v)}" for k, v in best["params"].items())
         lines += [f"Best: {best['source']}: {params} ({scores}).", ""]
     if note := collapsed_note(trials):
         lines += [f"{note[0].upper()}{note[1:]}.", ""]

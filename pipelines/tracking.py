@@ -1,13 +1,8 @@
 """MLflow for searches: where the store lives, one parent run per search, child runs per trial.
 
-Store: `MLFLOW_TRACKING_URI` when set, else a SQLite store at a fixed absolute path,
-`$GRAPHLORA_HOME/mlflow.db` (default `~/.graphlora`), with artifacts under
-`$GRAPHLORA_HOME/mlartifacts` (set as the experiment's artifact_location; so too for a database
-URI such as `postgresql://...`, where MLflow would otherwise use a relative `./mlruns`). Fixed
-paths matter: `ray job submit --working-dir .` runs the driver in a temporary copy of the
-project, and a relative `./mlflow.db` would vanish with it. A team shares an `mlflow server`
-(`http://...`, PostgreSQL behind it, artifacts proxied by the server: README "Use a cluster"):
-every run, artifact, dataset input and model version then goes through it.
+Store: `MLFLOW_TRACKING_URI` when set, else SQLite at `$GRAPHLORA_HOME/mlflow.db` (a fixed
+absolute path: `ray job submit --working-dir .` runs the driver in a temporary copy), artifacts
+under `$GRAPHLORA_HOME/mlartifacts` for any database URI (README, "Browse MLflow").
 
 Run layout in one experiment::
 

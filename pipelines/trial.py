@@ -1,10 +1,6 @@
-"""Layer 2 of a search: what one Ray Tune trial does.
-
-`train_driver_fn(config, plan)` launches one `TorchTrainer` per seed side by side
-(`pipelines/worker.py`), or puts each seed's run on the search's trial hosts
-(`pipelines/host.py`, with `resources.trials_per_host`); it gathers their evaluations through
-the trial hub and reports the seed mean and std and the trial's `objective` with
-`ray.tune.report`. `TrialPlan` is what every trial of one stage shares.
+"""Layer 2 of a search: what one Ray Tune trial does (`train_driver_fn`: its seeds' Train runs,
+side by side or on the search's trial hosts, reported as seed statistics and an `objective`), and
+`TrialPlan`, what every trial of one stage shares.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.host import job_key, run_on_host
-from pipelines.records import seed_stats
+from pipelines.records import RUN_TIMES, seed_stats
 from pipelines.schema import SearchSpace
 from pipelines.stages import SEARCH, Stage
 from pipelines.worker import fast_train_reports, fit_seed, seed_trainer, worker_errors
@@ -70,17 +66,6 @@ def _make_relay(hub: Any, trial_id: str, seed_index: int) -> Any:
     return EvalRelay()
 
 
-# What the library's run time splits into (graphlora.train.run_training); the rest of a trial's
-# wall time is start-up: Ray placing and starting the workers, and waiting for resources.
-_RUN_TIMES = (
-    "setup_time_s",
-    "train_time_s",
-    "eval_time_total_s",
-    "checkpoint_time_s",
-    "test_time_s",
-)
-
-
 def trial_cost(
     stats: dict[str, float], wall_s: float, seeds: int, plan: TrialPlan
 ) -> dict[str, float]:
@@ -90,9 +75,9 @@ def trial_cost(
     (a GPU host's GPU is shared by its slots; a CPU host has each slot's CPUs)."""
     res = plan.space.resources
     per_worker = res.gpus_per_worker or res.cpus_per_worker
-    if plan.board is not None and res.gpus_per_worker:
+    if res.on_hosts and res.gpus_per_worker:
         per_worker = res.gpus_per_worker / res.trials_per_host
-    run = sum(stats.get(k, 0.0) for k in _RUN_TIMES)
+    run = sum(stats.get(k, 0.0) for k in RUN_TIMES)
     return {
         "wall_time_s": wall_s,
         "startup_time_s": max(0.0, wall_s - run),
@@ -118,8 +103,8 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     (docs/method.md, "Selection"): ASHA judges each rung on it, and Optuna is told the last one.
     A last report carries the final metrics (test metrics only where `plan.stage.eval_test`).
 
-    Every report carries a small Tune checkpoint of this driver's state (steps reported, best so
-    far, worker failures), so a resumed search continues the trial without repeating a report;
+    Every report carries a small Tune checkpoint of this driver's state (steps reported, last
+    objective, worker failures), so a resumed search continues the trial without repeating a report;
     its Train runs continue from their own checkpoints (same run names, same storage path).
     Worker failures are reported as `worker_failures` (count) and, with the checkpoints the Train
     runs resumed from, as `recovery_log` (text).
@@ -143,7 +128,7 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
 
     def fit(index: int, seed: int) -> None:
         adapter, training = plan.stage.configs(space, params, seed)
-        if plan.board is not None:
+        if res.on_hosts:
             job = {
                 "key": job_key(trial_id, seed),
                 "trial_id": trial_id,

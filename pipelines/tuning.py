@@ -1,9 +1,7 @@
-"""One Ray Tune run over trial drivers, as the search and its stability stage both use it; the
-local Ray a search starts; and a search's stop on SIGINT (Ctrl-C) or SIGTERM.
-
-`fit_experiment` runs one Tune experiment, or continues it from its saved state (`--resume`);
-nothing in that state is a live Ray object, so it continues on any cluster. `init_ray` connects to
-`RAY_ADDRESS` or starts a fresh local Ray of the search's own (`ray.init` only in CLIs and tests).
+"""One Ray Tune run over trial drivers (`fit_experiment`, new or restored on any cluster), as the
+search and its stability stage both use it; the local Ray a search starts (`init_ray`); a
+search's stop on SIGINT (Ctrl-C) or SIGTERM; and what Optuna searches (`DefineByRun`,
+`optuna_objectives`, `optuna_search_class`).
 """
 
 from __future__ import annotations
@@ -15,6 +13,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pipelines.schema import top_k_high
 
 if TYPE_CHECKING:
     from pipelines.schema import SearchSpace
@@ -426,8 +426,8 @@ def optuna_search_class() -> type:
 class DefineByRun:
     """Optuna define-by-run space for `OptunaSearch`: suggests values, computes nothing.
 
-    num_experts is suggested first so top_k's upper bound can follow it
-    (top_k in [low, min(high, num_experts)]). Picklable, so Tune can checkpoint the searcher.
+    num_experts is suggested first so top_k's upper bound can follow it (`top_k_high`).
+    Picklable, so Tune can checkpoint the searcher.
     """
 
     def __init__(self, space: SearchSpace) -> None:
@@ -442,8 +442,8 @@ class DefineByRun:
                 value = trial.suggest_categorical(p.name, list(p.values))
             elif p.type == "int":
                 high = p.high
-                if p.name == "top_k" and isinstance(experts, int):
-                    high = min(high, experts)
+                if p.name == "top_k":
+                    high = top_k_high(high, experts)
                 value = trial.suggest_int(p.name, p.low, high, step=p.step or 1)
             else:
                 value = trial.suggest_float(
@@ -451,3 +451,15 @@ class DefineByRun:
                 )
             if p.name == "num_experts":
                 experts = value
+
+
+def optuna_objectives(space: SearchSpace) -> tuple[list[str], list[str]]:
+    """What Optuna optimises: the trial's `objective`, and `objective.secondary` when set (a
+    multi-objective study: Optuna searches the Pareto front; ASHA judges the first only)."""
+    from pipelines.trial import OBJECTIVE
+
+    metrics, modes = [OBJECTIVE], [space.objective.mode]
+    if space.objective.secondary:
+        metrics.append(space.objective.secondary["metric"])
+        modes.append(space.objective.secondary["mode"])
+    return metrics, modes

@@ -4,11 +4,13 @@ the key path and the line, e.g.
 
 `load_search_space` finds a file (a path, or the name of a shipped space), validates it against
 graphlora's config dataclasses (imported when called) and builds them once, before Ray starts;
-`load_space`/`validate_space` take the allowed names from the caller.
+`load_space`/`validate_space` take the allowed names from the caller. `preflight` checks what the
+space names (its model, its dataset) before a search starts.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -254,7 +256,7 @@ def validate_space(
     for key in ("trials_per_host", "hosts"):
         if getattr(resources, key) < 0:
             raise c.error(f"resources.{key}", f"{getattr(resources, key)} must be 0 or more")
-    if resources.trials_per_host:
+    if resources.on_hosts:
         shared = sorted(set(search) & set(packed_shared))
         if shared:
             raise c.error(
@@ -418,3 +420,35 @@ def load_search_space(
     )
     check_constructible(space, TrainConfig, MoELoRAConfig)
     return space
+
+
+def preflight(space: SearchSpace) -> None:
+    """What every trial would otherwise fail on: the model reference and the dataset (and, with
+    trial hosts, a model that cannot be packed; on GPUs, a largest trial that does not fit).
+
+    Raises:
+        SpaceError: one line naming the file and key.
+    """
+    from graphlora.data import load_task
+    from graphlora.models import ModelLoadError, check_model_reference
+    from pipelines.memory_check import check_memory
+
+    try:
+        check_model_reference(space.model, revision=space.training.get("model_revision"))
+    except ModelLoadError as exc:
+        raise SpaceError(f"{space.path}: model: {exc}") from None
+    try:
+        data = load_task(space.dataset, data_dir=space.data_dir)
+    except (ValueError, OSError) as exc:  # DataError is a ValueError
+        raise SpaceError(f"{space.path}: dataset: {exc}") from None
+    if not data.train or not data.validation:
+        raise SpaceError(f"{space.path}: dataset: {space.dataset} has no train or validation data")
+    if space.resources.on_hosts:
+        from graphlora.packed_train import packing_problem
+
+        problem = packing_problem(space.model, revision=space.training.get("model_revision"))
+        if problem:
+            raise SpaceError(
+                f"{space.path}: resources.trials_per_host: {problem}, or set trials_per_host: 0"
+            )
+    check_memory(space, sys.stdout)  # a GPU space: its largest trial's memory plan

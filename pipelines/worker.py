@@ -1,10 +1,6 @@
-"""Layer 1 of a search: what runs on every Ray Train worker.
-
-`train_fn_per_worker(config)` trains one seed of one trial with the library's `run_training`; its
-`on_eval` callback reports each evaluation (with a resumable checkpoint) to Ray Train and asks the
-trial hub whether ASHA has stopped the trial (`pipelines/asha.py` says why stopping is a flag).
-`seed_trainer` builds the `TorchTrainer` of one seed, for search trials and promotion alike, and
-`fit_seed` runs it.
+"""Layer 1 of a search: what runs on every Ray Train worker (`train_fn_per_worker`: one seed of
+one trial, reporting each evaluation and reading ASHA's stop flag, `pipelines/asha.py`), and the
+`TorchTrainer` of one seed (`seed_trainer`, `fit_seed`), for search trials and promotion alike.
 """
 
 from __future__ import annotations
@@ -59,8 +55,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     from graphlora.run import NonFiniteLossError, TrainConfig
     from graphlora.train import run_training
 
-    train_cfg = TrainConfig(**config["training"])
-    adapter_cfg = MoELoRAConfig(**config["adapter"])
+    train_cfg = TrainConfig.from_dict(config["training"])
+    adapter_cfg = MoELoRAConfig.from_dict(config["adapter"])
     hub, wait_s = config.get("hub"), config.get("verdict_wait_s", 0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -20,7 +20,7 @@ from graphlora.evaluate import evaluate_examples, score_examples
 from graphlora.inference import package_model
 from pipelines import evaluate as evaluate_cli
 from pipelines import promote
-from pipelines.monitor import write_results
+from pipelines.results import write_results
 from pipelines.search import load_search_space
 from pipelines.serving import log_and_register
 from pipelines.tracking import Tracker, tracking_uri

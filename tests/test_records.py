@@ -333,7 +333,9 @@ def test_a_collapsed_trial_is_tagged_recorded_and_named(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from pipelines.best_config import parse_best_config
-    from pipelines.monitor import COLLAPSED_TAG, ROUTING_HEALTH, SearchMonitor, write_results
+    from pipelines.monitor import COLLAPSED_TAG, SearchMonitor
+    from pipelines.progress import print_table
+    from pipelines.results import ROUTING_HEALTH, routing_healths, trial_rows, write_results
     from pipelines.stability import choose_best
     from pipelines.tracking import Tracker, tracking_uri
 
@@ -360,21 +362,21 @@ def test_a_collapsed_trial_is_tagged_recorded_and_named(tmp_path, monkeypatch):
     assert not any(k.startswith("layer") for k in runs["gone_2"].data.metrics)
     assert "routing collapsed in layers 1,2" in out.getvalue()  # its progress line
 
-    rows = monitor.rows()
+    rows = trial_rows(space, monitor.records)
     assert [(r["min_batch_entropy"], r["routing_collapsed"]) for r in rows] == [
         (0.8, ""),
         (0.2, "1,2"),
     ]
-    monitor.print_table(rows, "search")
+    print_table(out, space, rows, "search")
     assert "routing collapsed (batch entropy < 0.5) in: trial 02 layers 1,2\n" in out.getvalue()
 
     # the picture's figures come back from MLflow alone (an adopted, resumed search)
     again = SearchMonitor(tracker, parent, space, out=io.StringIO(), total=2)
     again.adopt_runs(tracker.child_runs(parent))
-    assert again.routing_healths(["ok_1", "gone_2"]) == {
+    assert routing_healths(tracker, again.records, ["ok_1", "gone_2"]) == {
         t: routing_health(finals[t]) for t in trials
     }
-    assert [r["routing_collapsed"] for r in again.rows()] == ["", "1,2"]
+    assert [r["routing_collapsed"] for r in trial_rows(space, again.records)] == ["", "1,2"]
     names = {a.path for a in client.list_artifacts(runs["gone_2"].info.run_id)}
     assert {"routing_counts.json", ROUTING_HEALTH} <= names
 
@@ -399,6 +401,7 @@ def test_a_stability_configuration_carries_the_routing_of_its_seeds():
     from types import SimpleNamespace
 
     from pipelines.monitor import SearchMonitor
+    from pipelines.results import stability_groups
     from pipelines.stability import choose_best
 
     space = load_search_space(SPACES / "quickstart.yaml")
@@ -412,6 +415,6 @@ def test_a_stability_configuration_carries_the_routing_of_its_seeds():
             "last": tidy_metrics(metrics),
             "collapsed": layers,
         }
-    groups = monitor.stability_groups([run])
+    groups = stability_groups(space.objective, monitor.records.values(), [run])
     assert groups[0]["routing"] == {"min_batch_entropy": 0.2, "collapsed_layers": [1, 2]}
     assert choose_best(space, [], groups)["routing"] == groups[0]["routing"]

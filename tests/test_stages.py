@@ -48,3 +48,24 @@ def test_rank_trials_leaves_out_failed_and_unmeasured_and_keeps_ties_in_order(mo
     assert [r["trial"] for r in rank_trials(rows, mode)] == order
     groups = [{"group": "a", "score": 1.0}, {"group": "b", "score": 2.0}]
     assert rank_trials(groups, "max", "score")[0]["group"] == "b"
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_the_best_so_far_progress_line_keeps_the_earlier_of_equal_trials(mode):
+    """The search's "best so far" is `rank_trials`' first: of equal objectives, the earlier."""
+    import dataclasses
+    import io
+
+    from pipelines.progress import Progress
+
+    space = load_search_space(QUICKSTART)
+    space = dataclasses.replace(space, objective=dataclasses.replace(space.objective, mode=mode))
+    out = io.StringIO()
+    progress = Progress(space, "search", out)
+    for trial in (1, 2):
+        rec = {"name": f"trial {trial:02d}", "trial": trial, "run": None, "evals": 1}
+        progress.evaluated(rec, {"step": 10, "objective": 0.5})
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("| best 0.5000 (trial 01)")
+    assert second.endswith("| best 0.5000 (trial 01)")
+    assert progress.best == {"objective": 0.5, "trial": 1}
