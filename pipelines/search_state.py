@@ -85,7 +85,6 @@ def resume_search(
         state["round"] = state.get("round", 0) + 1
         state["round_trials"] = more_trials
         state["finished"] = False
-        write_state(output_dir, state)
     state["resumes"] = state.get("resumes", 0) + 1
     write_state(output_dir, state)  # counted even if this run is interrupted too
     tracker.set_tags(parent, {"status": "running", "resumes": state["resumes"]})
