@@ -6,6 +6,7 @@ search's stop on SIGINT (Ctrl-C) or SIGTERM; and what Optuna searches (`DefineBy
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -249,6 +250,9 @@ def fit_experiment(
     trainable = tune.with_resources(
         tune.with_parameters(trainable, plan=plan), {"cpu": 0, "memory": 2**20}
     )
+    # A trial's driver runs in the Tune actor of a trial that has ended (its function returned:
+    # trials end themselves, `asha.py`), not in a new process: about 3 s less per trial.
+    tune_config = dataclasses.replace(tune_config, reuse_actors=True)
     run_config = tune.RunConfig(
         name=name,
         storage_path=plan.storage_path,
@@ -271,6 +275,7 @@ def fit_experiment(
                 "; resume needs ray==2.60 (pyproject) or a fresh search"
             )
         internal._tune_config.scheduler = tune_config.scheduler
+        internal._tune_config.reuse_actors = True  # a search saved before actors were reused
         internal.set_run_config_and_remote_string_queue(run_config, None)
         internal.clear_remote_string_queue()
     else:
