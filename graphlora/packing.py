@@ -46,6 +46,7 @@ from graphlora.inject import (
     build_adapter,
     collect_aux_losses,
     is_adapter_name,
+    require_bare_model,
     reset_load_state,
     routing_counts,
 )
@@ -536,10 +537,7 @@ def inject_packed(
         UnsupportedModelError: no FFN was found, or a slot asks for attention LoRA on a layer
             without attention projections the adapter knows.
     """
-    if getattr(model, "graphlora_config", None) is not None:
-        raise ValueError("this model already has a GraphLoRA adapter; load a fresh base model")
-    if getattr(model, "graphlora_pack", None) is not None:
-        raise ValueError("this model is already packed; add slots with model.graphlora_pack.add")
+    require_bare_model(model)
     sites = require_ffns(model)
     # Found before anything is replaced:
     attention = [attention_projections(model, site) for site in sites]
