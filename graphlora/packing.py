@@ -303,9 +303,9 @@ class Pack:
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        """Add an adapter as slot ``slot``, built as ``inject_adapter`` builds it (the same module
-        classes, layers, expert counts and graph seeds; with the same torch seed, the same initial
-        weights). The other slots are untouched.
+        """Add an adapter as slot ``slot``, built as ``inject_adapter`` builds it
+        (``build_adapter``: the same torch seed gives the same initial weights). The other slots
+        are untouched.
 
         Args:
             slot: the slot's id: a non-empty string without '.' or an adapter marker.
@@ -394,10 +394,9 @@ class Pack:
     # Per-slot adapter --------------------------------------------------------------------------
 
     def adapter(self, slot: str) -> nn.Module:
-        """``slot`` as an ordinary adapter model: a module holding the slot's blocks and LoRAs
-        under the names a model carrying only that adapter has, and ``graphlora_config``. It
-        shares the pack's modules (not copies); use it with the functions of ``graphlora.inject``
-        and ``graphlora.adapter_io``, not for a forward pass."""
+        """``slot`` as an ordinary adapter model (module docstring): the pack's modules (not
+        copies) under the names a model carrying only that adapter has, and
+        ``graphlora_config``; not for a forward pass."""
         return self._views[self._known(slot)]
 
     def parameters(self, slot: str) -> list[nn.Parameter]:
@@ -515,14 +514,12 @@ def inject_packed(
 ) -> Pack:
     """Prepare ``model`` to carry several adapters at once and add ``configs`` as its slots.
 
-    Every FFN site and attention projection of the model is wrapped, in place, by a packed module
-    (the frozen projections are shared, never copied) and every parameter of the model is frozen;
-    each slot then adds its own blocks and LoRAs (``Pack.add``). A forward must run inside
-    ``pack.layout``; its output then carries, for slots with auxiliary losses, the unweighted
-    ones (``slot_aux_losses``) and their weighted sum (``slot_aux_loss``), keyed by slot. The
-    output's own ``loss`` (when labels are passed) is the base model's task loss over the whole
-    packed batch, with no auxiliary loss: a slot's loss is its rows' task loss plus its
-    ``slot_aux_loss``.
+    Every FFN site and attention projection is wrapped in place (module docstring) and every
+    parameter of the model is frozen. A forward must run inside ``pack.layout``; its output then
+    carries, for slots with auxiliary losses, the unweighted ones (``slot_aux_losses``) and their
+    weighted sum (``slot_aux_loss``), keyed by slot. The output's own ``loss`` (when labels are
+    passed) is the base model's task loss over the whole packed batch, with no auxiliary loss: a
+    slot's loss is its rows' task loss plus its ``slot_aux_loss``.
 
     Args:
         model: a base model without an adapter.
