@@ -121,14 +121,6 @@ class DatasetSplits:
     test: list[Example]
     source: str
 
-    def sizes(self) -> dict[str, int]:
-        """Returns ``{"train": n, "validation": n, "test": n}``."""
-        return {
-            "train": len(self.train),
-            "validation": len(self.validation),
-            "test": len(self.test),
-        }
-
 
 def format_prompt(instruction: str, input_text: str = "") -> str:
     """Builds the prompt from an LLM-Adapters instruction (and optional input).

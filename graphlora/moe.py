@@ -160,11 +160,6 @@ def projection_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def projection_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as ``F.linear`` takes it, (out, in); a ``Conv1D`` stores it as (in, out)."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
-
-
 class LoRALinear(nn.Module):
     """``base_layer(x) + s * B A dropout(x)`` around a frozen ``nn.Linear`` or ``Conv1D``."""
 

@@ -35,7 +35,6 @@ from torch import nn
 
 from graphlora.adapter_io import (
     adapter_state_dict,
-    load_adapter_state_dict,
     load_adapter_weights,
     read_adapter_config,
     save_adapter,
@@ -407,11 +406,6 @@ class Pack:
         """``slot``'s adapter weights and graph, keyed as ``adapter_state_dict`` keys them on a
         model carrying only that adapter."""
         return adapter_state_dict(self.adapter(slot))
-
-    def load_state_dict(self, slot: str, state: dict[str, torch.Tensor]) -> None:
-        """Load an adapter's weights and graph (``adapter_state_dict`` of a model carrying the
-        same adapter alone) into ``slot``."""
-        load_adapter_state_dict(self.adapter(slot), state, source=f"slot {slot!r}")
 
     def save_adapter(
         self, slot: str, path: str | Path, metadata: dict[str, Any] | None = None
