@@ -214,20 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         adapter, training = load_run_file(args.config) if args.config else ({}, {})
-        for key in (
-            "model",
-            "dataset",
-            "data_dir",
-            "max_steps",
-            "learning_rate",
-            "batch_size",
-            "eval_every",
-            "max_length",
-            "eval_at_start",
-            "output_dir",
-        ):
-            if getattr(args, key) is not None:
-                training[key] = getattr(args, key)
+        for f in dataclasses.fields(TrainConfig):  # the flags that set a training field
+            if getattr(args, f.name, None) is not None:
+                training[f.name] = getattr(args, f.name)
         # The model's own defaults (packaged models) fill what neither flags nor --config set.
         for key, value in training_defaults(training.get("model", TrainConfig.model)).items():
             training.setdefault(key, value)
