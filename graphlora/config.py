@@ -16,6 +16,17 @@ ROUTERS = ("none", "softmax", "dense", "graph")
 BALANCE_FORMS = ("batch", "paper", "switch")
 EXPERT_FEATURES = ("token", "paper")
 
+# The Poisson term at a tenth of the balance weight: at the paper's 0.005 the router's softmax is
+# the same for every token (docs/method.md section 6).
+_GRAPHLORA: dict[str, Any] = {
+    "router": "graph",
+    "top_k": 2,
+    "rank": 2,
+    "alpha": 4.0,
+    "poisson_coef": 0.8,
+    "normal_coef": 8.0,
+}
+
 # Each preset lists only what differs from the dataclass' base defaults below.
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "lora": {"router": "none", "num_experts": 1, "top_k": 1, "rank": 8, "alpha": 16.0},
@@ -29,50 +40,19 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "alpha": 16.0,
         "experts_per_layer": [5, 7, 9, 11],
     },
-    # The Poisson term at a tenth of the balance weight: at the paper's 0.005 the router's softmax
-    # is the same for every token (docs/method.md section 6).
-    "graphlora": {
-        "router": "graph",
-        "top_k": 2,
-        "rank": 2,
-        "alpha": 4.0,
-        "poisson_coef": 0.8,
-        "normal_coef": 8.0,
-    },
+    "graphlora": _GRAPHLORA,
     # The published form, exactly: expert nodes blind to the token, the Normal loss on the run's
     # running load with a trainable sigma (docs/method.md section 6 says why it is not the default).
     "graphlora-paper": {
-        "router": "graph",
-        "top_k": 2,
-        "rank": 2,
-        "alpha": 4.0,
+        **_GRAPHLORA,
         "poisson_coef": 0.005,
-        "normal_coef": 8.0,
         "expert_features": "paper",
         "balance": "paper",
     },
-    "graphlora-no-graph": {
-        "router": "softmax",
-        "top_k": 2,
-        "rank": 2,
-        "alpha": 4.0,
-        "poisson_coef": 0.8,
-        "normal_coef": 8.0,
-    },
-    "graphlora-no-poisson": {
-        "router": "graph",
-        "top_k": 2,
-        "rank": 2,
-        "alpha": 4.0,
-        "normal_coef": 8.0,
-    },
-    "graphlora-no-normal": {
-        "router": "graph",
-        "top_k": 2,
-        "rank": 2,
-        "alpha": 4.0,
-        "poisson_coef": 0.8,
-    },
+    # Ablations: graphlora with one of its parts taken out.
+    "graphlora-no-graph": {**_GRAPHLORA, "router": "softmax"},
+    "graphlora-no-poisson": {k: v for k, v in _GRAPHLORA.items() if k != "poisson_coef"},
+    "graphlora-no-normal": {k: v for k, v in _GRAPHLORA.items() if k != "normal_coef"},
 }
 
 _BASE_DEFAULTS: dict[str, Any] = {
@@ -271,16 +251,10 @@ class MoELoRAConfig:
         return cls(**data)
 
 
-def adapter_field_names() -> list[str]:
-    """Names of every MoELoRAConfig field (for search-space validation)."""
-    return [f.name for f in dataclasses.fields(MoELoRAConfig)]
-
-
 __all__ = [
     "BALANCE_FORMS",
     "EXPERT_FEATURES",
     "METHOD_PRESETS",
     "ROUTERS",
     "MoELoRAConfig",
-    "adapter_field_names",
 ]

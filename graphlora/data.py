@@ -18,6 +18,7 @@ from graphlora.examples import (
     DataError,
     DatasetSplits,
     Example,
+    first_line,
     format_prompt,
     load_llm_adapters_file,
     mc_example,
@@ -235,7 +236,7 @@ def _load_hub_task(raw: str, task: str, seed: int) -> DatasetSplits:
     except Exception as err:  # datasets raises ConnectionError, OSError, ValueError, ...
         raise DataError(
             f"Could not load task {HUB_PREFIX}{spec.name}: the Hugging Face Hub dataset "
-            f"{hub_name} failed to load ({type(err).__name__}: {_first_line(err)}). Check the "
+            f"{hub_name} failed to load ({type(err).__name__}: {first_line(err)}). Check the "
             "network (and HF_HUB_OFFLINE), or drop the 'hub:' prefix to use the LLM-Adapters "
             "files shipped with graphlora (or those under --data-dir)."
         ) from err
@@ -263,11 +264,6 @@ def _load_hub_task(raw: str, task: str, seed: int) -> DatasetSplits:
         validation, test = examples("validation"), examples(spec.hub_test_split)
     source = f"hub:{spec.hub_path}" + (f"/{spec.hub_config}" if spec.hub_config else "")
     return DatasetSplits(train, validation, test, source)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_task_folder(path: Path) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "DataError",
     "DatasetSplits",
     "Example",
+    "first_line",
     "format_prompt",
     "load_llm_adapters_file",
     "mc_example",
@@ -47,6 +48,12 @@ _ANSWER_FORMAT = re.compile(r"answer format:\s*(?P<labels>[^\n]*)", re.IGNORECAS
 
 class DataError(ValueError):
     """Malformed or missing task data; the message names the file, the row and what to do."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -113,14 +120,6 @@ class DatasetSplits:
     validation: list[Example]
     test: list[Example]
     source: str
-
-    def sizes(self) -> dict[str, int]:
-        """Returns ``{"train": n, "validation": n, "test": n}``."""
-        return {
-            "train": len(self.train),
-            "validation": len(self.validation),
-            "test": len(self.test),
-        }
 
 
 def format_prompt(instruction: str, input_text: str = "") -> str:

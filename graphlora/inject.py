@@ -140,10 +140,7 @@ def inject_adapter(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
             adapter knows.
         ValueError: the model already carries an adapter, or ``target_layers`` is out of range.
     """
-    if getattr(model, "graphlora_config", None) is not None:
-        raise ValueError("this model already has a GraphLoRA adapter; load a fresh base model")
-    if getattr(model, "graphlora_pack", None) is not None:
-        raise ValueError("this model carries packed adapters (inject_packed); load a fresh one")
+    require_bare_model(model)
     sites = require_ffns(model)
     names = [attention_projections(model, site) for site in sites]
     attention = [[model.get_submodule(n) for n in layer] for layer in names]
@@ -161,6 +158,17 @@ def inject_adapter(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
         model.register_forward_hook(_add_aux_losses),
     ]
     return model
+
+
+def require_bare_model(model: nn.Module) -> None:
+    """Refuse a model that already carries an adapter, or packed adapters (``inject_packed``)."""
+    if getattr(model, "graphlora_config", None) is not None:
+        raise ValueError("this model already has a GraphLoRA adapter; load a fresh base model")
+    if getattr(model, "graphlora_pack", None) is not None:
+        raise ValueError(
+            "this model carries packed adapters (it is already packed); add slots with "
+            "model.graphlora_pack.add, or load a fresh base model"
+        )
 
 
 def _capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from graphlora.examples import first_line
 from graphlora.presets import (
     PACKAGED_MODELS,
     PRESETS,
@@ -253,7 +254,7 @@ def load_model_and_tokenizer(
         except (OSError, ValueError) as err:
             raise ModelLoadError(
                 f"Could not load model {where!r} from the Hugging Face Hub{_offline_note()}: "
-                f"{_first_line(err)}. It is not a preset (available: "
+                f"{first_line(err)}. It is not a preset (available: "
                 f"{', '.join(sorted(PRESETS))}) and not an existing local directory. Use a preset "
                 "for offline runs, pass a local directory holding a save_pretrained() "
                 "checkpoint, or check the Hub id, revision and network access."
@@ -309,11 +310,6 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _offline_note() -> str:
     return " (offline mode is on: HF_HUB_OFFLINE=1)" if hub_constants.HF_HUB_OFFLINE else ""
 
@@ -337,7 +333,7 @@ def _hub_config(hub_id: str, revision: str | None) -> PretrainedConfig:
         raise ModelLoadError(
             f"Unknown model {hub_id!r}: not a preset ({', '.join(sorted(PRESETS))}), not "
             f"a local directory, and the Hugging Face Hub has no config for it{_offline_note()}: "
-            f"{_first_line(err)}"
+            f"{first_line(err)}"
         ) from err
 
 

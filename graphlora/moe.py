@@ -160,11 +160,6 @@ def projection_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def projection_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as ``F.linear`` takes it, (out, in); a ``Conv1D`` stores it as (in, out)."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
-
-
 class LoRALinear(nn.Module):
     """``base_layer(x) + s * B A dropout(x)`` around a frozen ``nn.Linear`` or ``Conv1D``."""
 
@@ -204,21 +199,19 @@ class PassThrough(nn.Identity):
 
 
 class MoELoRABlock(nn.Module):
-    """What every MoE-LoRA block shares: routing, auxiliary losses, load, and the dispatch of
-    tokens to experts. A subclass names the frozen per-token products (``_frozen``), an expert's
-    intermediate activation (``_expert_hidden``) and the frozen down projection (``_base_down``),
-    and owns ``lora_A_down`` (N, r, I) and ``lora_B_down`` (N, d, r).
+    """What every MoE-LoRA block shares: the down projection's LoRA, ``lora_A_down`` (N, r, I) and
+    ``lora_B_down`` (N, d, r), routing, auxiliary losses, load, and the dispatch of tokens to
+    experts. A subclass names the frozen per-token products (``_frozen``), an expert's
+    intermediate activation (``_expert_hidden``) and the frozen down projection (``_base_down``).
 
     The output is ``sum_{i in S(h)} g_hat_i E_i(h)`` (paper eq. 5). During training the block keeps
     its unweighted auxiliary losses in ``self.aux`` for ``graphlora.inject`` to collect.
     """
 
-    lora_A_down: nn.Parameter
-    lora_B_down: nn.Parameter
-
-    def _init_routing(
+    def _init_block(
         self,
         d: int,
+        inter: int,
         config: MoELoRAConfig,
         *,
         num_experts: int,
@@ -226,7 +219,15 @@ class MoELoRABlock(nn.Module):
         context: RoutingContext,
         layer_seed: int,
     ) -> None:
-        n = num_experts
+        """What every block sets up: the down projection's LoRA, dropout and routing. Called
+        after the subclass's own LoRA factors, so initial weights are drawn in the same order."""
+        self.act, self.context = act, context
+        self.num_experts = n = num_experts
+        self.top_k = config.top_k_for(n)
+        self.scaling = config.scaling
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A_down = nn.Parameter(_kaiming_(torch.empty(n, config.rank, inter)))
+        self.lora_B_down = nn.Parameter(torch.zeros(n, d, config.rank))
         if config.router == "graph":
             self.router: nn.Module | None = GraphRouter(
                 d,
@@ -447,23 +448,15 @@ class MoELoRAMLP(MoELoRABlock):
     ) -> None:
         super().__init__()
         self.base_mlp = base_mlp
-        self.act = act
-        self.context = context
-        self.num_experts = n = num_experts
-        self.top_k = config.top_k_for(n)
-        self.scaling = config.scaling
-        r = config.rank
+        n, r = num_experts, config.rank
         d = base_mlp.gate_proj.in_features
         inter = base_mlp.gate_proj.out_features
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Stacked expert weights: one parameter per projection, experts along dim 0.
         self.lora_A_gate_up = nn.Parameter(_kaiming_(torch.empty(n, 2 * r, d)))
         self.lora_B_gate = nn.Parameter(torch.zeros(n, inter, r))
         self.lora_B_up = nn.Parameter(torch.zeros(n, inter, r))
-        self.lora_A_down = nn.Parameter(_kaiming_(torch.empty(n, r, inter)))
-        self.lora_B_down = nn.Parameter(torch.zeros(n, d, r))
-        self._init_routing(
-            d, config, num_experts=n, act=act, context=context, layer_seed=layer_seed
+        self._init_block(
+            d, inter, config, num_experts=n, act=act, context=context, layer_seed=layer_seed
         )
 
     def _frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -515,19 +508,11 @@ class MoELoRAFFN(MoELoRABlock):
             )
         self.base_up = up
         self.base_down = down
-        self.act = act
-        self.context = context
-        self.num_experts = n = num_experts
-        self.top_k = config.top_k_for(n)
-        self.scaling = config.scaling
-        r = config.rank
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        n, r = num_experts, config.rank
         self.lora_A_up = nn.Parameter(_kaiming_(torch.empty(n, r, d)))
         self.lora_B_up = nn.Parameter(torch.zeros(n, inter, r))
-        self.lora_A_down = nn.Parameter(_kaiming_(torch.empty(n, r, inter)))
-        self.lora_B_down = nn.Parameter(torch.zeros(n, d, r))
-        self._init_routing(
-            d, config, num_experts=n, act=act, context=context, layer_seed=layer_seed
+        self._init_block(
+            d, inter, config, num_experts=n, act=act, context=context, layer_seed=layer_seed
         )
 
     def _frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

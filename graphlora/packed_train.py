@@ -32,10 +32,12 @@ the slots' rows are padded to the widest slot's width in each step, so slots mat
 alone to 1e-5 where their batches have the same width (the ``synthetic`` task's do).
 
 Data parallelism packs too: on several ``torch.distributed`` ranks (initialised by Ray Train,
-torchrun or the caller), each rank trains its shard of every slot's batch and the slots' gradients
-are averaged in one all-reduce per step (the adapters are small, and top-k routing can leave an
-expert unused on one rank, which DDP's bucketed reducer does not allow); evaluation counts are
-summed over the ranks, so every rank reports the same metrics.
+torchrun or the caller), every rank holds the same slots, added and stopped in the same order,
+and trains its shard of each slot's batch; the slots' gradients are averaged in one all-reduce per
+step (the adapters are small, and top-k routing can leave an expert unused on one rank, which
+DDP's bucketed reducer does not allow); a non-finite loss on any rank ends the slot on all of
+them; evaluation counts are summed over the ranks, so every rank reports the same metrics; rank 0
+alone writes checkpoints and adapters.
 """
 
 from __future__ import annotations
@@ -222,12 +224,8 @@ class PackedTrainer:
             ``single`` is False, an encoder's task lists no option texts, or the data lack a
             train or validation split.
 
-    Under ``torch.distributed`` (several ranks, as ``run_training`` runs them) every rank holds
-    the same slots, added and stopped in the same order, and trains on its shard of each slot's
-    batch; each step's gradients of every slot are averaged over the ranks in one all-reduce,
-    a non-finite loss on any rank ends the slot on all of them, evaluations are summed over the
-    ranks, and rank 0 alone writes checkpoints and adapters. A slot then computes what
-    ``run_training`` computes for its configuration on the same ranks.
+    Under ``torch.distributed`` (module docstring) a slot computes what ``run_training``
+    computes for its configuration on the same ranks.
 
     Attributes:
         pack: the ``Pack`` carrying the slots' adapters.

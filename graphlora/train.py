@@ -1,10 +1,8 @@
 """One fine-tuning run: dataset + base model + adapter -> accuracy (works alone and under DDP).
 
 ``run_training`` is what every Ray Train worker of a search calls: a run is the one slot of a
-``graphlora.packed_train.PackedTrainer``, the training loop. Under ``torch.distributed``
-(initialised by Ray Train, torchrun or the caller) each rank trains on its shard of every batch,
-adapter gradients are averaged with one all-reduce per step, and evaluation counts are summed
-so every rank reports the same metrics.
+``graphlora.packed_train.PackedTrainer``, the training loop (which also says how it runs on
+several ``torch.distributed`` ranks).
 
 Command line (no Ray)::
 
@@ -51,8 +49,8 @@ def run_training(
 ) -> dict[str, float]:
     """Fine-tune ``train_cfg.model`` with the adapter on ``train_cfg.dataset``; return metrics.
 
-    The run is the one slot of a ``single`` ``PackedTrainer`` (``graphlora.packed_train``): the
-    training loop that also packs several runs, so a run computes alone what it computes packed.
+    The run is the one slot of a ``single`` ``PackedTrainer``, which also trains an encoder
+    (through a scoring head) and a base with dropout of its own (see its ``single`` argument).
 
     Args:
         train_cfg: run settings.
@@ -78,16 +76,9 @@ def run_training(
         ``eval_at_start``, ``step0_val_accuracy``, ``step0_val_loss``, ``step0_test_accuracy``
         and ``step0_eval_time_s`` (before the first step).
 
-    LoRA dropout draws from a generator of the run's own, seeded from ``train_cfg.seed``
-    (``dropout_generator``) and kept in checkpoints, not from torch's global RNG. The base
-    model's own dropout (GPT-2's, BERT's) still draws from the global RNG, seeded with the run's
-    seed before the adapter is drawn.
-
-    An encoder (``info.architecture == "encoder"``: MiniLM, BERT) gets a scoring head after the
-    adapter is injected (``graphlora.encoder.attach_head``), trained and saved with the adapter:
-    the loss is the cross-entropy of the head's logits over each question's option texts plus
-    the adapter's auxiliary loss, and evaluation picks the option of highest logit. Tasks whose
-    examples list no option texts (BoolQ) are refused for an encoder.
+    LoRA dropout draws from a generator of the run's own (``graphlora.run.dropout_generator``),
+    kept in checkpoints; the base model's own dropout (GPT-2's, BERT's) from torch's global RNG,
+    seeded with the run's seed.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (on every rank at once).
@@ -223,20 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         adapter, training = load_run_file(args.config) if args.config else ({}, {})
-        for key in (
-            "model",
-            "dataset",
-            "data_dir",
-            "max_steps",
-            "learning_rate",
-            "batch_size",
-            "eval_every",
-            "max_length",
-            "eval_at_start",
-            "output_dir",
-        ):
-            if getattr(args, key) is not None:
-                training[key] = getattr(args, key)
+        for f in dataclasses.fields(TrainConfig):  # the flags that set a training field
+            if getattr(args, f.name, None) is not None:
+                training[f.name] = getattr(args, f.name)
         # The model's own defaults (packaged models) fill what neither flags nor --config set.
         for key, value in training_defaults(training.get("model", TrainConfig.model)).items():
             training.setdefault(key, value)

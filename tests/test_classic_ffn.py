@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import ALL_METHODS, CLASSIC, model_output, tiny_base
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from graphlora.adapter_io import load_adapter, save_adapter
 from graphlora.config import MoELoRAConfig
@@ -18,7 +19,7 @@ from graphlora.inject import (
     moe_blocks,
     reset_load_state,
 )
-from graphlora.moe import LoRALinear, MoELoRAFFN, PassThrough, projection_weight
+from graphlora.moe import LoRALinear, MoELoRAFFN, PassThrough
 from graphlora.structure import UnsupportedModelError, find_ffns
 
 SMALL = {"gcn_hidden": 16}
@@ -54,11 +55,16 @@ def test_output_equals_base_right_after_injection(method, arch, batch):
     torch.testing.assert_close(model_output(model, batch), ref, rtol=0, atol=1e-5)
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``F.linear`` takes it, (out, in); a ``Conv1D`` stores it as (in, out)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
 def _naive_expert(block: MoELoRAFFN, e: int, x: torch.Tensor) -> torch.Tensor:
     """E_e(h) = (W_down + s B_down A_down) act((W_up + s B_up A_up) h), full matrices."""
     s, up, down = block.scaling, block.base_up, block.base_down
-    w_up = projection_weight(up) + s * block.lora_B_up[e] @ block.lora_A_up[e]
-    w_down = projection_weight(down) + s * block.lora_B_down[e] @ block.lora_A_down[e]
+    w_up = _weight(up) + s * block.lora_B_up[e] @ block.lora_A_up[e]
+    w_down = _weight(down) + s * block.lora_B_down[e] @ block.lora_A_down[e]
     return F.linear(block.act(F.linear(x, w_up, up.bias)), w_down, down.bias)
 
 

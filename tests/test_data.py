@@ -287,7 +287,7 @@ def test_hub_arc_schema(monkeypatch: pytest.MonkeyPatch) -> None:
     splits = load_task("hub:arc-challenge", data_dir="/no/such/folder")  # data_dir is ignored
     assert calls == [("allenai/ai2_arc", "ARC-Challenge")]
     assert splits.source == "hub:allenai/ai2_arc/ARC-Challenge"
-    assert splits.sizes() == {"train": 1, "validation": 2, "test": 3}
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (1, 2, 3)
     ex = splits.train[0]
     assert ex.candidates == (" answer1", " answer2", " answer3") and ex.label == 1
     assert "Which is a gas?\n\nAnswer1: rock Answer2: steam Answer3: ice" in ex.prompt
@@ -412,7 +412,7 @@ def test_synthetic_is_deterministic_and_seeded() -> None:
     a = make_synthetic_task(n_train=50, n_val=10, n_test=10, seed=0)
     assert a == make_synthetic_task(n_train=50, n_val=10, n_test=10, seed=0)
     assert a.train != make_synthetic_task(n_train=50, n_val=10, n_test=10, seed=1).train
-    assert a.sizes() == {"train": 50, "validation": 10, "test": 10}
+    assert (len(a.train), len(a.validation), len(a.test)) == (50, 10, 10)
     assert isinstance(load_task("synthetic", split_seed=3), DatasetSplits)
     assert load_task("synthetic", split_seed=3) == make_synthetic_task(seed=3)
 
