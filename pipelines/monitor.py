@@ -22,6 +22,7 @@ from pipelines.records import (
     log_lineage,
     routing_health,
     tidy_metrics,
+    unpack_layers,
 )
 from pipelines.results import LOAD_MAP, ROUTING_HEALTH
 from pipelines.schema import SearchSpace
@@ -220,6 +221,7 @@ class SearchMonitor(tune.Callback):
         rec = self.records.get(trial.trial_id)
         if rec is None or rec.get("kept"):  # None: it started while the store was unreachable
             return
+        result = unpack_layers(result)
         step = int(result.get("step", 0))
         metrics = tidy_metrics(result)
         failures = int(result.get("worker_failures", 0))

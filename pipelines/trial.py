@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.host import job_key, run_on_host
-from pipelines.records import RUN_TIMES, seed_stats
+from pipelines.records import RUN_TIMES, pack_layers, seed_stats
 from pipelines.schema import SearchSpace
 from pipelines.stages import SEARCH, Stage
 from pipelines.worker import fast_train_reports, fit_seed, seed_trainer, worker_errors
@@ -168,13 +168,15 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
         with tempfile.TemporaryDirectory(prefix="graphlora-trial-") as tmp:
             state.save(Path(tmp))
             ray.tune.report(
-                {
-                    **metrics,
-                    **trial_cost(metrics, state.wall_s, len(seeds), plan),
-                    "seeds": len(seeds),
-                    "worker_failures": len(state.failures),
-                    "recovery_log": " | ".join(state.log)[-2000:],
-                },
+                pack_layers(
+                    {
+                        **metrics,
+                        **trial_cost(metrics, state.wall_s, len(seeds), plan),
+                        "seeds": len(seeds),
+                        "worker_failures": len(state.failures),
+                        "recovery_log": " | ".join(state.log)[-2000:],
+                    }
+                ),
                 checkpoint=ray.tune.Checkpoint.from_directory(tmp),
             )
 

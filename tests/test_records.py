@@ -23,12 +23,14 @@ from pipelines.records import (
     dataset_inputs,
     health_rows,
     load_map,
+    pack_layers,
     routing_health,
     routing_row,
     routing_summary,
     routing_warning,
     seed_stats,
     tidy_metrics,
+    unpack_layers,
 )
 from pipelines.search import load_search_space
 
@@ -83,6 +85,37 @@ def test_load_map_from_flat_counts():
     }
     assert load_map(flat) == [[0, 1, 2], [10, 11, 12]]
     assert load_map({"val_accuracy": 1.0}) == []
+
+
+def _report(layers: int, experts: int) -> dict[str, float]:
+    report = {"val_accuracy": 0.5, "objective": 0.5, "routing/batch_entropy": 0.9, "step": 4}
+    for i in range(layers):
+        report |= {f"layer{i}/{k}": 0.1 * i for k in ("batch_entropy", "token_mi", "load_cv")}
+        report |= {f"routing_counts/layer{i}/expert{j}": float(j) for j in range(experts)}
+    return report
+
+
+def test_what_tune_tracks_of_a_report_does_not_grow_with_the_model_s_layers():
+    """Ray Tune keeps running statistics of every number a trial reports, per trial, in the
+    driver and in the experiment state it rewrites after each report: the per-layer figures
+    travel to it as one text, and come back whole."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+    from ray.tune.utils import flatten_dict
+
+    def tracked(report: dict) -> int:
+        meta = _TrainingRunMetadata()
+        for step in (1, 2, 3):  # as Trial.update_last_result does
+            for key, value in flatten_dict(pack_layers(report)).items():
+                if isinstance(value, int | float):
+                    meta.update_metric(key, value, step=step)
+        return len(meta.metric_analysis)
+
+    small, qwen2_7b = _report(4, 4), _report(28, 8)
+    assert tracked(small) == tracked(qwen2_7b) == 4
+    assert unpack_layers(pack_layers(qwen2_7b)) == qwen2_7b
+    assert load_map(unpack_layers(pack_layers(small))) == [[0, 1, 2, 3]] * 4
+    assert pack_layers({"val_accuracy": 0.5}) == {"val_accuracy": 0.5}  # nothing to pack
+    assert tidy_metrics(pack_layers(small)) == tidy_metrics(small)
 
 
 @pytest.mark.parametrize("space_file", ["quickstart.yaml", "compare.yaml"])

@@ -264,7 +264,7 @@ def test_ctrl_c_stops_the_search_resumably(graphlora_home, tmp_path):
     assert not (graphlora_home / "searches" / name / "best_config.yaml").exists()
 
     out = _resume(name, env, tmp_path)
-    assert "resumed at eval" in out
+    assert "resumed at eval" in out, out
     _assert_resumed_cleanly(client, space, parent_id, finished_before, stopped_ids)
     assert (graphlora_home / "searches" / name / "best_config.yaml").is_file()
 
@@ -307,7 +307,7 @@ def test_machine_stop_then_resume_on_a_new_local_ray(graphlora_home, tmp_path):
     assert scan.returncode == 0, scan.stdout + scan.stderr
 
     out = _resume(name, env, tmp_path)
-    assert "resumed at eval" in out
+    assert "resumed at eval" in out, out
     _assert_resumed_cleanly(
         client, space, parent_id, finished_before, {g.info.run_id for g in going}
     )
