@@ -17,6 +17,10 @@ workers) holds a `HubRef`: its name, looked up on first use. Ray Tune pickles th
 the trial plan into its saved experiment state; an actor handle there would mean nothing to the
 new Ray cluster a resumed search runs on (a machine restart, an OOM kill), and unpickling it
 fails. A name is recreated on start (`HubRef.start`).
+
+The search's scheduler and the stability stage's (`SavingFIFOScheduler`) have Tune save each new
+trial before its driver starts (`save_new_trial`), so a resumed search knows every trial that
+has an MLflow run.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -138,7 +142,38 @@ class HubRef:
         return f"{type(self).__name__}({self.name!r})"
 
 
-class FlagASHAScheduler(AsyncHyperBandScheduler):
+def save_new_trial(tune_controller: Any, trial: Trial) -> None:
+    """Save Tune's experiment state with `trial` in it, now, before the trial's driver starts.
+
+    A trial's MLflow run and Optuna trial exist from its start; Tune saves its state only after
+    a trial's report, or every 10 s. A machine that stopped in between left a running MLflow run
+    and Optuna trial that the resumed search knew nothing of, and a new trial in its place
+    (`test_machine_stop_then_resume_on_a_new_local_ray` caught it once Tune reused actors: the
+    next trial then starts within the step that adds it). A trial restored with results was
+    saved before; it is not saved again (a resume of a thousand trials would save a thousand
+    times). Schedulers get a wrapper of the controller; what it wraps is Ray 2.60's (pyproject
+    pins it), whose private `_mark_trial_to_checkpoint` puts a trial in the next save."""
+    controller = vars(tune_controller).get("_tune_controller", tune_controller)
+    reported = "training_iteration" in trial.last_result  # a new trial's holds only its id
+    if reported or not hasattr(controller, "_mark_trial_to_checkpoint"):
+        return
+    controller._mark_trial_to_checkpoint(trial)
+    controller.checkpoint(force=True, wait=True)
+
+
+class SavesNewTrials:
+    """A scheduler that has Tune save each new trial before it starts (`save_new_trial`)."""
+
+    def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
+        save_new_trial(tune_controller, trial)
+
+
+class SavingFIFOScheduler(SavesNewTrials, FIFOScheduler):
+    """The stability stage's scheduler: first in, first out, each new trial saved at once."""
+
+
+class FlagASHAScheduler(SavesNewTrials, AsyncHyperBandScheduler):
     """`AsyncHyperBandScheduler` whose decisions go to a `TrialHub`; it never stops a trial.
 
     `stop_reasons` (trial id -> reason) says which trials ASHA cut, for MLflow and the summary.

@@ -22,7 +22,7 @@ from pipelines.records import (
     log_lineage,
     routing_health,
     tidy_metrics,
-    unpack_layers,
+    unpack_report,
 )
 from pipelines.results import LOAD_MAP, ROUTING_HEALTH
 from pipelines.schema import SearchSpace
@@ -221,7 +221,7 @@ class SearchMonitor(tune.Callback):
         rec = self.records.get(trial.trial_id)
         if rec is None or rec.get("kept"):  # None: it started while the store was unreachable
             return
-        result = unpack_layers(result)
+        result = unpack_report(result)
         step = int(result.get("step", 0))
         metrics = tidy_metrics(result)
         failures = int(result.get("worker_failures", 0))

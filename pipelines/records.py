@@ -42,7 +42,7 @@ QUALITY = frozenset(
         "test_loss",
     }
 )
-LAYERS = "layers"  # a Tune result's per-layer figures and counts, one JSON text (`pack_layers`)
+DETAIL = "detail"  # a Tune result's figures its scheduler and searcher do not read (`pack_report`)
 # Ray Tune's own result keys (ray.tune.result.AUTO_RESULT_KEYS and friends; a test keeps this
 # in step) and the search's plumbing: never logged as metrics.
 BOOKKEEPING = frozenset(
@@ -73,7 +73,7 @@ BOOKKEEPING = frozenset(
         "resumed",
         "recovery_log",
         "stopped_early",  # the run's `status` tag says it (stopped_early_asha)
-        LAYERS,
+        DETAIL,
     }
 )
 COUNTS_PREFIX = "routing_counts/"  # per layer and expert: the load map, not a metric
@@ -115,26 +115,27 @@ def seed_stats(rows: list[Mapping[str, Any]], also_std: Iterable[str] = ()) -> d
     return out
 
 
-def pack_layers(report: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's report as Ray Tune gets it: the per-layer routing figures and routing counts as
-    one JSON text under `LAYERS` (`unpack_layers` reverses it).
+def pack_report(report: Mapping[str, Any], keep: Iterable[str]) -> dict[str, Any]:
+    """A trial's report as Ray Tune gets it: the numbers its scheduler and searcher read (`keep`)
+    as numbers, every other figure in one JSON text under `DETAIL` (`unpack_report` reverses it).
 
     Tune keeps running statistics of every number a trial reports (`metric_analysis`,
     `metric_n_steps`) in the driver's memory and in the experiment state it rewrites after each
-    report. A layer's figures and an expert's counts are hundreds of numbers on a real model
-    (28 layers x 15 on Qwen2-7B); as numbers they made each trial about 75 KB of that state on
-    the 4-layer tiny preset, written again at every evaluation of every trial."""
-    layers = {k: v for k, v in report.items() if k.startswith(COUNTS_PREFIX) or _PER_LAYER.match(k)}
-    out = {k: v for k, v in report.items() if k not in layers}
-    if layers:
-        out[LAYERS] = json.dumps(layers)
+    report. A trial reports about 50 figures, and a layer's routing figures and an expert's
+    counts add hundreds on a real model (28 layers x 15 on Qwen2-7B): as numbers they made each
+    trial about 75 KB of that state on the 4-layer tiny preset, written again at every report."""
+    keep = set(keep)
+    out = {k: v for k, v in report.items() if k in keep or not isinstance(v, int | float)}
+    detail = {k: v for k, v in report.items() if k not in out}
+    if detail:
+        out[DETAIL] = json.dumps(detail)
     return out
 
 
-def unpack_layers(result: Mapping[str, Any]) -> dict[str, Any]:
-    """A Tune result with its `LAYERS` text back as numbers (`pack_layers`)."""
+def unpack_report(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A Tune result with its `DETAIL` text back as numbers (`pack_report`)."""
     out = dict(result)
-    text = out.pop(LAYERS, None)
+    text = out.pop(DETAIL, None)
     return {**out, **json.loads(text)} if text else out
 
 

@@ -38,6 +38,7 @@ def run_stability_stage(
     scores) and the stage's cost (`pipelines.results.stage_cost`)."""
     from ray import tune
 
+    from pipelines.asha import SavingFIFOScheduler
     from pipelines.monitor import SearchMonitor
 
     k = space.stability.top_k_configs
@@ -56,7 +57,11 @@ def run_stability_stage(
         train_driver_fn,
         plan,
         f"{name}-stability" + (f"-more{round_}" if round_ else ""),
-        tune.TuneConfig(num_samples=1, max_concurrent_trials=plan.concurrent_trials),
+        tune.TuneConfig(
+            num_samples=1,
+            max_concurrent_trials=plan.concurrent_trials,
+            scheduler=SavingFIFOScheduler(),
+        ),
         monitor,
         param_space={"_run": tune.grid_search(runs)},
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.host import job_key, run_on_host
-from pipelines.records import RUN_TIMES, pack_layers, seed_stats
+from pipelines.records import RUN_TIMES, pack_report, seed_stats
 from pipelines.schema import SearchSpace
 from pipelines.stages import SEARCH, Stage
 from pipelines.worker import fast_train_reports, fit_seed, seed_trainer, worker_errors
@@ -112,8 +112,10 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     import ray.tune
 
     from pipelines.asha import TrialHub
+    from pipelines.tuning import optuna_objectives
 
     space, obj = plan.space, plan.space.objective
+    keep = {*optuna_objectives(space)[0], "final", "step"}  # what ASHA and Optuna read
     trial_id = ray.tune.get_context().get_trial_id()
     if trial_id in plan.ended:
         last = plan.ended[trial_id]
@@ -168,14 +170,15 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
         with tempfile.TemporaryDirectory(prefix="graphlora-trial-") as tmp:
             state.save(Path(tmp))
             ray.tune.report(
-                pack_layers(
+                pack_report(
                     {
                         **metrics,
                         **trial_cost(metrics, state.wall_s, len(seeds), plan),
                         "seeds": len(seeds),
                         "worker_failures": len(state.failures),
                         "recovery_log": " | ".join(state.log)[-2000:],
-                    }
+                    },
+                    keep,
                 ),
                 checkpoint=ray.tune.Checkpoint.from_directory(tmp),
             )

@@ -23,14 +23,14 @@ from pipelines.records import (
     dataset_inputs,
     health_rows,
     load_map,
-    pack_layers,
+    pack_report,
     routing_health,
     routing_row,
     routing_summary,
     routing_warning,
     seed_stats,
     tidy_metrics,
-    unpack_layers,
+    unpack_report,
 )
 from pipelines.search import load_search_space
 
@@ -97,25 +97,28 @@ def _report(layers: int, experts: int) -> dict[str, float]:
 
 def test_what_tune_tracks_of_a_report_does_not_grow_with_the_model_s_layers():
     """Ray Tune keeps running statistics of every number a trial reports, per trial, in the
-    driver and in the experiment state it rewrites after each report: the per-layer figures
-    travel to it as one text, and come back whole."""
+    driver and in the experiment state it rewrites after each report: only what its scheduler
+    and searcher read travel as numbers; the rest as one text, which comes back whole."""
     from ray.tune.trainable.metadata import _TrainingRunMetadata
     from ray.tune.utils import flatten_dict
 
-    def tracked(report: dict) -> int:
+    keep = {"objective", "step", "final"}
+
+    def tracked(report: dict) -> set[str]:
         meta = _TrainingRunMetadata()
         for step in (1, 2, 3):  # as Trial.update_last_result does
-            for key, value in flatten_dict(pack_layers(report)).items():
+            for key, value in flatten_dict(pack_report(report, keep)).items():
                 if isinstance(value, int | float):
                     meta.update_metric(key, value, step=step)
-        return len(meta.metric_analysis)
+        return set(meta.metric_analysis)
 
     small, qwen2_7b = _report(4, 4), _report(28, 8)
-    assert tracked(small) == tracked(qwen2_7b) == 4
-    assert unpack_layers(pack_layers(qwen2_7b)) == qwen2_7b
-    assert load_map(unpack_layers(pack_layers(small))) == [[0, 1, 2, 3]] * 4
-    assert pack_layers({"val_accuracy": 0.5}) == {"val_accuracy": 0.5}  # nothing to pack
-    assert tidy_metrics(pack_layers(small)) == tidy_metrics(small)
+    assert tracked(small) == tracked(qwen2_7b) == {"objective", "step"}
+    assert unpack_report(pack_report(qwen2_7b, keep)) == qwen2_7b
+    assert load_map(unpack_report(pack_report(small, keep))) == [[0, 1, 2, 3]] * 4
+    assert pack_report({"objective": 0.5}, keep) == {"objective": 0.5}  # nothing to pack
+    assert tidy_metrics(pack_report(small, keep)) == {"objective": 0.5}  # the rest: unpack first
+    assert tidy_metrics(unpack_report(pack_report(small, keep))) == tidy_metrics(small)
 
 
 @pytest.mark.parametrize("space_file", ["quickstart.yaml", "compare.yaml"])

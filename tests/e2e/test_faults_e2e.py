@@ -7,6 +7,7 @@ and nothing is left running."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -454,3 +455,39 @@ def test_nan_loss_fails_its_trial_and_the_search_goes_on(ray_cluster, tmp_path):
             assert run.data.tags.get("worker_failures", "0") == "0", run.data.tags
             assert "NonFiniteLossError" not in run.data.tags.get("recovery_log", ""), run.data.tags
     assert live_placement_groups() == []
+
+
+def test_tune_has_saved_each_trial_before_its_driver_starts(ray_cluster, tmp_path):
+    """The search's and the stability stage's schedulers have Tune save each new trial before it
+    starts (`pipelines.asha.save_new_trial`): with reused actors the next trial starts within
+    the step that adds it, and a machine stopping before Tune's next save (up to 10 s) left an
+    MLflow run and an Optuna trial that a resumed search knew nothing of."""
+    from ray import tune
+
+    from pipelines.asha import SavingFIFOScheduler
+
+    def trainable(config: dict) -> None:
+        tune.report({"objective": config["x"]})
+
+    saved_at_start: dict[str, list[str]] = {}
+
+    class ReadSavedState(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            (path,) = (tmp_path / "saved").glob("experiment_state-*.json")
+            state = json.loads(path.read_text())
+            saved_at_start[trial.trial_id] = [
+                json.loads(t)["trial_id"] for t, _ in state["trial_data"]
+            ]
+
+    tune.Tuner(
+        trainable,
+        param_space={"x": tune.grid_search([1, 2, 3])},
+        tune_config=tune.TuneConfig(
+            scheduler=SavingFIFOScheduler(), max_concurrent_trials=1, reuse_actors=True
+        ),
+        run_config=tune.RunConfig(
+            name="saved", storage_path=str(tmp_path), callbacks=[ReadSavedState()], verbose=0
+        ),
+    ).fit()
+    assert len(saved_at_start) == 3
+    assert all(tid in saved for tid, saved in saved_at_start.items()), saved_at_start
