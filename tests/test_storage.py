@@ -130,3 +130,35 @@ def test_a_result_the_database_missed_is_told_when_it_answers(postgres, tmp_path
     resumed._heartbeat.stop()
     states = [t.state.name for t in optuna.load_study(study_name="shared", storage=url).trials]
     assert states == ["COMPLETE", "RUNNING"]
+
+
+def test_the_saved_searcher_does_not_grow_with_the_finished_trials(tmp_path):
+    """Tune saves the searcher after every report: what it saves holds the unfinished trials and
+    the sampler, not every trial of the study. A restored searcher ends the trial asked before
+    the save, with its value, and asks new ones."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher, saved = _searcher(url), tmp_path / "searcher.pkl"
+    sizes = {}
+    for n in range(60):
+        searcher.suggest(f"t{n}")
+        searcher.on_trial_result(f"t{n}", {"objective": 0.1, "training_iteration": 1})
+        searcher.on_trial_complete(f"t{n}", {"objective": n / 100})
+        if n in (9, 59):
+            searcher.save(str(saved))
+            sizes[n + 1] = saved.stat().st_size
+    # 50 more finished trials: their ids (the whole study pickled took about 1.5 KB a trial)
+    assert (sizes[60] - sizes[10]) / 50 < 20, sizes
+    searcher.suggest("open")
+    searcher.on_trial_result("open", {"objective": 0.2, "training_iteration": 1})
+    searcher.save(str(saved))
+    resumed = _searcher(url)
+    resumed.restore(str(saved))
+    resumed.on_trial_result("open", {"objective": 0.3, "training_iteration": 2})
+    resumed.on_trial_complete("open", {"objective": 0.9})
+    resumed.on_trial_complete("t5", {"objective": 0.05})  # Tune's repeat of an ended trial
+    assert resumed.suggest("next") is not None
+    trials = optuna.load_study(study_name="shared", storage=url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 61 + ["RUNNING"]
+    assert trials[60].value == 0.9 and trials[60].intermediate_values == {1: 0.2, 2: 0.3}
