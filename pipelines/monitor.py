@@ -107,6 +107,7 @@ class SearchMonitor(tune.Callback):
                 # ended before the resume (an interrupted trial has not: it continues)
                 "kept": status not in ("running", INTERRUPTED),
             }
+        self.progress.adopt_best(self.records.values())
 
     def ended(self) -> dict[str, dict | None]:
         """Adopted trials that had ended: id -> last metrics (None when it failed)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,16 @@ class Progress:
             f"stopped {by.count(STOPPED_EARLY_ASHA)} | failed {by.count(FAILED)} | "
             f"to go {max(self.total - len(by), 0)}]"
         )
+
+    def adopt_best(self, records: Iterable[dict[str, Any]]) -> None:
+        """A resumed search's best so far, from its earlier trials' last objectives."""
+        earlier = [
+            {"objective": r["last"]["objective"], "trial": r["trial"]}
+            for r in records
+            if r["run"] is None and "objective" in r["last"]
+        ]
+        ranked = rank_trials(earlier, self.space.objective.mode)
+        self.best = ranked[0] if ranked else None
 
     def evaluated(self, rec: dict[str, Any], result: dict[str, Any]) -> None:
         """A trial's evaluation; a search trial's line ends with the best trial so far, by

@@ -222,14 +222,16 @@ def _search_stage(
         concurrent_trials=concurrent,
     )
     new_trials = state["round_trials"] if search.round else space.budget.trials
+    # Every round's trials (the progress line's "to go"), each counted once after a resume.
     earlier_trials = sum(1 for r in search.earlier if r.data.tags.get("kind") == "search")
+    total = state.get("planned_trials") if search.round else space.budget.trials
     monitor = SearchMonitor(
         search.tracker,
         search.parent,
         space,
         scheduler=scheduler,
         out=search.out,
-        total=new_trials + earlier_trials,
+        total=total or new_trials + earlier_trials,
     )
     plan = dataclasses.replace(plan, ended=_adopt(monitor, search.earlier, scheduler, hub))
     fit_experiment(

@@ -86,9 +86,12 @@ def resume_search(
         state["round_trials"] = more_trials
         state["finished"] = False
     state["resumes"] = state.get("resumes", 0) + 1
+    earlier = tracker.child_runs(parent)
+    if more_trials:  # every round's trials (the progress line's "to go")
+        ran = sum(1 for r in earlier if r.data.tags.get("kind") == "search")
+        state["planned_trials"] = ran + more_trials
     write_state(output_dir, state)  # counted even if this run is interrupted too
     tracker.set_tags(parent, {"status": "running", "resumes": state["resumes"]})
-    earlier = tracker.child_runs(parent)
     print(f"search {name}: resuming ({len(earlier)} runs recorded so far)", file=out)
     return SearchState(space, tracker, output_dir, state, earlier, out)
 

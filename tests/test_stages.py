@@ -69,3 +69,26 @@ def test_the_best_so_far_progress_line_keeps_the_earlier_of_equal_trials(mode):
     assert first.endswith("| best 0.5000 (trial 01)")
     assert second.endswith("| best 0.5000 (trial 01)")
     assert progress.best == {"objective": 0.5, "trial": 1}
+
+
+def test_a_resumed_search_s_best_so_far_and_trials_to_go_count_its_earlier_trials():
+    """After a resume the progress line's best is the earlier trials' best until a new trial
+    beats it, and "to go" counts the search's trials once, not the budget again."""
+    import io
+
+    from pipelines.progress import Progress
+
+    space = load_search_space(QUICKSTART)  # objective: max
+    out = io.StringIO()
+    progress = Progress(space, "search", out, total=4)
+    earlier = [
+        {"trial": 1, "run": None, "last": {"objective": 0.4}, "status": "completed"},
+        {"trial": 2, "run": None, "last": {"objective": 0.7}, "status": "completed"},
+        {"trial": 3, "run": None, "last": {}, "status": "running"},  # not yet evaluated
+    ]
+    progress.adopt_best(earlier)
+    assert progress.best == {"objective": 0.7, "trial": 2}
+    new = {"name": "trial 04", "trial": 4, "run": None, "evals": 1}
+    progress.evaluated(new, {"objective": 0.5})
+    assert out.getvalue().rstrip().endswith("| best 0.7000 (trial 02)")
+    assert progress.counts({r["trial"]: r for r in earlier}).endswith("to go 1]")
