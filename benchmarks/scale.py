@@ -438,7 +438,8 @@ def measure_ui(home: Path, shots: Path, port: int = 5077) -> dict[str, Any]:
     shots.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        [sys.executable, "-m", "mlflow", "ui",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
@@ -481,11 +482,11 @@ def measure_ui(home: Path, shots: Path, port: int = 5077) -> dict[str, Any]:
             token = page.get("next_page_token")
             if not token:
                 break
-        parent = [
-            r for r in table.get("runs", [])
-            if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))
-        ]  # fmt: skip
-        parent_id = parent[0]["info"]["run_id"] if parent else table["runs"][0]["info"]["run_id"]
+        parents, _ = call(  # the search's own run: with many trials, not on the first page
+            "/ajax-api/2.0/mlflow/runs/search",
+            {"experiment_ids": [exp_id], "filter": "tags.search_name != ''", "max_results": 1},
+        )
+        parent_id = parents["runs"][0]["info"]["run_id"]
         _, run_s = call(f"/ajax-api/2.0/mlflow/runs/get?run_id={parent_id}")
         result: dict[str, Any] = {
             "runs": total,
