@@ -153,9 +153,10 @@ def save_new_trial(tune_controller: Any, trial: Trial) -> None:
     saved before; it is not saved again (a resume of a thousand trials would save a thousand
     times). Schedulers get a wrapper of the controller; what it wraps is Ray 2.60's (pyproject
     pins it), whose private `_mark_trial_to_checkpoint` puts a trial in the next save."""
-    controller = vars(tune_controller).get("_tune_controller", tune_controller)
-    reported = "training_iteration" in trial.last_result  # a new trial's holds only its id
-    if reported or not hasattr(controller, "_mark_trial_to_checkpoint"):
+    controller = getattr(tune_controller, "__dict__", {}).get("_tune_controller", tune_controller)
+    if not hasattr(controller, "_mark_trial_to_checkpoint"):
+        return
+    if "training_iteration" in trial.last_result:  # a new trial's holds only its id
         return
     controller._mark_trial_to_checkpoint(trial)
     controller.checkpoint(force=True, wait=True)
