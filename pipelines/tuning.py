@@ -253,6 +253,9 @@ def fit_experiment(
     # A trial's driver runs in the Tune actor of a trial that has ended (its function returned:
     # trials end themselves, `asha.py`), not in a new process: about 3 s less per trial.
     tune_config = dataclasses.replace(tune_config, reuse_actors=True)
+    # Tune's own per-trial result files (result.json, progress.csv, TensorBoard events): MLflow
+    # holds every figure, and nothing reads them; the driver writes them at every report.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     run_config = tune.RunConfig(
         name=name,
         storage_path=plan.storage_path,
