@@ -52,7 +52,7 @@ from pipelines.tracking import (
     Tracker,
     TrackingError,
 )
-from pipelines.trial import OBJECTIVE, TrialPlan, train_driver_fn
+from pipelines.trial import OBJECTIVE, TrialPlan, optuna_objectives, train_driver_fn
 from pipelines.tuning import (
     SearchInterrupted,
     StopSignals,
@@ -60,7 +60,6 @@ from pipelines.tuning import (
     database_lost,
     fit_experiment,
     init_ray,
-    optuna_objectives,
     optuna_search_class,
 )
 from pipelines.validate import DEFAULT_SPACE, load_search_space, preflight, shipped_spaces

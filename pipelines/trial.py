@@ -24,6 +24,16 @@ RETURN_WAIT_S = 5.0  # longest a trial waits for its runs to return once all sen
 OBJECTIVE = "objective"  # the score of a trial's last evaluation, reported to ASHA and Optuna
 
 
+def optuna_objectives(space: SearchSpace) -> tuple[list[str], list[str]]:
+    """What Optuna optimises: the trial's `objective`, and `objective.secondary` when set (a
+    multi-objective study: Optuna searches the Pareto front; ASHA judges the first only)."""
+    metrics, modes = [OBJECTIVE], [space.objective.mode]
+    if space.objective.secondary:
+        metrics.append(space.objective.secondary["metric"])
+        modes.append(space.objective.secondary["mode"])
+    return metrics, modes
+
+
 @dataclass(frozen=True)
 class TrialPlan:
     """What every trial of one stage shares (passed with `tune.with_parameters`)."""
@@ -112,7 +122,6 @@ def train_driver_fn(config: dict[str, Any], plan: TrialPlan) -> None:
     import ray.tune
 
     from pipelines.asha import TrialHub
-    from pipelines.tuning import optuna_objectives
 
     space, obj = plan.space, plan.space.objective
     keep = {*optuna_objectives(space)[0], "final", "step"}  # what ASHA and Optuna read

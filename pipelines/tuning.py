@@ -1,7 +1,7 @@
 """One Ray Tune run over trial drivers (`fit_experiment`, new or restored on any cluster), as the
 search and its stability stage both use it; the local Ray a search starts (`init_ray`); a
 search's stop on SIGINT (Ctrl-C) or SIGTERM; and what Optuna searches (`DefineByRun`,
-`optuna_objectives`, `optuna_search_class`).
+`optuna_search_class`).
 """
 
 from __future__ import annotations
@@ -474,15 +474,3 @@ class DefineByRun:
                 )
             if p.name == "num_experts":
                 experts = value
-
-
-def optuna_objectives(space: SearchSpace) -> tuple[list[str], list[str]]:
-    """What Optuna optimises: the trial's `objective`, and `objective.secondary` when set (a
-    multi-objective study: Optuna searches the Pareto front; ASHA judges the first only)."""
-    from pipelines.trial import OBJECTIVE
-
-    metrics, modes = [OBJECTIVE], [space.objective.mode]
-    if space.objective.secondary:
-        metrics.append(space.objective.secondary["metric"])
-        modes.append(space.objective.secondary["mode"])
-    return metrics, modes

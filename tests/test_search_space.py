@@ -317,7 +317,7 @@ def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
 def test_secondary_objective_makes_a_multi_objective_study_whose_plots_draw(tmp_path):
     """`objective.secondary` -> Optuna optimises both; each Optuna plot still draws."""
     from pipelines.tracking import save_optuna_plots
-    from pipelines.tuning import optuna_objectives
+    from pipelines.trial import optuna_objectives
 
     secondary = {"metric": "trainable_params", "mode": "min"}
     space = load(tmp_path, mutate(objective={"metric": "val_accuracy", "secondary": secondary}))
