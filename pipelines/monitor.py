@@ -15,7 +15,6 @@ from pipelines.errors import traceback_line
 from pipelines.progress import Progress, fmt, format_params
 from pipelines.records import (
     COLLAPSED_TAG,
-    DETAIL,
     collapsed_from_text,
     collapsed_text,
     config_params,
@@ -220,14 +219,10 @@ class SearchMonitor(tune.Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        # Tune keeps the result it gives its callbacks as the trial's `last_result`, saved with
-        # its experiment state at every save for the rest of the search: the detail, read here
-        # once, stays out of it (Tune lets callbacks change the result in place).
-        detail = result.pop(DETAIL, None)
         rec = self.records.get(trial.trial_id)
         if rec is None or rec.get("kept"):  # None: it started while the store was unreachable
             return
-        result = unpack_report({**result, DETAIL: detail})
+        result = unpack_report(result)
         step = int(result.get("step", 0))
         metrics = tidy_metrics(result)
         failures = int(result.get("worker_failures", 0))

@@ -259,7 +259,7 @@ def fit_experiment(
     run_config = tune.RunConfig(
         name=name,
         storage_path=plan.storage_path,
-        callbacks=[monitor],
+        callbacks=[monitor, lean_tune_state()],  # the monitor reads each result first
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),
         # Keeping only the latest driver checkpoint also makes Tune save its experiment state
@@ -295,6 +295,45 @@ def fit_experiment(
     finally:
         _STOP.in_tune = False
     _STOP.check(monitor)
+
+
+def lean_tune_state() -> Any:
+    """A Tune callback that keeps out of Tune's experiment state what no restore reads.
+
+    Tune rewrites its whole experiment state, every trial's record in it, at each save: after
+    every trial checkpoint and before every new trial (`asha.save_new_trial`), so its cost grows
+    with the trials already run (`benchmarks/scale.py`). Of a trial's record (about 25 KB on the
+    tiny preset, 2026-12-03) the larger part is what a restore never reads:
+    - the report's `DETAIL` text, which the monitor (an earlier callback) has recorded in MLflow,
+      kept as the trial's last result (Tune lets callbacks change the result in place) and again
+      with its checkpoint;
+    - for a trial that has ended (Tune never runs it again), its running statistics of every
+      metric (`metric_analysis`, `metric_n_steps`) and its checkpoints' copies of the reports.
+    """
+    from ray import tune
+
+    from pipelines.records import DETAIL
+
+    class LeanTuneState(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+            result.pop(DETAIL, None)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            _lean(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            _lean(trial)
+
+    def _lean(trial: Any) -> None:
+        meta = trial.run_metadata  # Tune re-serialises an ended trial as it stops it
+        manager = getattr(meta, "checkpoint_manager", None)
+        saved = [*getattr(manager, "best_checkpoint_results", ())]
+        saved.append(getattr(manager, "latest_checkpoint_result", None))
+        for one in filter(None, saved):  # a restore reads these metrics; no restore runs it again
+            one.metrics.clear()
+        meta.metric_analysis, meta.metric_n_steps = {}, {}  # each assignment drops its cache
+
+    return LeanTuneState()
 
 
 def optuna_search_class() -> type:

@@ -115,25 +115,3 @@ def test_work_per_trial_does_not_grow_with_earlier_trials(tmp_path: Path, monkey
     runs = tracker.child_runs(parent)
     assert len(runs) == TRIALS
 
-
-def test_the_detail_of_a_report_is_recorded_and_left_out_of_tune_s_result(tmp_path, monkeypatch):
-    """Tune keeps the result its callbacks saw as the trial's `last_result`, in every experiment
-    state it saves for the rest of the search: the monitor records the packed detail in MLflow
-    and takes it out of that result."""
-    from pipelines.records import DETAIL, pack_report
-
-    monkeypatch.setenv("GRAPHLORA_HOME", str(tmp_path))
-    (tmp_path / "space.yaml").write_text(SPACE)
-    space = load_search_space(tmp_path / "space.yaml")
-    tracker = Tracker(space.experiment, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = tracker.start_run("search", tags={"kind": "search"})
-    monitor = SearchMonitor(tracker, parent, space, out=io.StringIO(), total=1)
-    trial = _Trial("t00000", {"learning_rate": 1e-3, "num_experts": 2})
-    monitor.on_trial_start(0, [], trial)
-    result = pack_report(_result(10, 0.25), {"objective", "step", "final"})
-    assert DETAIL in result
-    monitor.on_trial_result(0, [], trial, result)
-    assert result == {"step": 10, "objective": 0.25}
-    (run,) = tracker.child_runs(parent)
-    logged = tracker.client.get_run(run.info.run_id).data.metrics
-    assert logged["val_accuracy"] == 0.25 and logged["train_loss"] == 0.75, logged

@@ -100,6 +100,17 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
     )
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
 
+    # Tune's saved state holds no report detail (MLflow has it) and, of an ended trial, none of
+    # what only a restore of it would read: it is rewritten whole at every save.
+    state = json.loads((result.output_dir / "search.json").read_text())
+    (saved,) = Path(state["storage_path"], state["name"]).glob("experiment_state-*.json")
+    records = json.loads(saved.read_text())["trial_data"]
+    assert len(records) == 5
+    for _, meta in records:
+        meta = json.loads(meta)
+        assert "detail" not in meta["last_result"] and meta["metric_n_steps"] == {}, meta
+        assert b"detail" not in bytes.fromhex(meta["checkpoint_manager"]["value"])
+
     # MLflow: parent run, one child per trial with its status and per-step metrics.
     client = MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(space.experiment)
