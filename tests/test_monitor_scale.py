@@ -114,4 +114,3 @@ def test_work_per_trial_does_not_grow_with_earlier_trials(tmp_path: Path, monkey
     assert last[1] <= 1.2 * second[1], per_trial  # B-tree depth grows; a rescan grows linearly
     runs = tracker.child_runs(parent)
     assert len(runs) == TRIALS
-
