@@ -326,11 +326,10 @@ def lean_tune_state() -> Any:
 
     def _lean(trial: Any) -> None:
         meta = trial.run_metadata  # Tune re-serialises an ended trial as it stops it
-        manager = getattr(meta, "checkpoint_manager", None)
-        saved = [*getattr(manager, "best_checkpoint_results", ())]
-        saved.append(getattr(manager, "latest_checkpoint_result", None))
-        for one in filter(None, saved):  # a restore reads these metrics; no restore runs it again
-            one.metrics.clear()
+        manager = meta.checkpoint_manager
+        for one in [*manager.best_checkpoint_results, manager.latest_checkpoint_result]:
+            if one is not None:  # a restore reads these metrics; no restore runs it again
+                one.metrics.clear()
         meta.metric_analysis, meta.metric_n_steps = {}, {}  # each assignment drops its cache
 
     return LeanTuneState()

@@ -18,8 +18,15 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from graphlora.config import MoELoRAConfig
 from graphlora.health import collapsed_layers
 from graphlora.run import TrainConfig
-from pipelines.records import COLLAPSED_TAG, collapsed_text, config_from_params, is_quality
+from pipelines.records import (
+    COLLAPSED_TAG,
+    DETAIL,
+    collapsed_text,
+    config_from_params,
+    is_quality,
+)
 from pipelines.search import run_search
+from pipelines.search_state import STATE_FILE
 from pipelines.tracking import tracking_uri
 from pipelines.validate import load_search_space
 
@@ -102,14 +109,14 @@ def test_asha_search_on_two_cpus_stops_by_flag_and_records_everything(asha_searc
 
     # Tune's saved state holds no report detail (MLflow has it) and, of an ended trial, none of
     # what only a restore of it would read: it is rewritten whole at every save.
-    state = json.loads((result.output_dir / "search.json").read_text())
+    state = json.loads((result.output_dir / STATE_FILE).read_text())
     (saved,) = Path(state["storage_path"], state["name"]).glob("experiment_state-*.json")
     records = json.loads(saved.read_text())["trial_data"]
     assert len(records) == 5
     for _, meta in records:
         meta = json.loads(meta)
-        assert "detail" not in meta["last_result"] and meta["metric_n_steps"] == {}, meta
-        assert b"detail" not in bytes.fromhex(meta["checkpoint_manager"]["value"])
+        assert DETAIL not in meta["last_result"] and meta["metric_n_steps"] == {}, meta
+        assert DETAIL.encode() not in bytes.fromhex(meta["checkpoint_manager"]["value"])
 
     # MLflow: parent run, one child per trial with its status and per-step metrics.
     client = MlflowClient(tracking_uri())
