@@ -46,6 +46,7 @@ class TrialHub:
         self._reasons: dict[str, str] = {}
         self._judged: dict[str, int] = {}  # trial id -> last training_iteration judged
         self._mail: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+        self._released = False  # the search stopped: no verdict will come
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -63,11 +64,19 @@ class TrialHub:
         self._reasons.setdefault(trial_id, reason)
         await self._notify()
 
+    async def release(self) -> None:
+        """The search stopped early (Ctrl-C, an error): its scheduler judges nothing more, so
+        nobody waits for a verdict (a trial host would sit out `timeout_s` before it saw the
+        stop)."""
+        self._released = True
+        await self._notify()
+
     async def should_stop(self, trial_id: str, iteration: int = 0, timeout_s: float = 0) -> bool:
         """Whether `trial_id` must stop, waiting up to `timeout_s` for `iteration` to be judged."""
 
         def ready() -> bool:
-            return trial_id in self._reasons or self._judged.get(trial_id, 0) >= iteration
+            judged = self._judged.get(trial_id, 0) >= iteration
+            return self._released or trial_id in self._reasons or judged
 
         if timeout_s > 0 and not ready():
             async with self._changed:

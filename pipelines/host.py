@@ -620,7 +620,10 @@ class HostPool:
         """End the hosts and the board: once their slots are empty, or (`abort`: the search
         stopped early) at once, each keeping its last checkpoint for a resume."""
         try:
-            ray.get(self.board.abort.remote() if abort else self.board.close.remote())
+            if abort:  # no verdict will come: a host waiting for one goes on to see the abort
+                ray.get([self._hub.release.remote(), self.board.abort.remote()])
+            else:
+                ray.get(self.board.close.remote())
         except ray.exceptions.RayActorError:
             pass
         for thread in self._threads:

@@ -151,3 +151,23 @@ def test_hub_ref_pickles_as_its_name_only() -> None:
     assert back._hub._handle is None  # looked up again on first use
     assert ref._handle is not None  # pickling did not drop the live one here
     assert not hasattr(HubRef("x"), "__setstate_probe__")  # dunders never reach Ray
+
+
+def test_a_released_hub_answers_every_verdict_wait_at_once() -> None:
+    """A search stopped early releases its hub: a trial host waiting for ASHA's verdict on an
+    evaluation goes on at once (it then sees the stop) instead of sitting out its wait."""
+    import asyncio
+
+    from pipelines.asha import TrialHub
+
+    hub = TrialHub.__ray_actor_class__()  # the actor's own class, run here on an event loop
+
+    async def wait_then_release() -> bool:
+        waiting = asyncio.create_task(hub.should_stop("t1", iteration=1, timeout_s=30.0))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # no verdict yet: it waits
+        await hub.release()
+        return await asyncio.wait_for(waiting, 5.0)  # TimeoutError if it still waits
+
+    assert asyncio.run(wait_then_release()) is False  # not a stop: the abort is the host's to see
+    assert asyncio.run(hub.should_stop("t2", iteration=3, timeout_s=30.0)) is False
