@@ -93,6 +93,9 @@ def library_output_to_log() -> None:
     # MLflow draws a "Downloading artifacts" bar on stderr for every artifact the search reads
     # back at its end (the load maps), read at each download.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # With a tracking server, MLflow writes "View run ... / View experiment ..." to stdout as
+    # each run ends, two lines per trial between the search's own; the search prints its link.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow  # noqa: F401 - configures its loggers on import; replaced below
     import optuna
 
