@@ -141,10 +141,11 @@ def test_two_process_gloo_ddp_ranks_agree(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_preset_learns_the_synthetic_task():
-    # The quickstart's promise: a good configuration reaches >= 0.8 (chance is 0.25).
+    # The quickstart's promise: a good configuration reaches >= 0.8 (chance is 0.25) within the
+    # quickstart's 160 steps; in 100 (its schedule fitted to 100) it reaches 0.90.
     m = run_training(
         TrainConfig(
-            max_steps=150, log_every=0, eval_every=50, max_test_examples=0, eval_test=False
+            max_steps=100, log_every=0, eval_every=100, max_test_examples=0, eval_test=False
         ),
         MoELoRAConfig(method="graphlora"),
     )
